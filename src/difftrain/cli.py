@@ -1,0 +1,125 @@
+"""Command line: `difftrain train|sample|show-config|presets`. Thin: parse, validate, call the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+EPILOG = "Overrides are dotted keys: train.max_steps=200 data.resolution=32 model.unet.layers_per_block=1"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="difftrain", description="Train and sample diffusion image models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train or resume a run", epilog=EPILOG)
+    train.add_argument("config", help="preset name (see `difftrain presets`) or a YAML file")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, anywhere on the line")
+    train.add_argument("--output-dir", help="run directory (overrides output_dir); an existing run resumes")
+
+    show = sub.add_parser("show-config", help="print the resolved config and exit", epilog=EPILOG)
+    show.add_argument("config")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+    show.add_argument("--output-dir")
+
+    sub.add_parser("presets", help="list the presets shipped with difftrain")
+
+    sample = sub.add_parser("sample", help="generate images from a trained run")
+    sample.add_argument("run_dir", help="an exported run directory (a diffusers pipeline folder)")
+    sample.add_argument("--scheduler", help="ddpm, ddim, dpm++, unipc, euler, euler-a, heun (default: the run's)")
+    sample.add_argument("--num-inference-steps", type=int)
+    sample.add_argument("--seed", default="0", help="first seed, or an explicit list/range like '0-15' or '3,7'")
+    sample.add_argument("--num-images", type=int, help="images (per class label for conditional models)")
+    sample.add_argument("--class-label", help="class index or name, or a comma list; default: every class, one row each")
+    sample.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = none)")
+    sample.add_argument("--batch-size", type=int, default=64)
+    sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    sample.add_argument("--out", default=None, help="PNG grid path (default: RUN_DIR/samples/sample.png)")
+    sample.add_argument("--out-dir", default=None, help="also write each image as its own PNG here")
+    return parser
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("difftrain").setLevel(logging.INFO)
+
+
+def _load(args: argparse.Namespace):
+    from difftrain.config import load_config
+
+    return load_config(args.config, args.overrides, output_dir=args.output_dir)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from difftrain.training.loop import train
+
+    cfg = _load(args)
+    output_dir = train(cfg)
+    print(f"done: {output_dir} (samples in {output_dir / 'samples'}, model card {output_dir / 'README.md'})")
+    return 0
+
+
+def cmd_show_config(args: argparse.Namespace) -> int:
+    from difftrain.config import dump_config
+
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from difftrain.config import list_presets, presets_dir
+
+    for name in list_presets():
+        header = (presets_dir() / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ").strip()
+        print(f"{name:16s} {header}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from difftrain.sampling.app import sample_run
+
+    path = sample_run(
+        Path(args.run_dir), scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
+        seed=args.seed, num_images=args.num_images, class_label=args.class_label,
+        guidance_scale=args.guidance_scale, batch_size=args.batch_size, device=args.device,
+        out=Path(args.out) if args.out else None, out_dir=Path(args.out_dir) if args.out_dir else None,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "show-config": cmd_show_config, "presets": cmd_presets, "sample": cmd_sample}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    # Overrides may come before or after options (`train digits --output-dir d a.b=1`), which plain
+    # parse_args rejects, so stray key=value words are collected here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [word for word in extra if word.startswith("-") or "=" not in word]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    _setup_logging()
+    from difftrain.config import ConfigError
+    from difftrain.training.export import HubUploadError
+
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"difftrain {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError, HubUploadError) as exc:
+        print(f"difftrain {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the last complete checkpoint is kept and the same command resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

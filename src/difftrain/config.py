@@ -1,0 +1,433 @@
+"""Typed run configuration: schema, YAML/preset loading, dotted overrides and validation.
+
+A run is described by one :class:`RunConfig`. It is built from a preset name (a YAML file shipped in
+``configs/``) or a YAML path, then ``key.sub=value`` overrides from the command line. Every problem
+(unknown key, wrong type, bad combination) is collected and reported at once by :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+SchedulerName = Literal["ddpm", "ddim", "dpm++", "unipc", "euler", "euler-a", "heun"]
+
+
+@dataclass
+class DataConfig:
+    path: str = "digits"
+    """'digits' (scikit-learn, built in), an image folder, an MNIST IDX folder, a hub id or a saved `datasets` dir."""
+    source: Literal["auto", "digits", "mnist", "folder", "hub"] = "auto"
+    """How to read `path`; 'auto' decides from what is there."""
+    split: str = "train"
+    """Split of hub / MNIST data ('train' or 'test' for MNIST)."""
+    image_column: str = "image"
+    """Image column of a `datasets` data set."""
+    label_column: Optional[str] = None
+    """Label column of a `datasets` data set; None means 'label' when the model is class-conditional."""
+    resolution: int = 32
+    """Training image size in pixels (square)."""
+    channels: Literal[1, 3] = 3
+    """1 = grayscale, 3 = RGB; images are converted on load."""
+    center_crop: bool = True
+    """Resize the short side then center-crop; False squashes the image to a square."""
+    random_flip: bool = False
+    """Random horizontal flip, drawn per image each step."""
+    max_images: Optional[int] = None
+    """Use only the first N images (after sorting), e.g. for quick trials."""
+    decode_workers: int = 4
+    """Threads that decode images once at start-up."""
+
+
+@dataclass
+class ModelConfig:
+    size: Literal["tiny", "small", "base", "custom"] = "small"
+    """UNet size preset; 'custom' uses `unet` alone."""
+    conditioning: Literal["none", "class"] = "none"
+    """'class' adds a class embedding (with a null class for classifier-free guidance)."""
+    num_classes: Optional[int] = None
+    """Number of classes; None takes it from the data."""
+    unet: dict = field(default_factory=dict)
+    """Explicit diffusers UNet2DModel kwargs, applied over the size preset (e.g. block_out_channels)."""
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: BetaSchedule = "linear"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    prediction_type: PredictionType = "epsilon"
+    """What the network predicts: noise, velocity (v) or the clean sample."""
+    snr_gamma: Optional[float] = None
+    """Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the usual value, None disables it."""
+    offset_noise: float = 0.0
+    """Scale of per-channel offset noise added to the noise (0 disables it)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: Optional[int] = None
+    """Optimizer steps to train; set this or `num_epochs`."""
+    num_epochs: Optional[int] = None
+    """Passes over the data; converted to steps once the data size is known."""
+    batch_size: int = 16
+    """Images per process per micro-batch."""
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant_with_warmup"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    """Gradient clipping norm; None disables clipping."""
+    mixed_precision: MixedPrecision = "no"
+    seed: int = 0
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+    """Upper bound of the EMA decay; with `ema_warmup` the decay ramps up towards it."""
+    ema_warmup: bool = True
+    condition_dropout: float = 0.1
+    """Probability of replacing a class label by the null class (trains the unconditional branch)."""
+    log_every_steps: int = 10
+    checkpoint_every_steps: Optional[int] = 500
+    checkpoint_every_epochs: Optional[int] = None
+    checkpoints_total_limit: Optional[int] = 3
+    """Keep at most this many training-state checkpoints; None keeps all."""
+    sample_every_steps: Optional[int] = 500
+    sample_every_epochs: Optional[int] = None
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+    hub_private: bool = False
+
+
+@dataclass
+class SampleConfig:
+    scheduler: SchedulerName = "dpm++"
+    num_inference_steps: int = 25
+    guidance_scale: float = 1.0
+    """Classifier-free guidance scale; 1.0 means no guidance."""
+    num_images: int = 16
+    """Images in an unconditional preview grid."""
+    images_per_class: int = 8
+    """Columns of a class-conditional preview grid (one row per class)."""
+    seed: int = 0
+    batch_size: int = 64
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """All problems found in a configuration, one per line."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid {source} ({len(self.problems)} problem(s)):\n{lines}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+
+
+def presets_dir() -> Path:
+    """Where preset YAMLs live: inside the installed package, or `configs/` of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parents[1] / "configs"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"no presets directory next to {here}")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def resolve_config_source(name_or_path: str) -> Path:
+    """A YAML path as given, or the preset of that name."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {name_or_path}")
+        return path
+    preset = presets_dir() / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    names = list_presets()
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(
+        [f"'{name_or_path}' is neither a YAML file nor a preset; presets are: {', '.join(names)}.{hint}"]
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Return (ok, coerced value) for a YAML value against a field annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, coerced = _check_value(value, arg)
+            if ok:
+                return True, coerced
+        return False, value
+    if origin is Literal:
+        # type() equality keeps True from matching Literal[1, 3].
+        return any(value == a and type(value) is type(a) for a in typing.get_args(tp)), value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp is dict or origin is dict:
+        return isinstance(value, dict), value
+    if tp is list or origin is list:
+        return isinstance(value, (list, tuple)), list(value) if isinstance(value, (list, tuple)) else value
+    raise TypeError(f"unsupported annotation {tp!r}")  # internal: schema uses only the types above
+
+
+def _build(cls: type, values: Any, prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    obj = cls()
+    if values is None:
+        return obj
+    if not isinstance(values, dict):
+        problems.append(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {values!r}")
+        return obj
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            problems.append(f"unknown key '{dotted}'{hint} (allowed: {', '.join(fields)})")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            setattr(obj, key, _build(tp, value, f"{dotted}.", problems))
+            continue
+        ok, coerced = _check_value(value, tp)
+        if not ok:
+            problems.append(f"'{dotted}' = {value!r}: expected {_type_name(tp)}")
+            continue
+        setattr(obj, key, coerced)
+    return obj
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
+    """Turn ['train.lr=1e-4', ...] into a nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict = {}
+    problems: list[str] = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override '{item}' is not of the form key.sub=value")
+            continue
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = _fix_yaml_floats(yaml.safe_load(raw)) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if not key:
+            problems.append(f"override '{item}' has an empty key")
+            continue
+        _set_dotted(tree, key, value)
+    return tree, problems
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "unet":
+            out[key] = _deep_merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _fix_yaml_floats(node: Any) -> Any:
+    """PyYAML (YAML 1.1) reads '1e-4' as a string; turn such strings back into floats."""
+    if isinstance(node, dict):
+        return {k: _fix_yaml_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_yaml_floats(v) for v in node]
+    if isinstance(node, str):
+        try:
+            if "e" in node.lower() and not node.strip().isalpha():
+                return float(node)
+        except ValueError:
+            return node
+    return node
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None, output_dir: str | None = None) -> RunConfig:
+    """Load a preset or YAML file, apply dotted overrides, then validate.
+
+    Raises:
+        ConfigError: listing every problem found (unknown keys, wrong types, bad combinations).
+        FileNotFoundError: if a YAML path does not exist.
+    """
+    source = resolve_config_source(name_or_path)
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: not valid YAML: {exc}"], source=str(source)) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: top level must be a mapping of sections"], source=str(source))
+    raw = _fix_yaml_floats(raw)
+    override_tree, problems = parse_overrides(overrides or [])
+    merged = _deep_merge(raw, override_tree)
+    if output_dir is not None:
+        merged["output_dir"] = output_dir
+    cfg = _build(RunConfig, merged, "", problems)
+    problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(problems, source=str(source))
+    return cfg
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    """Build and validate a config from a nested dict (e.g. a saved config.yaml)."""
+    problems: list[str] = []
+    cfg = _build(RunConfig, _fix_yaml_floats(values), "", problems)
+    problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Cross-field checks; returns every problem found (empty list when valid)."""
+    problems: list[str] = []
+    t, d, m = cfg.train, cfg.data, cfg.model
+
+    def positive(name: str, value: Optional[float], allow_none: bool = True) -> None:
+        if value is None:
+            if not allow_none:
+                problems.append(f"'{name}' must be set")
+            return
+        if value <= 0:
+            problems.append(f"'{name}' = {value!r}: must be > 0")
+
+    if t.max_steps is None and t.num_epochs is None:
+        problems.append("set 'train.max_steps' or 'train.num_epochs' (neither is set)")
+    if t.max_steps is not None and t.num_epochs is not None:
+        problems.append(
+            f"'train.max_steps' = {t.max_steps} and 'train.num_epochs' = {t.num_epochs} are both set; "
+            "set one and null the other (e.g. train.num_epochs=null)"
+        )
+    for name in ("max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "learning_rate",
+                 "log_every_steps", "checkpoint_every_steps", "checkpoint_every_epochs",
+                 "checkpoints_total_limit", "sample_every_steps", "sample_every_epochs", "max_grad_norm"):
+        positive(f"train.{name}", getattr(t, name))
+    for a, b in (("checkpoint_every_steps", "checkpoint_every_epochs"), ("sample_every_steps", "sample_every_epochs")):
+        if getattr(t, a) is not None and getattr(t, b) is not None:
+            problems.append(f"'train.{a}' and 'train.{b}' are both set; set one and null the other")
+    if t.lr_warmup_steps < 0:
+        problems.append(f"'train.lr_warmup_steps' = {t.lr_warmup_steps}: must be >= 0")
+    if not 0.0 <= t.condition_dropout < 1.0:
+        problems.append(f"'train.condition_dropout' = {t.condition_dropout}: must be in [0, 1)")
+    if not 0.0 < t.ema_decay < 1.0:
+        problems.append(f"'train.ema_decay' = {t.ema_decay}: must be in (0, 1)")
+    if t.push_to_hub and not t.hub_model_id:
+        problems.append("'train.push_to_hub' is true but 'train.hub_model_id' is not set")
+
+    positive("data.resolution", d.resolution, allow_none=False)
+    positive("data.max_images", d.max_images)
+    positive("data.decode_workers", d.decode_workers)
+
+    if m.conditioning == "none" and m.num_classes is not None:
+        problems.append(f"'model.num_classes' = {m.num_classes} needs 'model.conditioning' = 'class'")
+    positive("model.num_classes", m.num_classes)
+    if m.size == "custom" and not m.unet:
+        problems.append("'model.size' = 'custom' needs 'model.unet' kwargs (e.g. block_out_channels)")
+
+    diff = cfg.diffusion
+    positive("diffusion.num_train_timesteps", diff.num_train_timesteps, allow_none=False)
+    positive("diffusion.snr_gamma", diff.snr_gamma)
+    if diff.offset_noise < 0:
+        problems.append(f"'diffusion.offset_noise' = {diff.offset_noise}: must be >= 0")
+    if not 0 < diff.beta_start < diff.beta_end < 1:
+        problems.append(
+            f"'diffusion.beta_start' = {diff.beta_start}, 'diffusion.beta_end' = {diff.beta_end}: "
+            "need 0 < beta_start < beta_end < 1"
+        )
+
+    s = cfg.sample
+    for name in ("num_inference_steps", "num_images", "images_per_class", "batch_size"):
+        positive(f"sample.{name}", getattr(s, name), allow_none=False)
+    if s.guidance_scale < 0:
+        problems.append(f"'sample.guidance_scale' = {s.guidance_scale}: must be >= 0")
+    if s.guidance_scale != 1.0 and m.conditioning == "none":
+        problems.append(f"'sample.guidance_scale' = {s.guidance_scale} needs a conditional model (model.conditioning)")
+    if not cfg.output_dir:
+        problems.append("'output_dir' must be set (e.g. --output-dir runs/my-run)")
+    return problems
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(dump_config(cfg))

@@ -1,0 +1,90 @@
+"""Decode a data source once into a uint8 tensor at the training resolution.
+
+Decoding, mode conversion, resize and crop are deterministic, so they run once at start-up (in
+threads; PIL releases the GIL); each step then only indexes, flips and normalises tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from difftrain.config import DataConfig
+from difftrain.data.sources import ImageSource, open_source
+from difftrain.data.transforms import prepare_image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageDataset:
+    images: torch.Tensor
+    """(N, C, H, W) uint8."""
+    labels: Optional[torch.Tensor]
+    """(N,) int64, or None for unlabelled data."""
+    class_names: list[str]
+    description: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(name, reason) of every item that could not be read."""
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _decode(source: ImageSource, index: int, cfg: DataConfig) -> np.ndarray:
+    with source.open(index) as image:
+        image.load()
+        return prepare_image(image, cfg.resolution, cfg.channels, cfg.center_crop)
+
+
+def decode_source(source: ImageSource, cfg: DataConfig) -> ImageDataset:
+    """Decode every item; unreadable ones are skipped, named in a warning and counted."""
+    count = len(source) if cfg.max_images is None else min(len(source), cfg.max_images)
+    arrays: list[Optional[np.ndarray]] = [None] * count
+    skipped: list[tuple[str, str]] = []
+
+    def work(i: int) -> None:
+        try:
+            arrays[i] = _decode(source, i, cfg)
+        except Exception as exc:  # any decoder failure means "not a readable image"
+            skipped.append((source.names[i], f"{type(exc).__name__}: {exc}"))
+
+    with ThreadPoolExecutor(max_workers=cfg.decode_workers) as pool:
+        list(pool.map(work, range(count)))
+    keep = [i for i in range(count) if arrays[i] is not None]
+    for name, reason in sorted(skipped):
+        logger.warning("skipped unreadable image %s (%s)", name, reason)
+    if skipped:
+        logger.warning("skipped %d of %d images that could not be read", len(skipped), count)
+    if not keep:
+        raise ValueError(f"data set {source.description} has no readable images (of {count} items)")
+    images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
+    labels = None
+    if source.labels is not None:
+        labels = torch.tensor([source.labels[i] for i in keep], dtype=torch.long)
+    return ImageDataset(images, labels, list(source.class_names), source.description, sorted(skipped))
+
+
+def load_image_dataset(cfg: DataConfig, want_labels: bool) -> ImageDataset:
+    """Open `cfg.path` and decode it. Errors name the path and what was expected."""
+    source = open_source(cfg.path, cfg.source, cfg.split, cfg.image_column, cfg.label_column, want_labels)
+    if len(source) == 0:
+        raise ValueError(f"data.path = {cfg.path!r} ({source.description}) holds no images")
+    if want_labels and source.labels is None:
+        raise ValueError(
+            f"model.conditioning = 'class' needs labels, but {source.description} has none "
+            "(use one subfolder per class, or set data.label_column)"
+        )
+    dataset = decode_source(source, cfg)
+    if not want_labels:
+        dataset.labels = None
+    return dataset

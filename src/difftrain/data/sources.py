@@ -1,0 +1,233 @@
+"""Where training images come from: scikit-learn digits, MNIST IDX files, image folders, `datasets`.
+
+Each source returns an :class:`ImageSource`: a list of items that can each be opened as a PIL image,
+with optional integer labels and class names. Decoding and resizing happen in `dataset.py`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass
+class ImageSource:
+    """A data set before decoding: `open(i)` returns item i as a PIL image."""
+
+    description: str
+    names: list[str]
+    """One name per item for messages: a file path or 'source[index]'."""
+    open: Callable[[int], Image.Image]
+    labels: Optional[list[int]] = None
+    class_names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def digits_source() -> ImageSource:
+    """scikit-learn's 1,797 8x8 handwritten digits (values 0..16), shipped inside scikit-learn."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    pixels = np.clip(bunch.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)  # (N, 8, 8)
+    return ImageSource(
+        description="scikit-learn digits (8x8)",
+        names=[f"digits[{i}]" for i in range(len(pixels))],
+        open=lambda i: Image.fromarray(pixels[i]),
+        labels=[int(x) for x in bunch.target],
+        class_names=[str(i) for i in range(10)],
+    )
+
+
+def _find_idx_file(folder: Path, stem: str) -> Optional[Path]:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    # Some mirrors use 'train-images.idx3-ubyte'.
+    alt = stem.replace("-idx", ".idx")
+    for candidate in (folder / alt, folder / f"{alt}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    expected = int(np.prod(shape))
+    if body.size != expected:
+        raise ValueError(f"{path}: IDX header says {shape} ({expected} bytes) but holds {body.size} bytes")
+    return body.reshape(shape)
+
+
+def is_mnist_folder(folder: Path) -> bool:
+    return folder.is_dir() and any(_find_idx_file(folder, s) for pair in MNIST_FILES.values() for s in pair)
+
+
+def mnist_source(folder: Path, split: str) -> ImageSource:
+    """MNIST-layout IDX files (raw or .gz) in `folder`; `split` is 'train' or 'test'."""
+    if split not in MNIST_FILES:
+        raise ValueError(f"data.split = {split!r}: MNIST has splits {list(MNIST_FILES)}")
+    image_stem, label_stem = MNIST_FILES[split]
+    image_path, label_path = _find_idx_file(folder, image_stem), _find_idx_file(folder, label_stem)
+    if image_path is None or label_path is None:
+        missing = image_stem if image_path is None else label_stem
+        raise FileNotFoundError(f"MNIST folder {folder} has no {missing}[.gz] for split {split!r}")
+    images, labels = _read_idx(image_path), _read_idx(label_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{image_path} / {label_path}: shapes {images.shape} and {labels.shape} do not match")
+    return ImageSource(
+        description=f"MNIST {split} ({folder})",
+        names=[f"{image_path.name}[{i}]" for i in range(len(images))],
+        open=lambda i: Image.fromarray(images[i]),
+        labels=[int(x) for x in labels],
+        class_names=[str(i) for i in range(10)],
+    )
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def folder_source(folder: Path) -> ImageSource:
+    """Images directly in `folder` (unlabelled), or one subfolder per class (labelled by folder name)."""
+    flat = _image_files(folder)
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = [d for d in subdirs if _image_files(d)]
+    if flat and class_dirs:
+        raise ValueError(
+            f"{folder} holds both images and class subfolders ({', '.join(d.name for d in class_dirs[:3])}...); "
+            "use one layout: flat (unconditional) or one subfolder per class"
+        )
+    if flat:
+        return ImageSource(
+            description=f"image folder {folder}",
+            names=[str(p) for p in flat],
+            open=lambda i: Image.open(flat[i]),
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, d in enumerate(class_dirs):
+        for p in _image_files(d):
+            files.append(p)
+            labels.append(label)
+    return ImageSource(
+        description=f"class folders {folder} ({len(class_dirs)} classes)",
+        names=[str(p) for p in files],
+        open=lambda i: Image.open(files[i]),
+        labels=labels,
+        class_names=[d.name for d in class_dirs],
+    )
+
+
+def is_saved_datasets_dir(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def hub_source(path: str, split: str, image_column: str, label_column: Optional[str], want_labels: bool) -> ImageSource:
+    """A Hugging Face `datasets` data set: a hub id, a local data-set script/dir, or a `save_to_disk` dir."""
+    import datasets
+
+    local = Path(path)
+    try:
+        if local.is_dir() and is_saved_datasets_dir(local):
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"{path}: no split {split!r}; splits are {list(ds)}")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(path, split=split)
+    except (ConnectionError, OSError) as exc:
+        raise FileNotFoundError(
+            f"could not load data set {path!r} (split {split!r}): {exc}. Offline, point data.path at a local "
+            "folder or a dataset saved with `save_to_disk`."
+        ) from exc
+    if image_column not in ds.column_names:
+        raise ValueError(f"data set {path!r} has no image column {image_column!r}; columns: {ds.column_names}")
+    label_name = label_column or ("label" if want_labels and "label" in ds.column_names else None)
+    labels = None
+    class_names: list[str] = []
+    if label_name is not None:
+        if label_name not in ds.column_names:
+            raise ValueError(f"data set {path!r} has no label column {label_name!r}; columns: {ds.column_names}")
+        raw = list(ds[label_name])
+        feature = ds.features[label_name]
+        if hasattr(feature, "names"):
+            class_names = list(feature.names)
+            labels = [int(x) for x in raw]
+        else:
+            class_names = sorted({str(x) for x in raw})
+            index = {name: i for i, name in enumerate(class_names)}
+            labels = [index[str(x)] for x in raw]
+    images = ds.select_columns([image_column])
+
+    def open_item(i: int) -> Image.Image:
+        item = images[i][image_column]
+        if isinstance(item, Image.Image):
+            return item
+        if isinstance(item, dict) and item.get("bytes") is not None:
+            import io
+
+            return Image.open(io.BytesIO(item["bytes"]))
+        if isinstance(item, dict) and item.get("path"):
+            return Image.open(item["path"])
+        return Image.fromarray(np.asarray(item))
+
+    return ImageSource(
+        description=f"datasets {path} [{split}]",
+        names=[f"{path}[{i}]" for i in range(len(ds))],
+        open=open_item,
+        labels=labels,
+        class_names=class_names,
+    )
+
+
+def open_source(path: str, source: str, split: str, image_column: str, label_column: Optional[str],
+                want_labels: bool) -> ImageSource:
+    """Pick and open the source for `data.path` (see DataConfig.source)."""
+    local = Path(path)
+    if source == "auto":
+        if path == "digits":
+            source = "digits"
+        elif local.is_dir():
+            if is_saved_datasets_dir(local):
+                source = "hub"
+            elif is_mnist_folder(local):
+                source = "mnist"
+            else:
+                source = "folder"
+        elif local.exists():
+            raise ValueError(f"data.path = {path!r} is a file; expected a folder, 'digits' or a hub id")
+        elif path.startswith((".", "/", "~")) or path.count("/") != 1:
+            raise FileNotFoundError(f"data.path = {path!r}: no such folder (and it is not a hub id 'owner/name')")
+        else:
+            source = "hub"
+    if source == "digits":
+        return digits_source()
+    if source in ("mnist", "folder") and not local.is_dir():
+        raise FileNotFoundError(f"data.path = {path!r}: no such folder")
+    if source == "mnist":
+        return mnist_source(local, split)
+    if source == "folder":
+        return folder_source(local)
+    return hub_source(path, split, image_column, label_column, want_labels)

@@ -1,0 +1,72 @@
+"""Image transforms in PIL, numpy and torch (no torchvision).
+
+Deterministic work (mode conversion, resize, crop) runs once per image at load time and yields uint8
+arrays; per-step augmentation (flip) and normalisation run on batched tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def convert_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL mode (palette, alpha, CMYK, 16-bit, float) to 'L' (channels=1) or 'RGB' (3)."""
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        high = array.max()
+        # 16-bit PNGs store 0..65535; scale to 8 bits by the container's range, not the image's.
+        scale = 255.0 / (65535.0 if high > 255 else 255.0)
+        image = Image.fromarray(np.clip(array * scale, 0, 255).round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA"):
+        # Transparent pixels become white, as a viewer would show them on a page.
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    target = "L" if channels == 1 else "RGB"
+    return image if image.mode == target else image.convert(target)
+
+
+def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool = True) -> Image.Image:
+    """Resize so the short side is `resolution`, then center-crop a square (or squash if not center_crop)."""
+    if not center_crop:
+        return image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def prepare_image(image: Image.Image, resolution: int, channels: int, center_crop: bool = True) -> np.ndarray:
+    """PIL image -> uint8 array (C, H, W) at the training resolution."""
+    image = resize_and_crop(convert_mode(image, channels), resolution, center_crop)
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[None]
+    else:
+        array = array.transpose(2, 0, 1)
+    return np.ascontiguousarray(array)
+
+
+def to_model_range(images_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1] (the seed's Normalize([0.5], [0.5]))."""
+    return images_uint8.to(dtype).div_(127.5).sub_(1.0)
+
+
+def from_model_range(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255], clamped."""
+    return ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def random_hflip(images: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Flip each image of a (B, C, H, W) batch left-right with probability 0.5."""
+    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
+    # torch.where instead of indexing keeps the step free of host-device syncs.
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)

@@ -1,0 +1,1 @@
+"""Noise schedules, training targets and loss weighting. Never imports training code."""

@@ -1,0 +1,67 @@
+"""The denoising loss: noise the data, compute the target of the chosen parameterisation, weight it.
+
+Returns per-example losses (B,) so callers decide how to reduce (prior preservation, masking, logging).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from diffusers import DDPMScheduler
+
+from difftrain.diffusion.schedule import min_snr_weights, snr
+
+
+def sample_noise(shape: torch.Size, generator: torch.Generator, device: torch.device, offset_noise: float) -> torch.Tensor:
+    """Gaussian noise, plus per-(example, channel) offset noise if `offset_noise` > 0.
+
+    Offset noise (Guttenberg 2023) lets the model change an image's mean brightness.
+    """
+    noise = torch.randn(shape, generator=generator, device=device)
+    if offset_noise > 0:
+        noise = noise + offset_noise * torch.randn(shape[:2] + (1, 1), generator=generator, device=device)
+    return noise
+
+
+def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the network should output for `scheduler.config.prediction_type`."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"prediction_type {kind!r}: expected epsilon, v_prediction or sample")
+
+
+def denoising_loss(
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    snr_gamma: Optional[float] = None,
+) -> torch.Tensor:
+    """Per-example weighted MSE between `model(x_t, t)` and the target, shape (B,).
+
+    Args:
+        model: maps (x_t, timesteps) to a prediction shaped like x_t (conditioning bound in already).
+        scheduler: the training DDPMScheduler (its prediction_type and alphas_cumprod are used).
+        x0: clean data (B, C, H, W).
+        noise: the noise to add, same shape.
+        timesteps: integer timesteps (B,).
+        snr_gamma: Min-SNR-gamma weighting if given.
+    """
+    x_t = scheduler.add_noise(x0, noise, timesteps)
+    prediction = model(x_t, timesteps)
+    if prediction.shape[1] == 2 * x0.shape[1]:
+        # Models that also predict variance output twice the channels; the first half is the mean.
+        prediction = prediction[:, : x0.shape[1]]
+    target = training_target(scheduler, x0, noise, timesteps)
+    per_example = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))
+    if snr_gamma is not None:
+        weights = min_snr_weights(snr(scheduler.alphas_cumprod, timesteps), snr_gamma, scheduler.config.prediction_type)
+        per_example = per_example * weights
+    return per_example

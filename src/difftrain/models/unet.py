@@ -1,0 +1,86 @@
+"""Build diffusers UNet2DModel backbones from a size preset plus explicit kwargs."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from diffusers import UNet2DModel
+
+from difftrain.config import ModelConfig
+
+# Attention only at the lowest resolutions: on CPU full-resolution attention costs far more than it
+# buys (see shared/design/calibration.md), and small data sets do not need it.
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ),
+    "small": dict(
+        block_out_channels=(64, 128, 128, 256),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=32,
+        attention_head_dim=32,
+    ),
+    # The butterflies tutorial's UNet (113.7M parameters at 3 channels).
+    "base": dict(
+        block_out_channels=(128, 128, 256, 256, 512, 512),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=32,
+        attention_head_dim=8,
+    ),
+}
+
+
+def unet_kwargs(model_cfg: ModelConfig, resolution: int, channels: int, num_classes: int) -> dict[str, Any]:
+    """The full UNet2DModel kwargs for this config (preset, then `model.unet` overrides)."""
+    kwargs: dict[str, Any] = {} if model_cfg.size == "custom" else dict(UNET_PRESETS[model_cfg.size])
+    kwargs.update(sample_size=resolution, in_channels=channels, out_channels=channels)
+    if model_cfg.conditioning == "class":
+        # One extra embedding row is the null class used for classifier-free guidance.
+        kwargs["num_class_embeds"] = num_classes + 1
+    kwargs.update(model_cfg.unet)
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    return kwargs
+
+
+def check_unet_kwargs(kwargs: dict[str, Any], resolution: int) -> list[str]:
+    """Problems that diffusers would only report as obscure shape errors (or silently ignore)."""
+    allowed = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+    problems = [
+        f"model.unet.{key}: not a UNet2DModel argument (allowed: {', '.join(sorted(allowed))})"
+        for key in kwargs
+        if key not in allowed
+    ]
+    channels = kwargs.get("block_out_channels", ())
+    groups = kwargs.get("norm_num_groups", 32)
+    for c in channels:
+        if c % groups:
+            problems.append(f"model.unet: block_out_channels {list(channels)} must all divide by norm_num_groups={groups}")
+            break
+    levels = len(channels)
+    for key in ("down_block_types", "up_block_types"):
+        if key in kwargs and len(kwargs[key]) != levels:
+            problems.append(f"model.unet.{key} has {len(kwargs[key])} entries; block_out_channels has {levels}")
+    if levels and resolution % (2 ** (levels - 1)):
+        problems.append(
+            f"data.resolution = {resolution} must divide by 2^{levels - 1} = {2 ** (levels - 1)} for a {levels}-level UNet"
+        )
+    return problems
+
+
+def build_unet(kwargs: dict[str, Any]) -> UNet2DModel:
+    try:
+        return UNet2DModel(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"model.unet: {exc}") from exc

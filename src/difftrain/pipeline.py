@@ -1,0 +1,145 @@
+"""Inference on exported runs: the class-conditional pipeline, `load_pipeline`, and `generate`.
+
+Unconditional runs export a plain diffusers `DDPMPipeline`. diffusers has no pipeline for
+class-conditional UNet2DModels, so those export :class:`ClassConditionalPipeline`, a
+`DiffusionPipeline` subclass; `load_pipeline(dir)` opens either kind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from diffusers import DDPMPipeline, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from difftrain.data.transforms import from_model_range
+from difftrain.sampling.guidance import Denoiser
+from difftrain.sampling.sample import sample
+from difftrain.sampling.schedulers import make_scheduler
+
+
+def unet_denoiser(unet: UNet2DModel) -> Denoiser:
+    """Adapt a UNet2DModel to the (x_t, t, cond) denoiser interface; cond is class labels or None."""
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+        return unet(x.to(unet.dtype), t, class_labels=cond).sample.float()
+
+    return denoise
+
+
+def null_class(unet: UNet2DModel) -> Optional[int]:
+    """Index of the null (unconditional) class, or None for an unconditional UNet."""
+    n = unet.config.num_class_embeds
+    return None if n is None else n - 1
+
+
+@torch.no_grad()
+def generate(
+    unet: UNet2DModel,
+    scheduler: SchedulerMixin,
+    seeds: Sequence[int],
+    *,
+    num_inference_steps: int,
+    class_labels: Optional[Sequence[int]] = None,
+    guidance_scale: float = 1.0,
+    batch_size: int = 64,
+    device: Union[torch.device, str, None] = None,
+) -> torch.Tensor:
+    """Sample one image per seed (with class_labels[i] for image i); returns uint8 (N, C, H, W)."""
+    device = torch.device(device) if device is not None else unet.device
+    cond = null_cond = None
+    null = null_class(unet)
+    if class_labels is not None:
+        if null is None:
+            raise ValueError("class labels were given but the model is unconditional")
+        if len(class_labels) != len(seeds):
+            raise ValueError(f"{len(class_labels)} class labels for {len(seeds)} seeds")
+        bad = [c for c in class_labels if not 0 <= int(c) < null]
+        if bad:
+            raise ValueError(f"class label(s) {bad} out of range: the model has classes 0..{null - 1}")
+        cond = torch.tensor([int(c) for c in class_labels], device=device)
+        null_cond = torch.full_like(cond, null)
+    elif null is not None:
+        # A class-conditional model asked for no class samples its unconditional (null-class) branch.
+        cond = torch.full((len(seeds),), null, device=device)
+    cfg = unet.config
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    images = sample(
+        unet_denoiser(unet), scheduler, shape, seeds,
+        num_inference_steps=num_inference_steps, cond=cond, null_cond=null_cond,
+        guidance_scale=guidance_scale, batch_size=batch_size, device=device,
+    )
+    return from_model_range(images).cpu()
+
+
+class ClassConditionalPipeline(DiffusionPipeline):
+    """UNet2DModel with a class embedding (last row = null class) and classifier-free guidance.
+
+    Example:
+        >>> pipe = difftrain.load_pipeline("runs/digits")
+        >>> images = pipe(class_labels=[0, 1, 2], guidance_scale=2.0).images
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, class_names: Optional[list] = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(class_names=list(class_names) if class_names else None)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.unet.config.num_class_embeds) - 1
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Union[int, Sequence[int]],
+        num_inference_steps: int = 25,
+        guidance_scale: float = 2.0,
+        seed: Union[int, Sequence[int]] = 0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Generate one image per class label; image i uses seed+i (or seed[i] for a list)."""
+        labels = [class_labels] if isinstance(class_labels, int) else list(class_labels)
+        seeds = [seed + i for i in range(len(labels))] if isinstance(seed, int) else list(seed)
+        images = generate(
+            self.unet, self.scheduler, seeds, num_inference_steps=num_inference_steps,
+            class_labels=labels, guidance_scale=guidance_scale, device=self.device,
+        )
+        array = images.permute(0, 2, 3, 1).numpy().astype("float32") / 255.0
+        result = self.numpy_to_pil(array) if output_type == "pil" else array
+        if not return_dict:
+            return (result,)
+        return ImagePipelineOutput(images=result)
+
+
+def pipeline_kind(path: Union[str, Path]) -> str:
+    """The `_class_name` recorded in a pipeline folder's model_index.json."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{path} is not a pipeline folder (no model_index.json); train a run first")
+    return json.loads(index.read_text()).get("_class_name", "")
+
+
+def load_pipeline(path: Union[str, Path], device: Union[str, torch.device, None] = None) -> DiffusionPipeline:
+    """Open an exported difftrain run (or any local diffusers pipeline folder) for inference."""
+    kind = pipeline_kind(path)
+    if kind == ClassConditionalPipeline.__name__:
+        pipe = ClassConditionalPipeline.from_pretrained(str(path))
+    elif kind == DDPMPipeline.__name__:
+        pipe = DDPMPipeline.from_pretrained(str(path))
+    else:
+        pipe = DiffusionPipeline.from_pretrained(str(path))
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe
+
+
+def scheduler_for(pipe: DiffusionPipeline, name: Optional[str]) -> SchedulerMixin:
+    """The pipeline's own scheduler, or a scheduler of kind `name` on the same training schedule."""
+    return pipe.scheduler if name is None else make_scheduler(name, pipe.scheduler.config)

@@ -1,0 +1,54 @@
+"""PNG grids of samples that a person can look at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def make_grid(images: torch.Tensor, ncols: int, padding: int = 2, min_cell_px: int = 64,
+              row_labels: Optional[list[str]] = None) -> Image.Image:
+    """Tile uint8 images (N, C, H, W) into one PIL image, ncols per row.
+
+    Small images (e.g. 16 px digits) are enlarged with nearest-neighbour so every cell is at least
+    `min_cell_px` wide; `row_labels` adds a text margin on the left.
+    """
+    if images.dtype != torch.uint8:
+        raise ValueError(f"make_grid expects uint8 images, got {images.dtype}")
+    n, c, h, w = images.shape
+    scale = max(1, -(-min_cell_px // w))
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    cell_h, cell_w = h * scale, w * scale
+    margin = 0
+    if row_labels:
+        margin = 8 + 7 * max(len(label) for label in row_labels)
+    grid = np.full(
+        (padding + nrows * (cell_h + padding), margin + padding + ncols * (cell_w + padding), 3), 255, np.uint8
+    )
+    array = images.permute(0, 2, 3, 1).cpu().numpy()
+    if c == 1:
+        array = np.repeat(array, 3, axis=3)
+    array = array.repeat(scale, axis=1).repeat(scale, axis=2)
+    for i in range(n):
+        r, col = divmod(i, ncols)
+        y, x = padding + r * (cell_h + padding), margin + padding + col * (cell_w + padding)
+        grid[y : y + cell_h, x : x + cell_w] = array[i]
+    image = Image.fromarray(grid)
+    if row_labels:
+        draw = ImageDraw.Draw(image)
+        for r, label in enumerate(row_labels[:nrows]):
+            draw.text((4, padding + r * (cell_h + padding) + cell_h // 2 - 5), label, fill=(0, 0, 0))
+    return image
+
+
+def save_png_atomic(image: Image.Image, path: Path) -> None:
+    """Write a PNG via a temporary name so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)

@@ -1,0 +1,83 @@
+"""One sampling loop over any diffusers scheduler, with per-image seeds.
+
+Image i starts from noise drawn by its own generator seeded with seeds[i], and stochastic schedulers
+draw their step noise from the same per-image generators, so an image depends on its seed only, not
+on the batch it was generated in.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Optional, Sequence
+
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from difftrain.sampling.guidance import Denoiser, guided_prediction
+
+
+def sample(
+    denoiser: Denoiser,
+    scheduler: SchedulerMixin,
+    shape: tuple[int, int, int],
+    seeds: Sequence[int],
+    *,
+    num_inference_steps: int,
+    cond: Optional[torch.Tensor] = None,
+    null_cond: Optional[torch.Tensor] = None,
+    guidance_scale: float = 1.0,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    callback: Optional[Callable[[dict], None]] = None,
+) -> torch.Tensor:
+    """Generate len(seeds) samples of `shape` (C, H, W); returns float tensors in model space.
+
+    Args:
+        denoiser: (x_t, t, cond) -> model output in the scheduler's prediction type.
+        scheduler: a fresh diffusers scheduler (it is reset for every batch).
+        cond: per-image conditioning, batch-first with len(seeds) rows, or None.
+        null_cond: the unconditional conditioning, one row per image, for guidance.
+        callback: called after every step with {'x', 'i', 't', 'batch'}.
+    """
+    device = torch.device(device)
+    seeds = list(seeds)
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    outputs = []
+    for start in range(0, len(seeds), batch_size):
+        chunk = seeds[start : start + batch_size]
+        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in chunk]
+        x = randn_tensor((len(chunk), *shape), generator=generators, device=device)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        x = x * scheduler.init_noise_sigma
+        c = None if cond is None else cond[start : start + len(chunk)]
+        nc = None if null_cond is None else null_cond[start : start + len(chunk)]
+        extra = {"generator": generators} if takes_generator else {}
+        for i, t in enumerate(scheduler.timesteps):
+            model_input = scheduler.scale_model_input(x, t)
+            prediction = guided_prediction(denoiser, model_input, t, c, nc, guidance_scale)
+            x = scheduler.step(prediction, t, x, **extra).prev_sample
+            if callback is not None:
+                callback({"x": x, "i": i, "t": t, "batch": start // batch_size})
+        outputs.append(x)
+    return torch.cat(outputs)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-3,7' -> [0, 1, 2, 3, 7] (EDM's parse_int_list)."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                seeds.extend(range(int(lo), int(hi) + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise ValueError(f"seeds {text!r}: {part!r} is not a number or range like '0-63'") from None
+    if not seeds:
+        raise ValueError(f"seeds {text!r}: expected a list like '0-63' or '1,5,9'")
+    return seeds

@@ -1,0 +1,1 @@
+"""Training: data order, the loop, checkpoints, export and logging."""

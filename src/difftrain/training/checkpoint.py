@@ -1,0 +1,123 @@
+"""Training-state checkpoints: atomic writes, discovery of the newest one, rotation.
+
+A checkpoint is a directory `checkpoints/step-000500/` holding accelerate's `save_state` output
+(model, optimizer, LR schedule, EMA, grad scaler) plus `progress.json`. It is written under a
+temporary name and renamed only when complete, and `progress.json` is written last, so a crash
+mid-write never leaves a directory that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+PROGRESS_FILE = "progress.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with progress.json), oldest first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = []
+    for entry in checkpoints_dir.iterdir():
+        match = CHECKPOINT_RE.match(entry.name)
+        if match and entry.is_dir() and (entry / PROGRESS_FILE).is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(checkpoints_dir)
+    return found[-1][1] if found else None
+
+
+def read_progress(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / PROGRESS_FILE).read_text())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(checkpoints_dir: Path, step: int, save_state: Callable[[Path], None], progress: dict[str, Any]) -> Path:
+    """Write a checkpoint atomically: save into a temp dir, add progress.json, then rename.
+
+    Args:
+        save_state: writes the training state into the given (existing, empty) directory.
+        progress: JSON-serialisable bookkeeping (step, images seen, config, version...).
+    """
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / checkpoint_name(step)
+    tmp = checkpoints_dir / f".tmp-{checkpoint_name(step)}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_state(tmp)
+    progress_tmp = tmp / f".{PROGRESS_FILE}.tmp"
+    with open(progress_tmp, "w") as f:
+        json.dump(progress, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    progress_tmp.replace(tmp / PROGRESS_FILE)
+    _fsync_dir(tmp)
+    if final.exists():
+        # Re-saving the same step (e.g. the final step after a resume): swap atomically-ish.
+        old = checkpoints_dir / f".old-{checkpoint_name(step)}"
+        if old.exists():
+            shutil.rmtree(old)
+        final.replace(old)
+        tmp.replace(final)
+        shutil.rmtree(old)
+    else:
+        tmp.replace(final)
+    _fsync_dir(checkpoints_dir)
+    return final
+
+
+def rotate_checkpoints(checkpoints_dir: Path, keep: Optional[int]) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (None keeps all); returns what was deleted."""
+    if keep is None:
+        return []
+    found = list_checkpoints(checkpoints_dir)
+    doomed = [path for _, path in found[: max(0, len(found) - keep)]]
+    for path in doomed:
+        shutil.rmtree(path)
+        logger.info("removed old checkpoint %s (checkpoints_total_limit=%d)", path.name, keep)
+    return doomed
+
+
+def remove_stale_temporaries(checkpoints_dir: Path) -> None:
+    """Clear half-written checkpoints left by a crash."""
+    if not checkpoints_dir.is_dir():
+        return
+    for entry in checkpoints_dir.iterdir():
+        if entry.name.startswith(".old-"):
+            restored = checkpoints_dir / entry.name[len(".old-"):]
+            if not restored.exists():
+                # A crash between the two renames of a re-save: the old copy is the valid one.
+                entry.replace(restored)
+                continue
+        if entry.name.startswith((".tmp-", ".old-")):
+            logger.warning("removing incomplete checkpoint %s left by an interrupted run", entry.name)
+            shutil.rmtree(entry, ignore_errors=True)

@@ -1,0 +1,145 @@
+"""Turn a finished run into a diffusers pipeline folder with a model card; optionally push it."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from diffusers import DDPMPipeline, UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from difftrain.config import RunConfig
+from difftrain.pipeline import ClassConditionalPipeline
+from difftrain.sampling.schedulers import make_scheduler
+
+logger = logging.getLogger(__name__)
+
+EXPORT_ENTRIES = ("model_index.json", "unet", "scheduler")
+
+
+def export_pipeline(
+    unet: UNet2DModel, noise_scheduler: SchedulerMixin, cfg: RunConfig, class_names: list[str], output_dir: Path
+) -> None:
+    """Save the pipeline into `output_dir`, replacing a previous export only once the new one is whole."""
+    if cfg.model.conditioning == "class":
+        scheduler = make_scheduler(cfg.sample.scheduler, noise_scheduler.config)
+        pipe = ClassConditionalPipeline(unet=unet, scheduler=scheduler, class_names=class_names)
+    else:
+        pipe = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
+    tmp = output_dir / ".export-tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    for name in EXPORT_ENTRIES:
+        src, dst = tmp / name, output_dir / name
+        if not src.exists():
+            continue
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        elif dst.exists():
+            dst.unlink()
+        src.replace(dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class RunSummary:
+    data_description: str
+    num_images: int
+    num_skipped: int
+    steps: int
+    images_seen: int
+    epochs: float
+    num_parameters: int
+    train_seconds: float
+    final_loss: Optional[float]
+    sample_grid: Optional[str]
+
+
+def write_model_card(cfg: RunConfig, summary: RunSummary, class_names: list[str], output_dir: Path) -> None:
+    conditional = cfg.model.conditioning == "class"
+    pipeline_class = "ClassConditionalPipeline" if conditional else "DDPMPipeline"
+    if conditional:
+        load = (
+            "```python\nimport difftrain\n\n"
+            f"pipe = difftrain.load_pipeline(\"{output_dir}\")\n"
+            "images = pipe(class_labels=[0, 1, 2], guidance_scale=2.0).images\n```\n\n"
+            "diffusers has no pipeline for class-conditional UNet2DModels, so this folder uses difftrain's "
+            "`ClassConditionalPipeline` (a `DiffusionPipeline` subclass). The UNet alone loads with plain diffusers: "
+            f"`UNet2DModel.from_pretrained(\"{output_dir}\", subfolder=\"unet\")`."
+        )
+    else:
+        load = (
+            "```python\nfrom diffusers import DDPMPipeline\n\n"
+            f"pipe = DDPMPipeline.from_pretrained(\"{output_dir}\")\n"
+            "image = pipe(num_inference_steps=1000).images[0]\n```"
+        )
+    classes = f"\n- Classes ({len(class_names)}): {', '.join(class_names)}" if conditional else ""
+    loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
+    grid = f"\n![samples]({summary.sample_grid})\n" if summary.sample_grid else ""
+    text = f"""---
+library_name: diffusers
+tags:
+- difftrain
+- unconditional-image-generation
+- diffusion
+pipeline_tag: unconditional-image-generation
+---
+
+# {Path(cfg.output_dir).name}
+
+A {'class-conditional' if conditional else 'unconditional'} pixel-space diffusion model (diffusers
+`UNet2DModel`, {summary.num_parameters / 1e6:.2f}M parameters) trained from scratch with
+[difftrain](https://github.com/difftrain/difftrain).
+{grid}
+## Training
+- Data: {summary.data_description}: {summary.num_images} images at {cfg.data.resolution} px,
+  {cfg.data.channels} channel(s){f'; {summary.num_skipped} unreadable file(s) skipped' if summary.num_skipped else ''}{classes}
+- Steps: {summary.steps} optimizer steps, {summary.images_seen} images seen ({summary.epochs:.1f} epochs),
+  batch {cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps} accumulation
+- Schedule: {cfg.diffusion.beta_schedule} betas, {cfg.diffusion.num_train_timesteps} timesteps,
+  {cfg.diffusion.prediction_type} prediction{f', min-SNR-{cfg.diffusion.snr_gamma:g} weighting' if cfg.diffusion.snr_gamma else ''}
+- Optimizer: AdamW, learning rate {cfg.train.learning_rate:g} ({cfg.train.lr_scheduler}, {cfg.train.lr_warmup_steps} warm-up steps),
+  mixed precision {cfg.train.mixed_precision}; weights exported {'as the EMA' if cfg.train.use_ema else 'as trained (no EMA)'}
+- Final training loss: {loss}; training time: {summary.train_seconds / 60:.1f} min
+- Full configuration: `config.yaml`; TensorBoard logs: `logs/`; sample grids: `samples/`
+
+## How to load
+Exported pipeline: `{pipeline_class}`.
+
+{load}
+
+Sample with any scheduler from the command line:
+`difftrain sample {output_dir} --scheduler dpm++ --num-inference-steps 25 --out grid.png`
+"""
+    tmp = output_dir / ".README.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(output_dir / "README.md")
+
+
+class HubUploadError(RuntimeError):
+    """Uploading failed; the local export is complete."""
+
+
+def push_to_hub(output_dir: Path, repo_id: str, private: bool) -> str:
+    """Upload the exported folder (without training checkpoints). Raises HubUploadError with the reason."""
+    from huggingface_hub import create_repo, upload_folder
+
+    try:
+        create_repo(repo_id, private=private, exist_ok=True)
+        info = upload_folder(
+            repo_id=repo_id,
+            folder_path=str(output_dir),
+            ignore_patterns=["checkpoints/*", ".*", "**/.*"],
+            commit_message="Upload difftrain run",
+        )
+    except Exception as exc:  # network, auth, permissions: all reported the same way
+        raise HubUploadError(
+            f"could not push {output_dir} to the hub as {repo_id!r}: {type(exc).__name__}: {exc}. "
+            f"The local export in {output_dir} is complete; push it later with "
+            f"`huggingface-cli upload {repo_id} {output_dir}`."
+        ) from exc
+    return str(getattr(info, "commit_url", repo_id))

@@ -1,0 +1,292 @@
+"""The training loop: plan -> build -> resume -> for each step: train_step, then maintenance -> export.
+
+One explicit loop (EDM / nanoGPT style). Maintenance (logging, sample grids, checkpoints) runs between
+steps at fixed step intervals and is written as named functions so each can be tested alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+import difftrain
+from difftrain.config import ConfigError, RunConfig, config_from_dict, dump_config
+from difftrain.data.transforms import random_hflip, to_model_range
+from difftrain.diffusion.loss import denoising_loss, sample_noise
+from difftrain.pipeline import generate
+from difftrain.sampling.grid import make_grid, save_png_atomic
+from difftrain.sampling.schedulers import make_scheduler
+from difftrain.training import checkpoint as ckpt
+from difftrain.training.data_order import sample_indices, step_generator, stream_position
+from difftrain.training.export import RunSummary, export_pipeline, push_to_hub, write_model_card
+from difftrain.training.setup import RunPlan, Trainables, build_trainables, make_accelerator, plan_run
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_output_dir(cfg: RunConfig) -> Path:
+    """Create the run directory; refuse a non-empty directory that is not a difftrain run."""
+    output_dir = Path(cfg.output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / "config.yaml").is_file():
+        raise FileExistsError(
+            f"output_dir {output_dir} exists, is not empty and holds no difftrain run (no config.yaml); "
+            "choose another --output-dir"
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
+
+
+def _log_config_changes(output_dir: Path, cfg: RunConfig) -> None:
+    saved_path = output_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    import yaml
+
+    try:
+        saved = config_from_dict(yaml.safe_load(saved_path.read_text())).to_dict()
+    except (ConfigError, yaml.YAMLError) as exc:
+        logger.warning("could not read the previous %s: %s", saved_path, exc)
+        return
+    now = cfg.to_dict()
+    for section, values in now.items():
+        old = saved.get(section)
+        if isinstance(values, dict) and isinstance(old, dict):
+            for key, value in values.items():
+                if old.get(key) != value:
+                    logger.info("config change on resume: %s.%s: %r -> %r", section, key, old.get(key), value)
+
+
+def train_step(plan: RunPlan, parts: Trainables, accelerator: Accelerator, step: int) -> torch.Tensor:
+    """One optimizer step (gradient_accumulation_steps micro-batches); returns the mean loss, on device."""
+    cfg, t = plan.cfg, plan.cfg.train
+    dataset, device = plan.dataset, accelerator.device
+    unet = parts.unet
+    unet.train()
+    total = torch.zeros((), device=device)
+    for micro in range(t.gradient_accumulation_steps):
+        position = stream_position(step, micro, accelerator.process_index, t.gradient_accumulation_steps,
+                                   accelerator.num_processes, t.batch_size)
+        indices = sample_indices(len(dataset), t.seed, position, t.batch_size)
+        generator = step_generator(t.seed, step, micro, accelerator.process_index, device)
+        images = dataset.images[indices].to(device, non_blocking=True)
+        if cfg.data.random_flip:
+            images = random_hflip(images, generator)
+        x0 = to_model_range(images)
+        labels = None
+        if plan.num_classes:
+            labels = dataset.labels[indices].to(device)
+            if t.condition_dropout > 0:
+                drop = torch.rand(labels.shape, generator=generator, device=device) < t.condition_dropout
+                labels = torch.where(drop, torch.full_like(labels, plan.num_classes), labels)
+        noise = sample_noise(x0.shape, generator, device, cfg.diffusion.offset_noise)
+        timesteps = torch.randint(0, cfg.diffusion.num_train_timesteps, (x0.shape[0],), generator=generator, device=device)
+        with accelerator.accumulate(unet):
+            with accelerator.autocast():
+                per_example = denoising_loss(
+                    lambda x, ts: unet(x, ts, class_labels=labels).sample,
+                    parts.noise_scheduler, x0, noise, timesteps, cfg.diffusion.snr_gamma,
+                )
+            loss = per_example.mean()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm)
+            parts.optimizer.step()
+            parts.lr_scheduler.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+        total += loss.detach()
+    if parts.ema is not None:
+        parts.ema.step(accelerator.unwrap_model(unet).parameters())
+    return total / t.gradient_accumulation_steps
+
+
+class _EmaWeights:
+    """Context manager: the unwrapped UNet carries the EMA weights inside the block."""
+
+    def __init__(self, parts: Trainables, accelerator: Accelerator):
+        self.unet = accelerator.unwrap_model(parts.unet)
+        self.ema = parts.ema
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.unet.parameters())
+            self.ema.copy_to(self.unet.parameters())
+        self.unet.eval()
+        return self.unet
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            self.ema.restore(self.unet.parameters())
+        self.unet.train()
+
+
+def preview_grid(plan: RunPlan, unet, noise_config) -> tuple[torch.Tensor, int, Optional[list[str]]]:
+    """Samples from fixed seeds: one row per class (conditional) or a square grid."""
+    s = plan.cfg.sample
+    scheduler = make_scheduler(s.scheduler, noise_config)
+    if plan.num_classes:
+        classes = list(range(min(plan.num_classes, 16)))
+        labels = [c for c in classes for _ in range(s.images_per_class)]
+        seeds = [s.seed + i for i in range(len(labels))]
+        images = generate(unet, scheduler, seeds, num_inference_steps=s.num_inference_steps, class_labels=labels,
+                          guidance_scale=s.guidance_scale, batch_size=s.batch_size)
+        return images, s.images_per_class, [plan.dataset.class_names[c] for c in classes]
+    seeds = [s.seed + i for i in range(s.num_images)]
+    images = generate(unet, scheduler, seeds, num_inference_steps=s.num_inference_steps, batch_size=s.batch_size)
+    return images, max(1, int(round(len(seeds) ** 0.5))), None
+
+
+def save_samples(plan: RunPlan, parts: Trainables, accelerator: Accelerator, output_dir: Path, step: int) -> Path:
+    with _EmaWeights(parts, accelerator) as unet, torch.no_grad():
+        images, ncols, row_labels = preview_grid(plan, unet, parts.noise_scheduler.config)
+    grid = make_grid(images, ncols, row_labels=row_labels)
+    path = output_dir / "samples" / f"step-{step:06d}.png"
+    save_png_atomic(grid, path)
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+    if hasattr(tracker, "add_image"):
+        import numpy as np
+
+        tracker.add_image("samples", np.asarray(grid), global_step=step, dataformats="HWC")
+    return path
+
+
+def save_training_state(plan: RunPlan, accelerator: Accelerator, output_dir: Path, step: int) -> None:
+    progress = {
+        "step": step,
+        "images_seen": step * plan.global_batch_size,
+        "epoch": step * plan.global_batch_size / len(plan.dataset),
+        "num_processes": accelerator.num_processes,
+        "difftrain_version": difftrain.__version__,
+        "config": plan.cfg.to_dict(),
+    }
+    checkpoints_dir = output_dir / "checkpoints"
+    if accelerator.is_main_process:
+        path = ckpt.write_checkpoint(checkpoints_dir, step, lambda d: accelerator.save_state(str(d)), progress)
+        ckpt.rotate_checkpoints(checkpoints_dir, plan.cfg.train.checkpoints_total_limit)
+        logger.info("saved checkpoint %s", path)
+    accelerator.wait_for_everyone()
+
+
+def resume(accelerator: Accelerator, output_dir: Path) -> int:
+    """Load the newest complete checkpoint, if any; returns the step to continue from."""
+    checkpoints_dir = output_dir / "checkpoints"
+    if accelerator.is_main_process:
+        ckpt.remove_stale_temporaries(checkpoints_dir)
+    accelerator.wait_for_everyone()
+    latest = ckpt.latest_checkpoint(checkpoints_dir)
+    if latest is None:
+        return 0
+    accelerator.load_state(str(latest))
+    step = int(ckpt.read_progress(latest)["step"])
+    logger.info("resumed from %s (step %d)", latest, step)
+    return step
+
+
+def _add_file_logging(output_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(output_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("difftrain").addHandler(handler)
+    return handler
+
+
+def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
+    """Train (or resume) the run described by `cfg`; returns the output directory.
+
+    Args:
+        stop_at_step: stop after this step without exporting, as if interrupted (used by resume tests).
+    """
+    plan = plan_run(cfg)
+    output_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg, output_dir)
+    if accelerator.num_processes > 1:
+        plan = plan_run(cfg, world_size=accelerator.num_processes)
+    if accelerator.is_main_process:
+        prepare_output_dir(cfg)
+    accelerator.wait_for_everyone()
+    handler = _add_file_logging(output_dir) if accelerator.is_main_process else None
+    try:
+        return _train(plan, accelerator, output_dir, stop_at_step)
+    finally:
+        accelerator.end_training()
+        if handler is not None:
+            logging.getLogger("difftrain").removeHandler(handler)
+            handler.close()
+
+
+def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_step: Optional[int]) -> Path:
+    cfg, t = plan.cfg, plan.cfg.train
+    parts = build_trainables(plan, accelerator)
+    if accelerator.is_main_process:
+        _log_config_changes(output_dir, cfg)
+        (output_dir / "config.yaml").write_text(dump_config(cfg))
+    accelerator.init_trackers("tensorboard")
+    start = resume(accelerator, output_dir)
+    num_params = sum(p.numel() for p in accelerator.unwrap_model(parts.unet).parameters())
+    logger.info(
+        "data: %s, %d images (%d skipped); model: %.2fM parameters; global batch %d (%d x %d accumulation x %d processes); "
+        "%d steps (%.1f epochs) from step %d; device %s, mixed precision %s",
+        plan.dataset.description, len(plan.dataset), len(plan.dataset.skipped), num_params / 1e6,
+        plan.global_batch_size, t.batch_size, t.gradient_accumulation_steps, accelerator.num_processes,
+        plan.max_steps, plan.max_steps / plan.steps_per_epoch, start, accelerator.device, t.mixed_precision,
+    )
+    end = plan.max_steps if stop_at_step is None else min(plan.max_steps, stop_at_step)
+    progress = tqdm(total=plan.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process,
+                    dynamic_ncols=True, mininterval=1.0)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    losses_since_log, last_loss = 0, None
+    tick, train_start = time.perf_counter(), time.perf_counter()
+    metrics_path = output_dir / "metrics.jsonl"
+    last_sample: Optional[Path] = None
+    for step in range(start, end):
+        loss_sum += train_step(plan, parts, accelerator, step)
+        losses_since_log += 1
+        done = step + 1
+        progress.update(1)
+        if done % t.log_every_steps == 0 or done == end:
+            # The only host sync of the loop: reading the loss at log intervals.
+            last_loss = (loss_sum / losses_since_log).item()
+            now = time.perf_counter()
+            images_per_s = losses_since_log * plan.global_batch_size / max(now - tick, 1e-9)
+            lr = parts.lr_scheduler.get_last_lr()[0]
+            metrics = {"loss": last_loss, "lr": lr, "images_per_s": images_per_s,
+                       "epoch": done * plan.global_batch_size / len(plan.dataset)}
+            accelerator.log(metrics, step=done)
+            progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
+            if accelerator.is_main_process:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"step": done, **metrics}) + "\n")
+            loss_sum.zero_()
+            losses_since_log, tick = 0, now
+        if plan.sample_every_steps and done % plan.sample_every_steps == 0 and accelerator.is_main_process:
+            last_sample = save_samples(plan, parts, accelerator, output_dir, done)
+        if (plan.checkpoint_every_steps and done % plan.checkpoint_every_steps == 0) or done == end:
+            save_training_state(plan, accelerator, output_dir, done)
+    progress.close()
+    if end < plan.max_steps:
+        return output_dir
+    if accelerator.is_main_process:
+        if last_sample is None or last_sample.name != f"step-{plan.max_steps:06d}.png":
+            last_sample = save_samples(plan, parts, accelerator, output_dir, plan.max_steps)
+        with _EmaWeights(parts, accelerator) as unet:
+            export_pipeline(unet, parts.noise_scheduler, cfg, plan.dataset.class_names, output_dir)
+        summary = RunSummary(
+            data_description=plan.dataset.description, num_images=len(plan.dataset),
+            num_skipped=len(plan.dataset.skipped), steps=plan.max_steps,
+            images_seen=plan.max_steps * plan.global_batch_size,
+            epochs=plan.max_steps * plan.global_batch_size / len(plan.dataset), num_parameters=num_params,
+            train_seconds=time.perf_counter() - train_start, final_loss=last_loss,
+            sample_grid=str(last_sample.relative_to(output_dir)),
+        )
+        write_model_card(cfg, summary, plan.dataset.class_names, output_dir)
+        logger.info("exported pipeline to %s; samples: %s", output_dir, last_sample)
+    accelerator.wait_for_everyone()
+    if t.push_to_hub and accelerator.is_main_process:
+        url = push_to_hub(output_dir, t.hub_model_id, t.hub_private)
+        logger.info("pushed to %s", url)
+    return output_dir
