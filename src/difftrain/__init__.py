@@ -1,25 +1,30 @@
 """difftrain: train, sample and export diffusion image models with diffusers from one typed config.
 
-Public API:
-    load_config, RunConfig, ConfigError   -- configuration (difftrain.config)
-    train                                 -- run or resume training (difftrain.training.loop)
-    load_pipeline, ClassConditionalPipeline, generate -- inference on exported runs (difftrain.pipeline)
+Public API (imported lazily, so `difftrain --help` does not load torch):
+    load_config, RunConfig, ConfigError                 configuration (difftrain.config)
+    train                                               run or resume training (difftrain.training.loop)
+    load_pipeline, ClassConditionalPipeline, generate   inference on exported runs (difftrain.pipeline)
 """
+
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
-from difftrain.config import ConfigError, RunConfig, load_config  # noqa: E402
-from difftrain.pipeline import ClassConditionalPipeline, generate, load_pipeline  # noqa: E402
+_LAZY = {
+    "ConfigError": "difftrain.config",
+    "RunConfig": "difftrain.config",
+    "load_config": "difftrain.config",
+    "train": "difftrain.training.loop",
+    "ClassConditionalPipeline": "difftrain.pipeline",
+    "generate": "difftrain.pipeline",
+    "load_pipeline": "difftrain.pipeline",
+}
+
+__all__ = ["__version__", *_LAZY]
 
 
-def train(cfg, stop_at_step=None):
-    """Train (or resume) a run; see difftrain.training.loop.train."""
-    from difftrain.training.loop import train as _train
-
-    return _train(cfg, stop_at_step=stop_at_step)
-
-
-__all__ = [
-    "__version__", "ConfigError", "RunConfig", "load_config", "train",
-    "ClassConditionalPipeline", "generate", "load_pipeline",
-]
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'difftrain' has no attribute {name!r}")

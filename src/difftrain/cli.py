@@ -54,9 +54,9 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # before importing torch/diffusers, so config errors come back at once
     from difftrain.training.loop import train
 
-    cfg = _load(args)
     output_dir = train(cfg)
     print(f"done: {output_dir} (samples in {output_dir / 'samples'}, model card {output_dir / 'README.md'})")
     return 0
@@ -106,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides = list(args.overrides) + extra
     _setup_logging()
     from difftrain.config import ConfigError
-    from difftrain.training.export import HubUploadError
+    from difftrain.errors import HubUploadError
 
     try:
         return COMMANDS[args.command](args)

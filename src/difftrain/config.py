@@ -64,9 +64,13 @@ class ModelConfig:
 @dataclass
 class DiffusionConfig:
     num_train_timesteps: int = 1000
+    """Discrete diffusion timesteps of the training schedule."""
     beta_schedule: BetaSchedule = "linear"
+    """Noise schedule: 'linear' (DDPM), 'scaled_linear' (Stable Diffusion) or 'squaredcos_cap_v2' (cosine, Nichol & Dhariwal)."""
     beta_start: float = 0.0001
+    """First beta of linear / scaled_linear schedules."""
     beta_end: float = 0.02
+    """Last beta of linear / scaled_linear schedules."""
     prediction_type: PredictionType = "epsilon"
     """What the network predicts: noise, velocity (v) or the clean sample."""
     snr_gamma: Optional[float] = None
@@ -84,41 +88,63 @@ class TrainConfig:
     batch_size: int = 16
     """Images per process per micro-batch."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step; global batch = batch_size x this x processes."""
     learning_rate: float = 1e-4
+    """Peak AdamW learning rate."""
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant_with_warmup"
+    """diffusers LR schedule after `lr_warmup_steps` of linear warm-up."""
     lr_warmup_steps: int = 0
+    """Optimizer steps of linear LR warm-up."""
     adam_beta1: float = 0.9
+    """AdamW beta1."""
     adam_beta2: float = 0.999
+    """AdamW beta2."""
     adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
     weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
     max_grad_norm: Optional[float] = 1.0
     """Gradient clipping norm; None disables clipping."""
     mixed_precision: MixedPrecision = "no"
+    """'bf16' (CPU or recent GPU), 'fp16' (CUDA only) or 'no' (fp32)."""
     seed: int = 0
+    """Seeds weight init, data order, flips, noise and timesteps (each step is a pure function of seed and step)."""
     use_ema: bool = True
+    """Keep an exponential moving average of the weights; samples and export use it."""
     ema_decay: float = 0.9999
     """Upper bound of the EMA decay; with `ema_warmup` the decay ramps up towards it."""
     ema_warmup: bool = True
+    """Ramp the EMA decay up as 1 - (1 + step)^(-2/3) so early averages are not dominated by the init."""
     condition_dropout: float = 0.1
     """Probability of replacing a class label by the null class (trains the unconditional branch)."""
     log_every_steps: int = 10
+    """Steps between loss/LR/images-per-second logs (TensorBoard, metrics.jsonl, progress bar)."""
     checkpoint_every_steps: Optional[int] = 500
+    """Steps between training-state checkpoints (one is always written at the end)."""
     checkpoint_every_epochs: Optional[int] = None
+    """Alternative to checkpoint_every_steps, in passes over the data."""
     checkpoints_total_limit: Optional[int] = 3
     """Keep at most this many training-state checkpoints; None keeps all."""
     sample_every_steps: Optional[int] = 500
+    """Steps between sample grids from fixed seeds (one is always written at the end)."""
     sample_every_epochs: Optional[int] = None
+    """Alternative to sample_every_steps, in passes over the data (the tutorial's save_image_epochs)."""
     push_to_hub: bool = False
+    """Upload the exported folder to the Hugging Face hub when training ends."""
     hub_model_id: Optional[str] = None
+    """Hub repository, e.g. 'you/ddpm-butterflies-128'."""
     hub_private: bool = False
+    """Create the hub repository as private."""
 
 
 @dataclass
 class SampleConfig:
     scheduler: SchedulerName = "dpm++"
+    """Sampler for preview grids and the default of `difftrain sample`."""
     num_inference_steps: int = 25
+    """Sampler steps."""
     guidance_scale: float = 1.0
     """Classifier-free guidance scale; 1.0 means no guidance."""
     num_images: int = 16
@@ -126,12 +152,15 @@ class SampleConfig:
     images_per_class: int = 8
     """Columns of a class-conditional preview grid (one row per class)."""
     seed: int = 0
+    """First seed of the preview grid (image i uses seed + i)."""
     batch_size: int = 64
+    """Images per sampler forward pass."""
 
 
 @dataclass
 class RunConfig:
     output_dir: str = "runs/run"
+    """Run directory: pipeline export, checkpoints, samples, logs. An existing run there is resumed."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)

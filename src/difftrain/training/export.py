@@ -12,6 +12,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from difftrain.config import RunConfig
+from difftrain.errors import HubUploadError
 from difftrain.pipeline import ClassConditionalPipeline
 from difftrain.sampling.schedulers import make_scheduler
 
@@ -118,10 +119,6 @@ Sample with any scheduler from the command line:
     tmp = output_dir / ".README.md.tmp"
     tmp.write_text(text)
     tmp.replace(output_dir / "README.md")
-
-
-class HubUploadError(RuntimeError):
-    """Uploading failed; the local export is complete."""
 
 
 def push_to_hub(output_dir: Path, repo_id: str, private: bool) -> str:

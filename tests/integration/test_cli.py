@@ -1,0 +1,151 @@
+"""The `difftrain` command end to end, in subprocesses, on tiny models and real local data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+
+def run_cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "difftrain", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_flowers_preset_trains_exports_and_resumes(tmp_path: Path, flowers_dir: Path):
+    """The issue's acceptance: flowers at 32 px for 4 steps, DDPMPipeline loads it, 8 steps resumes from 4."""
+    run = tmp_path / "runs" / "f"
+    args = ["train", "flowers", "--output-dir", str(run), f"data.path={flowers_dir}", "data.resolution=32",
+            "sample.num_images=4", "sample.num_inference_steps=2", "train.log_every_steps=1", "train.batch_size=8"]
+    first = run_cli(*args, "train.max_steps=4", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    for name in ("model_index.json", "unet", "scheduler", "config.yaml", "README.md", "train.log", "metrics.jsonl"):
+        assert (run / name).exists(), name
+    assert (run / "checkpoints" / "step-000004" / "progress.json").is_file()
+    assert list((run / "logs").rglob("events.out.tfevents.*")), "TensorBoard event file"
+    grid = Image.open(run / "samples" / "step-000004.png")
+    assert grid.size[0] >= 2 * 32
+    card = (run / "README.md").read_text()
+    assert "DDPMPipeline.from_pretrained" in card and "720 images" in card
+
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(str(run))
+    image = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+    second = run_cli(*args, "train.max_steps=8", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stderr and "(step 4)" in second.stderr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-4:] == [5, 6, 7, 8] and steps.count(1) == 1, steps
+    assert "train.max_steps: 4 -> 8" in (run / "train.log").read_text()
+
+
+def test_class_conditional_run_and_sample_command(tmp_path: Path):
+    run = tmp_path / "d"
+    result = run_cli("train", "tiny/digits-class", "--output-dir", str(run), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run / "model_index.json").read_text())["_class_name"] == "ClassConditionalPipeline"
+    grid = Image.open(run / "samples" / "step-000004.png")
+    assert grid.height > grid.width / 2  # 10 class rows x 2 columns
+
+    out, singles = tmp_path / "grid.png", tmp_path / "singles"
+    sampled = run_cli("sample", str(run), "--class-label", "1,7", "--num-images", "3", "--scheduler", "dpm++",
+                      "--num-inference-steps", "3", "--guidance-scale", "3", "--seed", "10",
+                      "--out", str(out), "--out-dir", str(singles), cwd=tmp_path)
+    assert sampled.returncode == 0, sampled.stderr
+    assert Image.open(out).mode == "RGB"
+    names = sorted(p.name for p in singles.iterdir())
+    assert names == [f"seed{s:06d}-class{c}.png" for s, c in zip(range(10, 16), [1, 1, 1, 7, 7, 7])]
+    assert Image.open(singles / names[0]).size == (8, 8)
+
+    import difftrain
+
+    pipe = difftrain.load_pipeline(run)
+    assert isinstance(pipe, difftrain.ClassConditionalPipeline) and pipe.num_classes == 10
+    images = pipe(class_labels=[0, 1], num_inference_steps=2).images
+    assert len(images) == 2 and images[0].size == (8, 8)
+
+    bad = run_cli("sample", str(run), "--class-label", "12", "--num-inference-steps", "2", cwd=tmp_path)
+    assert bad.returncode == 1 and "0..9" in bad.stderr
+
+
+def test_unconditional_sample_with_every_scheduler_name(tmp_path: Path, flowers_dir: Path):
+    run = tmp_path / "u"
+    assert run_cli("train", "tiny/folder-uncond", "--output-dir", str(run), f"data.path={flowers_dir / 'iris'}",
+                   "train.max_steps=1", cwd=tmp_path).returncode == 0
+    for name in ("ddpm", "ddim", "dpm++", "unipc", "euler"):
+        out = tmp_path / f"{name}.png"
+        result = run_cli("sample", str(run), "--scheduler", name, "--num-inference-steps", "2",
+                         "--num-images", "4", "--out", str(out), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert out.is_file()
+    refused = run_cli("sample", str(run), "--class-label", "1", cwd=tmp_path)
+    assert refused.returncode == 1 and "unconditional" in refused.stderr
+
+
+def test_unknown_preset_fails_and_writes_nothing(tmp_path: Path):
+    result = run_cli("train", "nosuch", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "'nosuch' is neither a YAML file nor a preset" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_misspelt_key_fails_and_writes_nothing(tmp_path: Path):
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "tiny" / "digits-class.yaml").read_text())
+    cfg["train"]["learning_rat"] = cfg["train"].pop("learning_rate")
+    cfg["output_dir"] = str(tmp_path / "out")
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = run_cli("train", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown key 'train.learning_rat'; did you mean 'train.learning_rate'?" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["typo.yaml"]
+
+
+def test_missing_data_fails_before_writing(tmp_path: Path):
+    result = run_cli("train", "tiny/folder-uncond", "--output-dir", str(tmp_path / "out"),
+                     f"data.path={tmp_path / 'no-such-folder'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "no-such-folder" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_foreign_output_dir_is_refused(tmp_path: Path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.txt").write_text("do not touch")
+    result = run_cli("train", "tiny/digits-class", "--output-dir", str(out), cwd=tmp_path)
+    assert result.returncode == 1 and "holds no difftrain run" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.txt"]
+
+
+def test_push_to_hub_offline_keeps_the_export(tmp_path: Path):
+    run = tmp_path / "p"
+    result = run_cli("train", "tiny/digits-class", "--output-dir", str(run), "train.max_steps=1",
+                     "train.push_to_hub=true", "train.hub_model_id=someone/tiny-digits", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "could not push" in result.stderr and "someone/tiny-digits" in result.stderr
+    assert "local export" in result.stderr
+    assert (run / "model_index.json").is_file() and (run / "unet").is_dir()
+
+
+def test_show_config_and_presets(tmp_path: Path):
+    shown = run_cli("show-config", "digits", "train.max_steps=3", cwd=tmp_path)
+    assert shown.returncode == 0 and yaml.safe_load(shown.stdout)["train"]["max_steps"] == 3
+    listed = run_cli("presets", cwd=tmp_path)
+    assert listed.returncode == 0 and "digits" in listed.stdout and "butterflies" in listed.stdout
