@@ -374,3 +374,30 @@ def test_real_mnist_splits():
     test = open_source(str(MNIST_DIR), "auto", "test", "image", None, True)
     assert len(test) == 10000
     assert set(test.labels) == set(range(10))
+
+
+def test_integer_labels_without_classlabel_keep_numeric_order(tmp_path):
+    import datasets
+    from PIL import Image as PILImage
+
+    from difftrain.data.sources import open_source
+
+    images = [PILImage.new("RGB", (4, 4), (i, i, i)) for i in range(3)]
+    ds = datasets.Dataset.from_dict({"image": images, "label": [10, 2, 10]},
+                                    features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
+    ds.save_to_disk(str(tmp_path / "ds"))
+    source = open_source(str(tmp_path / "ds"), "auto", "train", "image", None, want_labels=True)
+    assert source.class_names == ["2", "10"]
+    assert source.labels == [1, 0, 1]
+
+
+def test_home_relative_paths_are_expanded(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from difftrain.data.sources import open_source
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "pics").mkdir()
+    PILImage.new("RGB", (4, 4)).save(tmp_path / "pics" / "a.png")
+    source = open_source("~/pics", "auto", "train", "image", None, want_labels=False)
+    assert len(source) == 1

@@ -99,11 +99,6 @@ def test_16_bit_values_scale_to_8_bits():
     assert rgb[0, :, 0].tolist() == [0, 255, 128, 100]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="convert_mode decides the 16-bit scale from the image's max (> 255), not the container: "
-    "a dark I;16 image (all values <= 255) is treated as 8-bit and comes out up to 257x too bright",
-)
 def test_dark_16_bit_image_still_scales_by_the_16_bit_range():
     array = np.array([[0, 100, 200, 255]], dtype=np.uint16)  # very dark in 16-bit terms
     image = Image.fromarray(array)

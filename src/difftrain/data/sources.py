@@ -176,7 +176,10 @@ def hub_source(path: str, split: str, image_column: str, label_column: Optional[
             class_names = list(feature.names)
             labels = [int(x) for x in raw]
         else:
-            class_names = sorted({str(x) for x in raw})
+            distinct = set(raw)
+            # Integer labels keep numeric order (2 before 10); anything else sorts as text.
+            ordered = sorted(distinct) if all(isinstance(x, int) for x in distinct) else sorted(distinct, key=str)
+            class_names = [str(x) for x in ordered]
             index = {name: i for i, name in enumerate(class_names)}
             labels = [index[str(x)] for x in raw]
     images = ds.select_columns([image_column])
@@ -205,7 +208,8 @@ def hub_source(path: str, split: str, image_column: str, label_column: Optional[
 def open_source(path: str, source: str, split: str, image_column: str, label_column: Optional[str],
                 want_labels: bool) -> ImageSource:
     """Pick and open the source for `data.path` (see DataConfig.source)."""
-    local = Path(path)
+    local = Path(path).expanduser()
+    path = str(local) if path.startswith("~") else path
     if source == "auto":
         if path == "digits":
             source = "digits"

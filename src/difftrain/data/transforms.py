@@ -19,9 +19,12 @@ def convert_mode(image: Image.Image, channels: int) -> Image.Image:
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        high = array.max()
-        # 16-bit PNGs store 0..65535; scale to 8 bits by the container's range, not the image's.
-        scale = 255.0 / (65535.0 if high > 255 else 255.0)
+        if image.mode.startswith("I;16"):
+            # Scale by the container's range, not the image's, so a dark 16-bit image stays dark.
+            scale = 255.0 / 65535.0
+        else:
+            # Mode I/F carries no range; 16-bit PNGs often open as 'I', so values above 255 mean 16 bits.
+            scale = 255.0 / (65535.0 if array.max() > 255 else 255.0)
         image = Image.fromarray(np.clip(array * scale, 0, 255).round().astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA"):
         # Transparent pixels become white, as a viewer would show them on a page.
@@ -57,7 +60,7 @@ def prepare_image(image: Image.Image, resolution: int, channels: int, center_cro
 
 def to_model_range(images_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1] (the seed's Normalize([0.5], [0.5]))."""
-    return images_uint8.to(dtype).div_(127.5).sub_(1.0)
+    return images_uint8.to(dtype) / 127.5 - 1.0
 
 
 def from_model_range(images: torch.Tensor) -> torch.Tensor:

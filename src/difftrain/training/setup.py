@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
@@ -87,6 +88,11 @@ def plan_run(cfg: RunConfig, world_size: int = 1) -> RunPlan:
 def make_accelerator(cfg: RunConfig, output_dir: Path) -> Accelerator:
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError(["'train.mixed_precision' = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on CPU"])
+    # accelerate keeps mixed precision and accumulation settings in process-wide singletons; a second
+    # run in the same process (library use, tests) must start from a clean state. The process-group
+    # part (PartialState) is kept, so distributed launches are unaffected.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
