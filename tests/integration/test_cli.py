@@ -33,7 +33,13 @@ def test_flowers_preset_trains_exports_and_resumes(tmp_path: Path, flowers_dir: 
     for name in ("model_index.json", "unet", "scheduler", "config.yaml", "README.md", "train.log", "metrics.jsonl"):
         assert (run / name).exists(), name
     assert (run / "checkpoints" / "step-000004" / "progress.json").is_file()
-    assert list((run / "logs").rglob("events.out.tfevents.*")), "TensorBoard event file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((run / "logs").rglob("events.out.tfevents.*"))), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert {"lr", "images_per_s"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Images("samples")] == [4]
     grid = Image.open(run / "samples" / "step-000004.png")
     assert grid.size[0] >= 2 * 32
     card = (run / "README.md").read_text()

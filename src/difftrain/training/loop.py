@@ -201,11 +201,9 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
     Args:
         stop_at_step: stop after this step without exporting, as if interrupted (used by resume tests).
     """
-    plan = plan_run(cfg)
     output_dir = Path(cfg.output_dir)
-    accelerator = make_accelerator(cfg, output_dir)
-    if accelerator.num_processes > 1:
-        plan = plan_run(cfg, world_size=accelerator.num_processes)
+    accelerator = make_accelerator(cfg, output_dir)  # writes nothing until trackers start
+    plan = plan_run(cfg, world_size=accelerator.num_processes)
     if accelerator.is_main_process:
         prepare_output_dir(cfg)
     accelerator.wait_for_everyone()
