@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {"RunConfig": "", "DataConfig": "data", "ModelConfig": "model", "DiffusionConfig": "diffusion",
+SECTIONS = {"RunConfig": "", "DataConfig": "data", "ModelConfig": "model", "TextEncoderConfig": "text_encoder", "DiffusionConfig": "diffusion",
             "TrainConfig": "train", "SampleConfig": "sample"}
 
 

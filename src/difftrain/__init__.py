@@ -19,6 +19,8 @@ _LAZY = {
     "ClassConditionalPipeline": "difftrain.pipeline",
     "generate": "difftrain.pipeline",
     "load_pipeline": "difftrain.pipeline",
+    "TextToImagePipeline": "difftrain.pipeline",
+    "generate_from_text": "difftrain.pipeline",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -32,9 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--scheduler", help="ddpm, ddim, dpm++, unipc, euler, euler-a, heun (default: the run's)")
     sample.add_argument("--num-inference-steps", type=int)
     sample.add_argument("--seed", default="0", help="first seed, or an explicit list/range like '0-15' or '3,7'")
-    sample.add_argument("--num-images", type=int, help="images (per class label for conditional models)")
+    sample.add_argument("--num-images", type=int, help="images per row (per prompt / class label); 1 in a sweep")
     sample.add_argument("--class-label", help="class index or name, or a comma list; default: every class, one row each")
-    sample.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = none)")
+    sample.add_argument("--prompt", action="append", help="prompt of a text model; repeat for one row per prompt")
+    sample.add_argument("--negative-prompt", help="unconditional branch of guidance (default: the empty prompt)")
+    sample.add_argument("--guidance-scale", help="classifier-free guidance scale (1 = none), or a sweep like 0,5,10,20")
     sample.add_argument("--batch-size", type=int, default=64)
     sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     sample.add_argument("--out", default=None, help="PNG grid path (default: RUN_DIR/samples/sample.png)")
@@ -83,8 +85,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     path = sample_run(
         Path(args.run_dir), scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
-        seed=args.seed, num_images=args.num_images, class_label=args.class_label,
-        guidance_scale=args.guidance_scale, batch_size=args.batch_size, device=args.device,
+        seed=args.seed, num_images=args.num_images, class_label=args.class_label, prompts=args.prompt,
+        negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, batch_size=args.batch_size, device=args.device,
         out=Path(args.out) if args.out else None, out_dir=Path(args.out_dir) if args.out_dir else None,
     )
     print(f"wrote {path}")

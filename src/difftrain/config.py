@@ -43,6 +43,12 @@ class DataConfig:
     """Resize the short side then center-crop; False squashes the image to a square."""
     random_flip: bool = False
     """Random horizontal flip, drawn per image each step."""
+    captions: Literal["auto", "template", "sidecar", "metadata", "column"] = "auto"
+    """Where captions come from (text models): 'auto' picks template, column, metadata file or sidecar .txt."""
+    caption_template: Optional[str] = None
+    """Caption from the class label, e.g. 'A handwritten digit {label}' or 'a photo of a {label}'."""
+    caption_column: Optional[str] = None
+    """Caption column of a `datasets` data set (or of metadata.jsonl / metadata.csv)."""
     max_images: Optional[int] = None
     """Use only the first N images (after sorting), e.g. for quick trials."""
     decode_workers: int = 4
@@ -53,12 +59,30 @@ class DataConfig:
 class ModelConfig:
     size: Literal["tiny", "small", "base", "custom"] = "small"
     """UNet size preset; 'custom' uses `unet` alone."""
-    conditioning: Literal["none", "class"] = "none"
-    """'class' adds a class embedding (with a null class for classifier-free guidance)."""
+    conditioning: Literal["none", "class", "text"] = "none"
+    """'class': class embedding with a null class; 'text': UNet2DConditionModel with cross-attention on a text encoder."""
     num_classes: Optional[int] = None
     """Number of classes; None takes it from the data."""
     unet: dict = field(default_factory=dict)
-    """Explicit diffusers UNet2DModel kwargs, applied over the size preset (e.g. block_out_channels)."""
+    """Explicit diffusers UNet kwargs (UNet2DModel, or UNet2DConditionModel for text), applied over the size preset."""
+
+
+@dataclass
+class TextEncoderConfig:
+    pretrained: Optional[str] = None
+    """Hub id or local dir of a transformers text model + tokenizer (e.g. openai/clip-vit-base-patch32); None builds one from scratch."""
+    train: Optional[bool] = None
+    """Train the encoder; None means train a from-scratch encoder and freeze a pretrained one."""
+    learning_rate: Optional[float] = None
+    """Learning rate of a trained encoder; None uses train.learning_rate."""
+    max_length: int = 77
+    """Tokens per prompt (the seed used 8); longer prompts are truncated with a warning."""
+    hidden_size: int = 128
+    """Width of a from-scratch encoder (also the UNet's cross_attention_dim)."""
+    num_layers: int = 2
+    """Transformer layers of a from-scratch encoder."""
+    num_heads: int = 4
+    """Attention heads of a from-scratch encoder."""
 
 
 @dataclass
@@ -118,7 +142,7 @@ class TrainConfig:
     ema_warmup: bool = True
     """Ramp the EMA decay up as 1 - (1 + step)^(-2/3) so early averages are not dominated by the init."""
     condition_dropout: float = 0.1
-    """Probability of replacing a class label by the null class (trains the unconditional branch)."""
+    """Probability of replacing a class label by the null class, or a caption by the empty prompt (trains the unconditional branch)."""
     log_every_steps: int = 10
     """Steps between loss/LR/images-per-second logs (TensorBoard, metrics.jsonl, progress bar)."""
     checkpoint_every_steps: Optional[int] = 500
@@ -150,7 +174,11 @@ class SampleConfig:
     num_images: int = 16
     """Images in an unconditional preview grid."""
     images_per_class: int = 8
-    """Columns of a class-conditional preview grid (one row per class)."""
+    """Columns of a class-conditional or text preview grid (one row per class or prompt)."""
+    prompts: list = field(default_factory=list)
+    """Prompts of text preview grids; empty uses up to 10 distinct training captions."""
+    negative_prompt: str = ""
+    """Prompt of the unconditional branch of guidance ('' = the empty prompt the model was trained with)."""
     seed: int = 0
     """First seed of the preview grid (image i uses seed + i)."""
     batch_size: int = 64
@@ -163,6 +191,7 @@ class RunConfig:
     """Run directory: pipeline export, checkpoints, samples, logs. An existing run there is resumed."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -428,6 +457,23 @@ def validate(cfg: RunConfig) -> list[str]:
     if m.conditioning == "none" and m.num_classes is not None:
         problems.append(f"'model.num_classes' = {m.num_classes} needs 'model.conditioning' = 'class'")
     positive("model.num_classes", m.num_classes)
+    te = cfg.text_encoder
+    if m.conditioning == "text":
+        for name in ("max_length", "hidden_size", "num_layers", "num_heads"):
+            positive(f"text_encoder.{name}", getattr(te, name), allow_none=False)
+        positive("text_encoder.learning_rate", te.learning_rate)
+        if te.pretrained is None and te.train is False:
+            problems.append("'text_encoder.train' = false needs 'text_encoder.pretrained' (a from-scratch encoder must be trained)")
+        if te.hidden_size % te.num_heads:
+            problems.append(f"'text_encoder.hidden_size' = {te.hidden_size} must divide by 'text_encoder.num_heads' = {te.num_heads}")
+    if d.captions == "template" and not d.caption_template:
+        problems.append("'data.captions' = 'template' needs 'data.caption_template' (e.g. 'a photo of a {label}')")
+    if d.captions == "column" and not d.caption_column:
+        problems.append("'data.captions' = 'column' needs 'data.caption_column'")
+    if d.caption_template is not None and "{label}" not in d.caption_template:
+        problems.append(f"'data.caption_template' = {d.caption_template!r} must contain '{{label}}'")
+    if _prompts_without_text_model(cfg):
+        problems.append("'sample.prompts' needs 'model.conditioning' = 'text'")
     if m.size == "custom" and not m.unet:
         problems.append("'model.size' = 'custom' needs 'model.unet' kwargs (e.g. block_out_channels)")
 
@@ -452,6 +498,10 @@ def validate(cfg: RunConfig) -> list[str]:
     if not cfg.output_dir:
         problems.append("'output_dir' must be set (e.g. --output-dir runs/my-run)")
     return problems
+
+
+def _prompts_without_text_model(cfg: RunConfig) -> bool:
+    return bool(cfg.sample.prompts) and cfg.model.conditioning != "text"
 
 
 def dump_config(cfg: RunConfig) -> str:

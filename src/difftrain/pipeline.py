@@ -1,8 +1,9 @@
-"""Inference on exported runs: the class-conditional pipeline, `load_pipeline`, and `generate`.
+"""Inference on exported runs: difftrain's pipelines, `load_pipeline`, `generate`, `generate_from_text`.
 
 Unconditional runs export a plain diffusers `DDPMPipeline`. diffusers has no pipeline for
-class-conditional UNet2DModels, so those export :class:`ClassConditionalPipeline`, a
-`DiffusionPipeline` subclass; `load_pipeline(dir)` opens either kind.
+class-conditional UNet2DModels or pixel-space text-conditioned UNets, so those export
+:class:`ClassConditionalPipeline` and :class:`TextToImagePipeline` (`DiffusionPipeline` subclasses);
+`load_pipeline(dir)` opens every kind.
 """
 
 from __future__ import annotations
@@ -12,22 +13,39 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-from diffusers import DDPMPipeline, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import DDPMPipeline, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from difftrain.data.transforms import from_model_range
+from difftrain.models.text import encode_prompts
 from difftrain.sampling.guidance import Denoiser
 from difftrain.sampling.sample import sample
 from difftrain.sampling.schedulers import make_scheduler
 
 
-def unet_denoiser(unet: UNet2DModel) -> Denoiser:
-    """Adapt a UNet2DModel to the (x_t, t, cond) denoiser interface; cond is class labels or None."""
+def unet_denoiser(unet: torch.nn.Module) -> Denoiser:
+    """Adapt a diffusers UNet to the (x_t, t, cond) denoiser interface.
 
-    def denoise(x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
-        return unet(x.to(unet.dtype), t, class_labels=cond).sample.float()
-
+    cond is class labels (UNet2DModel), cross-attention states (UNet2DConditionModel) or None.
+    """
+    if isinstance(unet, UNet2DConditionModel):
+        def denoise(x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+            return unet(x.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample.float()
+    else:
+        def denoise(x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+            return unet(x.to(unet.dtype), t, class_labels=cond).sample.float()
     return denoise
+
+
+def _sample_uint8(unet, scheduler, seeds, cond, null_cond, num_inference_steps, guidance_scale, batch_size, device):
+    cfg = unet.config
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    images = sample(
+        unet_denoiser(unet), scheduler, shape, seeds,
+        num_inference_steps=num_inference_steps, cond=cond, null_cond=null_cond,
+        guidance_scale=guidance_scale, batch_size=batch_size, device=device,
+    )
+    return from_model_range(images).cpu()
 
 
 def null_class(unet: UNet2DModel) -> Optional[int]:
@@ -65,14 +83,39 @@ def generate(
     elif null is not None:
         # A class-conditional model asked for no class samples its unconditional (null-class) branch.
         cond = torch.full((len(seeds),), null, device=device)
-    cfg = unet.config
-    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    images = sample(
-        unet_denoiser(unet), scheduler, shape, seeds,
-        num_inference_steps=num_inference_steps, cond=cond, null_cond=null_cond,
-        guidance_scale=guidance_scale, batch_size=batch_size, device=device,
-    )
-    return from_model_range(images).cpu()
+    return _sample_uint8(unet, scheduler, seeds, cond, null_cond, num_inference_steps, guidance_scale, batch_size, device)
+
+
+@torch.no_grad()
+def generate_from_text(
+    unet: UNet2DConditionModel,
+    scheduler: SchedulerMixin,
+    tokenizer,
+    text_encoder: torch.nn.Module,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    num_inference_steps: int,
+    negative_prompt: str = "",
+    guidance_scale: float = 1.0,
+    batch_size: int = 64,
+    device: Union[torch.device, str, None] = None,
+) -> torch.Tensor:
+    """Sample image i from prompts[i] with seeds[i]; returns uint8 (N, C, H, W).
+
+    Each distinct prompt is encoded once. The unconditional branch of guidance is `negative_prompt`
+    (the empty prompt the model was trained with by default).
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
+    device = torch.device(device) if device is not None else unet.device
+    max_length = int(tokenizer.model_max_length)
+    distinct = sorted(set(prompts) | {negative_prompt})
+    states = encode_prompts(tokenizer, text_encoder, distinct, max_length, device=device).float()
+    row = {p: i for i, p in enumerate(distinct)}
+    cond = states[torch.tensor([row[p] for p in prompts], device=device)]
+    null_cond = states[row[negative_prompt]].expand_as(cond)
+    return _sample_uint8(unet, scheduler, seeds, cond, null_cond, num_inference_steps, guidance_scale, batch_size, device)
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
@@ -118,6 +161,50 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=result)
 
 
+class TextToImagePipeline(DiffusionPipeline):
+    """Pixel-space text-to-image: UNet2DConditionModel + a transformers text encoder and tokenizer.
+
+    The tokenizer's model_max_length is the prompt length the UNet was trained with.
+
+    Example:
+        >>> pipe = difftrain.load_pipeline("runs/mnist-text")
+        >>> image = pipe("A handwritten digit 4", guidance_scale=5.0).images[0]
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet"
+
+    def __init__(self, unet: UNet2DConditionModel, scheduler: SchedulerMixin, text_encoder, tokenizer):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, Sequence[str]],
+        negative_prompt: str = "",
+        num_inference_steps: int = 25,
+        guidance_scale: float = 5.0,
+        num_images_per_prompt: int = 1,
+        seed: Union[int, Sequence[int]] = 0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Generate num_images_per_prompt images per prompt; image i uses seed+i (or seed[i] for a list)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+        images = generate_from_text(
+            self.unet, self.scheduler, self.tokenizer, self.text_encoder, prompts, seeds,
+            num_inference_steps=num_inference_steps, negative_prompt=negative_prompt,
+            guidance_scale=guidance_scale, device=self.device,
+        )
+        array = images.permute(0, 2, 3, 1).numpy().astype("float32") / 255.0
+        result = self.numpy_to_pil(array) if output_type == "pil" else array
+        if not return_dict:
+            return (result,)
+        return ImagePipelineOutput(images=result)
+
+
 def pipeline_kind(path: Union[str, Path]) -> str:
     """The `_class_name` recorded in a pipeline folder's model_index.json."""
     index = Path(path) / "model_index.json"
@@ -131,6 +218,8 @@ def load_pipeline(path: Union[str, Path], device: Union[str, torch.device, None]
     kind = pipeline_kind(path)
     if kind == ClassConditionalPipeline.__name__:
         pipe = ClassConditionalPipeline.from_pretrained(str(path))
+    elif kind == TextToImagePipeline.__name__:
+        pipe = TextToImagePipeline.from_pretrained(str(path))
     elif kind == DDPMPipeline.__name__:
         pipe = DDPMPipeline.from_pretrained(str(path))
     else:

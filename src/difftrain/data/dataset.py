@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from difftrain.config import DataConfig
+from difftrain.data.captions import resolve_captions
 from difftrain.data.sources import ImageSource, open_source
 from difftrain.data.transforms import prepare_image
 
@@ -30,7 +31,9 @@ class ImageDataset:
     class_names: list[str]
     description: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    """(name, reason) of every item that could not be read."""
+    """(name, reason) of every item that could not be read or had no caption."""
+    captions: Optional[list[str]] = None
+    """One caption per image for text-conditioned models."""
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -46,13 +49,16 @@ def _decode(source: ImageSource, index: int, cfg: DataConfig) -> np.ndarray:
         return prepare_image(image, cfg.resolution, cfg.channels, cfg.center_crop)
 
 
-def decode_source(source: ImageSource, cfg: DataConfig) -> ImageDataset:
-    """Decode every item; unreadable ones are skipped, named in a warning and counted."""
+def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[Optional[str]]] = None) -> ImageDataset:
+    """Decode every item; unreadable or captionless ones are skipped, named in a warning and counted."""
     count = len(source) if cfg.max_images is None else min(len(source), cfg.max_images)
     arrays: list[Optional[np.ndarray]] = [None] * count
     skipped: list[tuple[str, str]] = []
 
     def work(i: int) -> None:
+        if captions is not None and not captions[i]:
+            skipped.append((source.names[i], "missing or empty caption"))
+            return
         try:
             arrays[i] = _decode(source, i, cfg)
         except Exception as exc:  # any decoder failure means "not a readable image"
@@ -62,21 +68,24 @@ def decode_source(source: ImageSource, cfg: DataConfig) -> ImageDataset:
         list(pool.map(work, range(count)))
     keep = [i for i in range(count) if arrays[i] is not None]
     for name, reason in sorted(skipped):
-        logger.warning("skipped unreadable image %s (%s)", name, reason)
+        logger.warning("skipped %s (%s)", name, reason)
     if skipped:
-        logger.warning("skipped %d of %d images that could not be read", len(skipped), count)
+        logger.warning("skipped %d of %d images that could not be read or had no caption", len(skipped), count)
     if not keep:
-        raise ValueError(f"data set {source.description} has no readable images (of {count} items)")
+        raise ValueError(f"data set {source.description} has no usable images (of {count} items; "
+                         f"first problem: {sorted(skipped)[0][0]}: {sorted(skipped)[0][1]})")
     images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
     labels = None
     if source.labels is not None:
         labels = torch.tensor([source.labels[i] for i in keep], dtype=torch.long)
-    return ImageDataset(images, labels, list(source.class_names), source.description, sorted(skipped))
+    kept_captions = None if captions is None else [str(captions[i]) for i in keep]
+    return ImageDataset(images, labels, list(source.class_names), source.description, sorted(skipped), kept_captions)
 
 
-def load_image_dataset(cfg: DataConfig, want_labels: bool) -> ImageDataset:
-    """Open `cfg.path` and decode it. Errors name the path and what was expected."""
-    source = open_source(cfg.path, cfg.source, cfg.split, cfg.image_column, cfg.label_column, want_labels)
+def load_image_dataset(cfg: DataConfig, want_labels: bool, want_captions: bool = False) -> ImageDataset:
+    """Open `cfg.path` and decode it (with captions for text models). Errors name the path and what was expected."""
+    source = open_source(cfg.path, cfg.source, cfg.split, cfg.image_column, cfg.label_column,
+                         want_labels or (want_captions and cfg.caption_template is not None), cfg.caption_column)
     if len(source) == 0:
         raise ValueError(f"data.path = {cfg.path!r} ({source.description}) holds no images")
     if want_labels and source.labels is None:
@@ -84,7 +93,8 @@ def load_image_dataset(cfg: DataConfig, want_labels: bool) -> ImageDataset:
             f"model.conditioning = 'class' needs labels, but {source.description} has none "
             "(use one subfolder per class, or set data.label_column)"
         )
-    dataset = decode_source(source, cfg)
+    captions = resolve_captions(source, cfg) if want_captions else None
+    dataset = decode_source(source, cfg, captions)
     if not want_labels:
         dataset.labels = None
     return dataset

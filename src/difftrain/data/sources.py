@@ -32,6 +32,10 @@ class ImageSource:
     open: Callable[[int], Image.Image]
     labels: Optional[list[int]] = None
     class_names: list[str] = field(default_factory=list)
+    captions: Optional[list[Optional[str]]] = None
+    """Per-item captions when the source carries them (a `datasets` caption column)."""
+    root: Optional[Path] = None
+    """The image folder, for folder sources (where sidecar captions and metadata files are looked up)."""
 
     def __len__(self) -> int:
         return len(self.names)
@@ -123,6 +127,7 @@ def folder_source(folder: Path) -> ImageSource:
             description=f"image folder {folder}",
             names=[str(p) for p in flat],
             open=lambda i: Image.open(flat[i]),
+            root=folder,
         )
     files: list[Path] = []
     labels: list[int] = []
@@ -136,6 +141,7 @@ def folder_source(folder: Path) -> ImageSource:
         open=lambda i: Image.open(files[i]),
         labels=labels,
         class_names=[d.name for d in class_dirs],
+        root=folder,
     )
 
 
@@ -143,7 +149,8 @@ def is_saved_datasets_dir(folder: Path) -> bool:
     return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
 
 
-def hub_source(path: str, split: str, image_column: str, label_column: Optional[str], want_labels: bool) -> ImageSource:
+def hub_source(path: str, split: str, image_column: str, label_column: Optional[str], want_labels: bool,
+               caption_column: Optional[str] = None) -> ImageSource:
     """A Hugging Face `datasets` data set: a hub id, a local data-set script/dir, or a `save_to_disk` dir."""
     import datasets
 
@@ -182,6 +189,11 @@ def hub_source(path: str, split: str, image_column: str, label_column: Optional[
             class_names = [str(x) for x in ordered]
             index = {name: i for i, name in enumerate(class_names)}
             labels = [index[str(x)] for x in raw]
+    captions = None
+    if caption_column is not None:
+        if caption_column not in ds.column_names:
+            raise ValueError(f"data set {path!r} has no caption column {caption_column!r}; columns: {ds.column_names}")
+        captions = [None if c is None else str(c) for c in ds[caption_column]]
     images = ds.select_columns([image_column])
 
     def open_item(i: int) -> Image.Image:
@@ -202,11 +214,12 @@ def hub_source(path: str, split: str, image_column: str, label_column: Optional[
         open=open_item,
         labels=labels,
         class_names=class_names,
+        captions=captions,
     )
 
 
 def open_source(path: str, source: str, split: str, image_column: str, label_column: Optional[str],
-                want_labels: bool) -> ImageSource:
+                want_labels: bool, caption_column: Optional[str] = None) -> ImageSource:
     """Pick and open the source for `data.path` (see DataConfig.source)."""
     local = Path(path).expanduser()
     path = str(local) if path.startswith("~") else path
@@ -234,4 +247,4 @@ def open_source(path: str, source: str, split: str, image_column: str, label_col
         return mnist_source(local, split)
     if source == "folder":
         return folder_source(local)
-    return hub_source(path, split, image_column, label_column, want_labels)
+    return hub_source(path, split, image_column, label_column, want_labels, caption_column)

@@ -1,11 +1,11 @@
-"""Build diffusers UNet2DModel backbones from a size preset plus explicit kwargs."""
+"""Build diffusers UNet2DModel / UNet2DConditionModel backbones from a size preset plus explicit kwargs."""
 
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 
 from difftrain.config import ModelConfig
 
@@ -40,13 +40,50 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def unet_kwargs(model_cfg: ModelConfig, resolution: int, channels: int, num_classes: int) -> dict[str, Any]:
-    """The full UNet2DModel kwargs for this config (preset, then `model.unet` overrides)."""
-    kwargs: dict[str, Any] = {} if model_cfg.size == "custom" else dict(UNET_PRESETS[model_cfg.size])
+# Text-conditioned UNet2DConditionModel presets: cross-attention on the lower-resolution levels.
+COND_UNET_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ),
+    "small": dict(
+        block_out_channels=(64, 128, 128, 256),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=32,
+        attention_head_dim=8,
+    ),
+    "base": dict(
+        block_out_channels=(128, 256, 256, 512),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=32,
+        attention_head_dim=8,
+    ),
+}
+
+
+def unet_class(conditioning: str) -> type:
+    return UNet2DConditionModel if conditioning == "text" else UNet2DModel
+
+
+def unet_kwargs(model_cfg: ModelConfig, resolution: int, channels: int, num_classes: int,
+                cross_attention_dim: int | None = None) -> dict[str, Any]:
+    """The full UNet kwargs for this config (preset, then `model.unet` overrides)."""
+    presets = COND_UNET_PRESETS if model_cfg.conditioning == "text" else UNET_PRESETS
+    kwargs: dict[str, Any] = {} if model_cfg.size == "custom" else dict(presets[model_cfg.size])
     kwargs.update(sample_size=resolution, in_channels=channels, out_channels=channels)
     if model_cfg.conditioning == "class":
         # One extra embedding row is the null class used for classifier-free guidance.
         kwargs["num_class_embeds"] = num_classes + 1
+    if model_cfg.conditioning == "text":
+        kwargs["cross_attention_dim"] = cross_attention_dim
     kwargs.update(model_cfg.unet)
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
         if key in kwargs:
@@ -54,11 +91,12 @@ def unet_kwargs(model_cfg: ModelConfig, resolution: int, channels: int, num_clas
     return kwargs
 
 
-def check_unet_kwargs(kwargs: dict[str, Any], resolution: int) -> list[str]:
+def check_unet_kwargs(kwargs: dict[str, Any], resolution: int, conditioning: str = "none") -> list[str]:
     """Problems that diffusers would only report as obscure shape errors (or silently ignore)."""
-    allowed = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+    cls = unet_class(conditioning)
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
     problems = [
-        f"model.unet.{key}: not a UNet2DModel argument (allowed: {', '.join(sorted(allowed))})"
+        f"model.unet.{key}: not a {cls.__name__} argument (allowed: {', '.join(sorted(allowed))})"
         for key in kwargs
         if key not in allowed
     ]
@@ -72,15 +110,16 @@ def check_unet_kwargs(kwargs: dict[str, Any], resolution: int) -> list[str]:
     for key in ("down_block_types", "up_block_types"):
         if key in kwargs and len(kwargs[key]) != levels:
             problems.append(f"model.unet.{key} has {len(kwargs[key])} entries; block_out_channels has {levels}")
-    if levels and resolution % (2 ** (levels - 1)):
+    # UNet2DConditionModel pads odd sizes on the way up (the seed trains it at 28 px); UNet2DModel cannot.
+    if levels and cls is UNet2DModel and resolution % (2 ** (levels - 1)):
         problems.append(
             f"data.resolution = {resolution} must divide by 2^{levels - 1} = {2 ** (levels - 1)} for a {levels}-level UNet"
         )
     return problems
 
 
-def build_unet(kwargs: dict[str, Any]) -> UNet2DModel:
+def build_unet(kwargs: dict[str, Any], conditioning: str = "none") -> UNet2DModel | UNet2DConditionModel:
     try:
-        return UNet2DModel(**kwargs)
+        return unet_class(conditioning)(**kwargs)
     except TypeError as exc:
         raise ValueError(f"model.unet: {exc}") from exc

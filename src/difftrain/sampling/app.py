@@ -1,16 +1,20 @@
-"""`difftrain sample`: load an exported run, generate images from seeds, write a grid and single PNGs."""
+"""`difftrain sample`: load an exported run, generate images from seeds, write a grid and single PNGs.
+
+Rows are prompts (text models), class labels (class models) or nothing (unconditional). Several
+guidance scales make a sweep figure: one column per scale, every column from the same seeds.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import yaml
 from PIL import Image
 
-from difftrain.pipeline import generate, load_pipeline, null_class, scheduler_for
+from difftrain.pipeline import TextToImagePipeline, generate, generate_from_text, load_pipeline, null_class, scheduler_for
 from difftrain.sampling.grid import make_grid, save_png_atomic
 from difftrain.sampling.sample import parse_seeds
 
@@ -18,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def _run_sample_defaults(run_dir: Path) -> dict:
-    """The run's own `sample` section (scheduler, steps, guidance) from its config.yaml, if present."""
+    """The run's own `sample` section (scheduler, steps, guidance, prompts) from its config.yaml, if present."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         return {}
@@ -46,6 +50,19 @@ def parse_class_labels(text: str, class_names: list[str], num_classes: int) -> l
     return labels
 
 
+def parse_guidance_scales(text: Optional[str]) -> Optional[list[float]]:
+    """'5' -> [5.0]; '0,5,10' -> a sweep."""
+    if text is None:
+        return None
+    try:
+        scales = [float(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--guidance-scale {text!r}: expected a number or a comma list like '0,5,10'") from None
+    if not scales or any(s < 0 for s in scales):
+        raise ValueError(f"--guidance-scale {text!r}: expected non-negative numbers")
+    return scales
+
+
 def sample_run(
     run_dir: Path,
     *,
@@ -54,52 +71,87 @@ def sample_run(
     seed: str = "0",
     num_images: Optional[int] = None,
     class_label: Optional[str] = None,
-    guidance_scale: Optional[float] = None,
+    prompts: Optional[Sequence[str]] = None,
+    negative_prompt: Optional[str] = None,
+    guidance_scale: Optional[str] = None,
     batch_size: int = 64,
     device: Optional[str] = None,
     out: Optional[Path] = None,
     out_dir: Optional[Path] = None,
 ) -> Path:
-    """Generate a grid from an exported run; returns the grid's path."""
+    """Generate a grid (or a guidance sweep) from an exported run; returns the grid's path."""
     defaults = _run_sample_defaults(run_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(run_dir, device=device)
     sched = scheduler_for(pipe, scheduler or defaults.get("scheduler"))
     steps = num_inference_steps or defaults.get("num_inference_steps", 25)
-    null = null_class(pipe.unet)
-    labels = None
-    row_labels = None
-    if null is None:
-        if class_label is not None:
-            raise ValueError(f"--class-label {class_label!r} given, but {run_dir} is an unconditional model")
-        if guidance_scale not in (None, 1.0):
-            raise ValueError(f"--guidance-scale {guidance_scale} needs a conditional model; {run_dir} is unconditional")
-        count = num_images or 16
-        ncols = max(1, int(round(count ** 0.5)))
-    else:
+    scales = parse_guidance_scales(guidance_scale) or [float(defaults.get("guidance_scale", 1.0))]
+    is_text = isinstance(pipe, TextToImagePipeline)
+    null = None if is_text else null_class(pipe.unet)
+    if prompts and not is_text:
+        raise ValueError(f"--prompt needs a text-conditioned model; {run_dir} is not one")
+    if class_label is not None and (is_text or null is None):
+        raise ValueError(f"--class-label {class_label!r} needs a class-conditional model; {run_dir} is not one")
+    if negative_prompt is not None and not is_text:
+        raise ValueError(f"--negative-prompt needs a text-conditioned model; {run_dir} is not one")
+
+    rows: list = [None]  # one entry per grid row: a prompt, a class index, or None
+    row_labels: Optional[list[str]] = None
+    if is_text:
+        rows = list(prompts or defaults.get("prompts") or [])
+        if not rows:
+            raise ValueError(f"{run_dir} is a text-to-image model: give --prompt \"...\" (repeat for several)")
+        row_labels = rows
+    elif null is not None:
         class_names = list(getattr(pipe.config, "class_names", None) or [str(i) for i in range(null)])
-        classes = parse_class_labels(class_label, class_names, null) if class_label else list(range(null))
-        per_class = num_images or 8
-        labels = [c for c in classes for _ in range(per_class)]
-        count, ncols = len(labels), per_class
-        row_labels = [class_names[c] for c in classes]
-    scale = guidance_scale if guidance_scale is not None else defaults.get("guidance_scale", 1.0)
-    seeds = parse_seeds(seed)
-    if len(seeds) == 1:
-        seeds = [seeds[0] + i for i in range(count)]
-    elif len(seeds) != count:
-        raise ValueError(f"--seed lists {len(seeds)} seeds for {count} images")
-    logger.info("sampling %d images with %s, %d steps, guidance %.2f on %s",
-                count, type(sched).__name__, steps, scale, device)
-    images = generate(pipe.unet, sched, seeds, num_inference_steps=steps, class_labels=labels,
-                      guidance_scale=scale, batch_size=batch_size, device=device)
-    out = out or run_dir / "samples" / "sample.png"
-    save_png_atomic(make_grid(images, ncols, row_labels=row_labels), out)
+        rows = parse_class_labels(class_label, class_names, null) if class_label else list(range(null))
+        row_labels = [class_names[c] for c in rows]
+    elif len(scales) > 1 or scales[0] != 1.0:
+        raise ValueError(f"--guidance-scale {guidance_scale} needs a conditional model; {run_dir} is unconditional")
+    sweep = len(scales) > 1
+    per_row = num_images or (1 if sweep else (8 if rows != [None] else 16))
+    base_seeds = parse_seeds(seed)
+    count = len(rows) * per_row
+    if len(base_seeds) == 1:
+        base_seeds = [base_seeds[0] + i for i in range(count)]
+    elif len(base_seeds) != count:
+        raise ValueError(f"--seed lists {len(base_seeds)} seeds for {count} images")
+
+    # Layout: for each row (prompt/class), for each image of that row, one column per guidance scale.
+    # The same seed appears once per scale, so a sweep row compares scales on identical noise.
+    entries = [(row, base_seeds[r * per_row + k], scale)
+               for r, row in enumerate(rows) for k in range(per_row) for scale in scales]
+    images = torch.empty(0, dtype=torch.uint8)
+    for scale in scales:
+        chosen = [(row, s) for row, s, sc in entries if sc == scale]
+        seeds = [s for _, s in chosen]
+        logger.info("sampling %d images with %s, %d steps, guidance %.2f on %s", len(seeds), type(sched).__name__,
+                    steps, scale, device)
+        if is_text:
+            out_images = generate_from_text(pipe.unet, sched, pipe.tokenizer, pipe.text_encoder, [r for r, _ in chosen],
+                                            seeds, num_inference_steps=steps, negative_prompt=negative_prompt or "",
+                                            guidance_scale=scale, batch_size=batch_size, device=device)
+        else:
+            labels = None if null is None else [r for r, _ in chosen]
+            out_images = generate(pipe.unet, sched, seeds, num_inference_steps=steps, class_labels=labels,
+                                  guidance_scale=scale, batch_size=batch_size, device=device)
+        if images.numel() == 0:
+            images = torch.empty((len(entries), *out_images.shape[1:]), dtype=torch.uint8)
+        positions = [i for i, (_, _, sc) in enumerate(entries) if sc == scale]
+        images[positions] = out_images
+
+    ncols = per_row * len(scales)
+    if rows == [None]:
+        ncols = max(1, int(round(count ** 0.5)))
+    col_labels = [f"w={s:g}" for _ in range(per_row) for s in scales] if sweep else None
+    out = out or run_dir / "samples" / ("sweep.png" if sweep else "sample.png")
+    save_png_atomic(make_grid(images, ncols, row_labels=row_labels, col_labels=col_labels), out)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for i, (s, img) in enumerate(zip(seeds, images)):
+        for img, (row, s, scale) in zip(images, entries):
             array = img.permute(1, 2, 0).numpy()
             pil = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
-            suffix = f"-class{labels[i]}" if labels is not None else ""
-            pil.save(out_dir / f"seed{s:06d}{suffix}.png")
+            tag = "" if row is None else (f"-class{row}" if isinstance(row, int) else f"-prompt{rows.index(row)}")
+            tag += f"-w{scale:g}" if sweep else ""
+            pil.save(out_dir / f"seed{s:06d}{tag}.png")
     return out

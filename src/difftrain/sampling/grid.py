@@ -11,11 +11,11 @@ from PIL import Image, ImageDraw
 
 
 def make_grid(images: torch.Tensor, ncols: int, padding: int = 2, min_cell_px: int = 64,
-              row_labels: Optional[list[str]] = None) -> Image.Image:
+              row_labels: Optional[list[str]] = None, col_labels: Optional[list[str]] = None) -> Image.Image:
     """Tile uint8 images (N, C, H, W) into one PIL image, ncols per row.
 
     Small images (e.g. 16 px digits) are enlarged with nearest-neighbour so every cell is at least
-    `min_cell_px` wide; `row_labels` adds a text margin on the left.
+    `min_cell_px` wide; `row_labels` adds a text margin on the left, `col_labels` one on top.
     """
     if images.dtype != torch.uint8:
         raise ValueError(f"make_grid expects uint8 images, got {images.dtype}")
@@ -27,8 +27,9 @@ def make_grid(images: torch.Tensor, ncols: int, padding: int = 2, min_cell_px: i
     margin = 0
     if row_labels:
         margin = 8 + 7 * max(len(label) for label in row_labels)
+    top = 16 if col_labels else 0
     grid = np.full(
-        (padding + nrows * (cell_h + padding), margin + padding + ncols * (cell_w + padding), 3), 255, np.uint8
+        (top + padding + nrows * (cell_h + padding), margin + padding + ncols * (cell_w + padding), 3), 255, np.uint8
     )
     array = images.permute(0, 2, 3, 1).cpu().numpy()
     if c == 1:
@@ -36,13 +37,14 @@ def make_grid(images: torch.Tensor, ncols: int, padding: int = 2, min_cell_px: i
     array = array.repeat(scale, axis=1).repeat(scale, axis=2)
     for i in range(n):
         r, col = divmod(i, ncols)
-        y, x = padding + r * (cell_h + padding), margin + padding + col * (cell_w + padding)
+        y, x = top + padding + r * (cell_h + padding), margin + padding + col * (cell_w + padding)
         grid[y : y + cell_h, x : x + cell_w] = array[i]
     image = Image.fromarray(grid)
-    if row_labels:
-        draw = ImageDraw.Draw(image)
-        for r, label in enumerate(row_labels[:nrows]):
-            draw.text((4, padding + r * (cell_h + padding) + cell_h // 2 - 5), label, fill=(0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    for r, label in enumerate((row_labels or [])[:nrows]):
+        draw.text((4, top + padding + r * (cell_h + padding) + cell_h // 2 - 5), label, fill=(0, 0, 0))
+    for c, label in enumerate((col_labels or [])[:ncols]):
+        draw.text((margin + padding + c * (cell_w + padding) + 2, 2), label, fill=(0, 0, 0))
     return image
 
 

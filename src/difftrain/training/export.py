@@ -13,19 +13,27 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from difftrain.config import RunConfig
 from difftrain.errors import HubUploadError
-from difftrain.pipeline import ClassConditionalPipeline
+from difftrain.pipeline import ClassConditionalPipeline, TextToImagePipeline
 from difftrain.sampling.schedulers import make_scheduler
 
 logger = logging.getLogger(__name__)
 
-EXPORT_ENTRIES = ("model_index.json", "unet", "scheduler")
+EXPORT_ENTRIES = ("model_index.json", "unet", "scheduler", "text_encoder", "tokenizer")
 
 
 def export_pipeline(
-    unet: UNet2DModel, noise_scheduler: SchedulerMixin, cfg: RunConfig, class_names: list[str], output_dir: Path
+    unet: UNet2DModel, noise_scheduler: SchedulerMixin, cfg: RunConfig, class_names: list[str], output_dir: Path,
+    text: Optional[tuple] = None,
 ) -> None:
-    """Save the pipeline into `output_dir`, replacing a previous export only once the new one is whole."""
-    if cfg.model.conditioning == "class":
+    """Save the pipeline into `output_dir`, replacing a previous export only once the new one is whole.
+
+    Args:
+        text: (text_encoder, tokenizer) for text-conditioned runs.
+    """
+    if cfg.model.conditioning == "text":
+        scheduler = make_scheduler(cfg.sample.scheduler, noise_scheduler.config)
+        pipe = TextToImagePipeline(unet=unet, scheduler=scheduler, text_encoder=text[0], tokenizer=text[1])
+    elif cfg.model.conditioning == "class":
         scheduler = make_scheduler(cfg.sample.scheduler, noise_scheduler.config)
         pipe = ClassConditionalPipeline(unet=unet, scheduler=scheduler, class_names=class_names)
     else:
@@ -62,8 +70,25 @@ class RunSummary:
 
 def write_model_card(cfg: RunConfig, summary: RunSummary, class_names: list[str], output_dir: Path) -> None:
     conditional = cfg.model.conditioning == "class"
-    pipeline_class = "ClassConditionalPipeline" if conditional else "DDPMPipeline"
-    if conditional:
+    kind = cfg.model.conditioning
+    pipeline_class = {"class": "ClassConditionalPipeline", "text": "TextToImagePipeline"}.get(kind, "DDPMPipeline")
+    if kind == "text":
+        te = cfg.text_encoder
+        encoder = (f"pretrained `{te.pretrained}` ({'fine-tuned' if te.train else 'frozen'})" if te.pretrained
+                   else f"from scratch ({te.num_layers}-layer CLIP-style transformer, width {te.hidden_size}, "
+                        "word-level tokenizer built from the captions)")
+        load = (
+            "```python\nimport difftrain\n\n"
+            f"pipe = difftrain.load_pipeline(\"{output_dir}\")\n"
+            "image = pipe(\"" + (cfg.sample.prompts[0] if cfg.sample.prompts else "a prompt like the training captions")
+            + "\", guidance_scale=5.0).images[0]\n```\n\n"
+            "diffusers has no pipeline for pixel-space text-conditioned UNets, so this folder uses difftrain's "
+            "`TextToImagePipeline` (a `DiffusionPipeline` subclass). Its parts load with plain diffusers and "
+            f"transformers: `UNet2DConditionModel.from_pretrained(\"{output_dir}\", subfolder=\"unet\")`, "
+            f"`AutoTokenizer.from_pretrained(\"{output_dir}\", subfolder=\"tokenizer\")` and the text encoder "
+            f"from `text_encoder/`.\n\nText encoder: {encoder}; prompts of {te.max_length} tokens."
+        )
+    elif conditional:
         load = (
             "```python\nimport difftrain\n\n"
             f"pipe = difftrain.load_pipeline(\"{output_dir}\")\n"
@@ -85,15 +110,14 @@ def write_model_card(cfg: RunConfig, summary: RunSummary, class_names: list[str]
 library_name: diffusers
 tags:
 - difftrain
-- unconditional-image-generation
 - diffusion
-pipeline_tag: unconditional-image-generation
+pipeline_tag: {'text-to-image' if kind == 'text' else 'unconditional-image-generation'}
 ---
 
 # {Path(cfg.output_dir).name}
 
-A {'class-conditional' if conditional else 'unconditional'} pixel-space diffusion model (diffusers
-`UNet2DModel`, {summary.num_parameters / 1e6:.2f}M parameters) trained from scratch with
+A {dict(none='unconditional', text='text-to-image').get(kind, 'class-conditional')} pixel-space diffusion model (diffusers
+`{'UNet2DConditionModel' if kind == 'text' else 'UNet2DModel'}`, {summary.num_parameters / 1e6:.2f}M parameters) trained from scratch with
 [difftrain](https://github.com/difftrain/difftrain).
 {grid}
 ## Training

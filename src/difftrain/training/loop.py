@@ -20,7 +20,8 @@ import difftrain
 from difftrain.config import ConfigError, RunConfig, config_from_dict, dump_config
 from difftrain.data.transforms import random_hflip, to_model_range
 from difftrain.diffusion.loss import denoising_loss, sample_noise
-from difftrain.pipeline import generate
+from difftrain.models.conditioning import drop_captions
+from difftrain.pipeline import generate, generate_from_text
 from difftrain.sampling.grid import make_grid, save_png_atomic
 from difftrain.sampling.schedulers import make_scheduler
 from difftrain.training import checkpoint as ckpt
@@ -68,7 +69,12 @@ def train_step(plan: RunPlan, parts: Trainables, accelerator: Accelerator, step:
     cfg, t = plan.cfg, plan.cfg.train
     dataset, device = plan.dataset, accelerator.device
     unet = parts.unet
-    unet.train()
+    trained = [unet]
+    if parts.conditioner is not None and parts.conditioner.trainable:
+        trained.append(parts.text_encoder)
+    for model in trained:
+        model.train()
+    params = [p for model in trained for p in model.parameters()]
     total = torch.zeros((), device=device)
     for micro in range(t.gradient_accumulation_steps):
         position = stream_position(step, micro, accelerator.process_index, t.gradient_accumulation_steps,
@@ -79,24 +85,31 @@ def train_step(plan: RunPlan, parts: Trainables, accelerator: Accelerator, step:
         if cfg.data.random_flip:
             images = random_hflip(images, generator)
         x0 = to_model_range(images)
-        labels = None
+        cond: dict = {}
+        caption_ids = None
         if plan.num_classes:
             labels = dataset.labels[indices].to(device)
             if t.condition_dropout > 0:
                 drop = torch.rand(labels.shape, generator=generator, device=device) < t.condition_dropout
                 labels = torch.where(drop, torch.full_like(labels, plan.num_classes), labels)
+            cond["class_labels"] = labels
+        elif parts.conditioner is not None:
+            caption_ids = drop_captions(plan.text.caption_ids[indices].to(device), parts.conditioner.null_index,
+                                        t.condition_dropout, generator)
         noise = sample_noise(x0.shape, generator, device, cfg.diffusion.offset_noise)
         timesteps = torch.randint(0, cfg.diffusion.num_train_timesteps, (x0.shape[0],), generator=generator, device=device)
-        with accelerator.accumulate(unet):
+        with accelerator.accumulate(*trained):
             with accelerator.autocast():
+                if caption_ids is not None:
+                    cond["encoder_hidden_states"] = parts.conditioner(caption_ids)
                 per_example = denoising_loss(
-                    lambda x, ts: unet(x, ts, class_labels=labels).sample,
+                    lambda x, ts: unet(x, ts, **cond).sample,
                     parts.noise_scheduler, x0, noise, timesteps, cfg.diffusion.snr_gamma,
                 )
             loss = per_example.mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm)
+                accelerator.clip_grad_norm_(params, t.max_grad_norm)
             parts.optimizer.step()
             parts.lr_scheduler.step()
             parts.optimizer.zero_grad(set_to_none=True)
@@ -126,10 +139,22 @@ class _EmaWeights:
         self.unet.train()
 
 
-def preview_grid(plan: RunPlan, unet, noise_config) -> tuple[torch.Tensor, int, Optional[list[str]]]:
+def preview_grid(plan: RunPlan, parts: Trainables, unet, noise_config) -> tuple[torch.Tensor, int, Optional[list[str]]]:
     """Samples from fixed seeds: one row per class (conditional) or a square grid."""
     s = plan.cfg.sample
     scheduler = make_scheduler(s.scheduler, noise_config)
+    if plan.text is not None:
+        prompts = list(s.prompts) or plan.text.vocab[:-1][:10]
+        rows = [p for p in prompts for _ in range(s.images_per_class)]
+        seeds = [s.seed + i for i in range(len(rows))]
+        encoder = parts.text_encoder
+        was_training = encoder.training
+        encoder.eval()
+        images = generate_from_text(unet, scheduler, plan.text.tokenizer, encoder, rows, seeds,
+                                    num_inference_steps=s.num_inference_steps, negative_prompt=s.negative_prompt,
+                                    guidance_scale=s.guidance_scale, batch_size=s.batch_size)
+        encoder.train(was_training)
+        return images, s.images_per_class, prompts
     if plan.num_classes:
         classes = list(range(min(plan.num_classes, 16)))
         labels = [c for c in classes for _ in range(s.images_per_class)]
@@ -144,7 +169,7 @@ def preview_grid(plan: RunPlan, unet, noise_config) -> tuple[torch.Tensor, int, 
 
 def save_samples(plan: RunPlan, parts: Trainables, accelerator: Accelerator, output_dir: Path, step: int) -> Path:
     with _EmaWeights(parts, accelerator) as unet, torch.no_grad():
-        images, ncols, row_labels = preview_grid(plan, unet, parts.noise_scheduler.config)
+        images, ncols, row_labels = preview_grid(plan, parts, unet, parts.noise_scheduler.config)
     grid = make_grid(images, ncols, row_labels=row_labels)
     path = output_dir / "samples" / f"step-{step:06d}.png"
     save_png_atomic(grid, path)
@@ -272,7 +297,10 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
         if last_sample is None or last_sample.name != f"step-{plan.max_steps:06d}.png":
             last_sample = save_samples(plan, parts, accelerator, output_dir, plan.max_steps)
         with _EmaWeights(parts, accelerator) as unet:
-            export_pipeline(unet, parts.noise_scheduler, cfg, plan.dataset.class_names, output_dir)
+            text = None
+            if plan.text is not None:
+                text = (accelerator.unwrap_model(parts.text_encoder), plan.text.tokenizer)
+            export_pipeline(unet, parts.noise_scheduler, cfg, plan.dataset.class_names, output_dir, text)
         summary = RunSummary(
             data_description=plan.dataset.description, num_images=len(plan.dataset),
             num_skipped=len(plan.dataset.skipped), steps=plan.max_steps,

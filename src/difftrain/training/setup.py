@@ -16,13 +16,20 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from difftrain.config import ConfigError, RunConfig
 from difftrain.data.dataset import ImageDataset, load_image_dataset
 from difftrain.diffusion.schedule import build_noise_scheduler
+from difftrain.models.conditioning import TextConditioner, caption_vocabulary
+from difftrain.models.text import (
+    build_caption_tokenizer,
+    build_scratch_text_encoder,
+    load_pretrained_text_encoder,
+    text_hidden_size,
+)
 from difftrain.models.unet import build_unet, check_unet_kwargs, unet_kwargs
 
 logger = logging.getLogger(__name__)
@@ -41,6 +48,35 @@ class RunPlan:
     max_steps: int
     checkpoint_every_steps: Optional[int]
     sample_every_steps: Optional[int]
+    text: Optional["TextSetup"] = None
+
+
+@dataclass
+class TextSetup:
+    """Text conditioning of a run: the encoder, its tokenizer and the captions as ids."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    trainable: bool
+    vocab: list[str]
+    """Distinct captions; the last entry is the empty prompt."""
+    caption_ids: torch.Tensor
+    """(N,) index into vocab per image."""
+
+
+def plan_text(cfg: RunConfig, dataset: ImageDataset) -> TextSetup:
+    te = cfg.text_encoder
+    vocab, ids = caption_vocabulary(dataset.captions)
+    if te.pretrained is not None:
+        tokenizer, encoder = load_pretrained_text_encoder(te.pretrained)
+        trainable = bool(te.train)
+    else:
+        tokenizer = build_caption_tokenizer(vocab, te.max_length)
+        torch.manual_seed(cfg.train.seed)
+        encoder = build_scratch_text_encoder(tokenizer, te)
+        trainable = True
+    tokenizer.model_max_length = te.max_length  # sampling must use the length the UNet was trained on
+    return TextSetup(tokenizer, encoder, trainable, vocab, ids)
 
 
 def _every(steps: Optional[int], epochs: Optional[int], steps_per_epoch: int) -> Optional[int]:
@@ -54,7 +90,8 @@ def _every(steps: Optional[int], epochs: Optional[int], steps_per_epoch: int) ->
 def plan_run(cfg: RunConfig, world_size: int = 1) -> RunPlan:
     """Load the data and resolve sizes and intervals. Raises ValueError/FileNotFoundError/ConfigError."""
     conditional = cfg.model.conditioning == "class"
-    dataset = load_image_dataset(cfg.data, want_labels=conditional)
+    text = cfg.model.conditioning == "text"
+    dataset = load_image_dataset(cfg.data, want_labels=conditional, want_captions=text)
     num_classes = 0
     if conditional:
         num_classes = cfg.model.num_classes or dataset.num_classes
@@ -64,8 +101,10 @@ def plan_run(cfg: RunConfig, world_size: int = 1) -> RunPlan:
             )
         if not dataset.class_names or len(dataset.class_names) != num_classes:
             dataset.class_names = [str(i) for i in range(num_classes)]
-    kwargs = unet_kwargs(cfg.model, cfg.data.resolution, cfg.data.channels, num_classes)
-    problems = check_unet_kwargs(kwargs, cfg.data.resolution)
+    text_setup = plan_text(cfg, dataset) if text else None
+    cross_dim = text_hidden_size(text_setup.text_encoder) if text_setup else None
+    kwargs = unet_kwargs(cfg.model, cfg.data.resolution, cfg.data.channels, num_classes, cross_dim)
+    problems = check_unet_kwargs(kwargs, cfg.data.resolution, cfg.model.conditioning)
     if problems:
         raise ConfigError(problems)
     t = cfg.train
@@ -82,6 +121,7 @@ def plan_run(cfg: RunConfig, world_size: int = 1) -> RunPlan:
         max_steps=max_steps,
         checkpoint_every_steps=_every(t.checkpoint_every_steps, t.checkpoint_every_epochs, steps_per_epoch),
         sample_every_steps=_every(t.sample_every_steps, t.sample_every_epochs, steps_per_epoch),
+        text=text_setup,
     )
 
 
@@ -103,11 +143,13 @@ def make_accelerator(cfg: RunConfig, output_dir: Path) -> Accelerator:
 
 @dataclass
 class Trainables:
-    unet: UNet2DModel
+    unet: torch.nn.Module
     ema: Optional[EMAModel]
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     noise_scheduler: DDPMScheduler
+    text_encoder: Optional[torch.nn.Module] = None
+    conditioner: Optional[TextConditioner] = None
 
 
 def build_trainables(plan: RunPlan, accelerator: Accelerator) -> Trainables:
@@ -115,9 +157,21 @@ def build_trainables(plan: RunPlan, accelerator: Accelerator) -> Trainables:
     cfg, t = plan.cfg, plan.cfg.train
     # Weights are initialised from the run seed, so two runs of one config start identically.
     torch.manual_seed(t.seed)
-    unet = build_unet(plan.unet_kwargs)
+    unet = build_unet(plan.unet_kwargs, cfg.model.conditioning)
+    param_groups = [{"params": list(unet.parameters()), "lr": t.learning_rate}]
+    text = plan.text
+    text_encoder = None
+    if text is not None:
+        text_encoder = text.text_encoder
+        text_encoder.requires_grad_(text.trainable)
+        if text.trainable:
+            text_encoder.train()
+            lr = cfg.text_encoder.learning_rate or t.learning_rate
+            param_groups.append({"params": list(text_encoder.parameters()), "lr": lr})
+        else:
+            text_encoder.eval()
     optimizer = torch.optim.AdamW(
-        unet.parameters(),
+        param_groups,
         lr=t.learning_rate,
         betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_epsilon,
@@ -131,16 +185,27 @@ def build_trainables(plan: RunPlan, accelerator: Accelerator) -> Trainables:
         num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=plan.max_steps * accelerator.num_processes,
     )
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if text is not None and text.trainable:
+        # Prepared (and so checkpointed and synchronised) only when trained; a frozen encoder is reloaded.
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+        if text_encoder is not None:
+            text_encoder.to(accelerator.device)
+    conditioner = None
+    if text is not None:
+        conditioner = TextConditioner(text.tokenizer, text_encoder, text.vocab, cfg.text_encoder.max_length,
+                                      text.trainable).to(accelerator.device)
+        conditioner.precompute()
     ema = None
     if t.use_ema:
         ema = EMAModel(
             accelerator.unwrap_model(unet).parameters(),
             decay=t.ema_decay,
             use_ema_warmup=t.ema_warmup,
-            model_cls=UNet2DModel,
+            model_cls=type(accelerator.unwrap_model(unet)),
             model_config=accelerator.unwrap_model(unet).config,
         )
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    return Trainables(unet, ema, optimizer, lr_scheduler, build_noise_scheduler(cfg.diffusion))
+    return Trainables(unet, ema, optimizer, lr_scheduler, build_noise_scheduler(cfg.diffusion), text_encoder, conditioner)

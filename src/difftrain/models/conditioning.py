@@ -1,0 +1,78 @@
+"""Text conditioning during training: captions as ids into a vocabulary of distinct captions.
+
+A frozen encoder's states are computed once per distinct caption and cached; a trained encoder runs
+once per distinct caption in each batch (MNIST batches hold 10 distinct captions, not 512). The
+empty prompt is the last vocabulary entry, so caption dropout is an index swap.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from difftrain.models.text import text_hidden_size, tokenize
+
+logger = logging.getLogger(__name__)
+
+# Cache frozen-encoder states only while they fit comfortably in memory.
+MAX_CACHE_BYTES = 2 * 1024**3
+
+
+def caption_vocabulary(captions: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+    """Distinct captions (sorted, then the empty prompt last) and each item's index into them."""
+    vocab = sorted(set(captions) - {""})
+    vocab.append("")
+    index = {caption: i for i, caption in enumerate(vocab)}
+    return vocab, torch.tensor([index[c] for c in captions], dtype=torch.long)
+
+
+class TextConditioner:
+    """Maps caption ids (B,) to cross-attention states (B, L, D)."""
+
+    def __init__(self, tokenizer, text_encoder: torch.nn.Module, vocab: list[str], max_length: int, trainable: bool):
+        self.text_encoder = text_encoder
+        self.vocab = vocab
+        self.null_index = len(vocab) - 1
+        self.trainable = trainable
+        # Tokenised once: the step never calls the tokenizer.
+        self.token_ids = tokenize(tokenizer, vocab, max_length)
+        self.cache: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> "TextConditioner":
+        self.token_ids = self.token_ids.to(device)
+        return self
+
+    @torch.no_grad()
+    def precompute(self, batch_size: int = 256) -> None:
+        """Encode every distinct caption once (frozen encoders only)."""
+        if self.trainable:
+            return
+        size = len(self.vocab) * self.token_ids.shape[1] * text_hidden_size(self.text_encoder) * 4
+        if size > MAX_CACHE_BYTES:
+            logger.info("not caching text states: %d distinct captions would take %.1f GiB", len(self.vocab), size / 2**30)
+            return
+        chunks = [self.text_encoder(self.token_ids[i : i + batch_size])[0].float()
+                  for i in range(0, len(self.vocab), batch_size)]
+        self.cache = torch.cat(chunks)
+        logger.info("cached frozen text-encoder states for %d distinct captions", len(self.vocab))
+
+    def __call__(self, caption_ids: torch.Tensor) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache[caption_ids]
+        unique, inverse = torch.unique(caption_ids, return_inverse=True)
+        if self.trainable:
+            states = self.text_encoder(self.token_ids[unique])[0]
+        else:
+            with torch.no_grad():
+                states = self.text_encoder(self.token_ids[unique])[0]
+        return states[inverse]
+
+
+def drop_captions(caption_ids: torch.Tensor, null_index: int, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace each caption by the empty prompt with `probability` (trains the unconditional branch)."""
+    if probability <= 0:
+        return caption_ids
+    drop = torch.rand(caption_ids.shape, generator=generator, device=caption_ids.device) < probability
+    return torch.where(drop, torch.full_like(caption_ids, null_index), caption_ids)
