@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {"RunConfig": "", "DataConfig": "data", "ModelConfig": "model", "TextEncoderConfig": "text_encoder", "DiffusionConfig": "diffusion",
+SECTIONS = {"RunConfig": "", "DataConfig": "data", "ModelConfig": "model", "TextEncoderConfig": "text_encoder", "VaeConfig": "vae", "LoraConfig": "lora", "DiffusionConfig": "diffusion",
             "TrainConfig": "train", "SampleConfig": "sample"}
 
 
@@ -40,7 +40,10 @@ def render() -> str:
                 continue
             default = ast.unparse(item.value) if item.value is not None else ""
             if default.startswith("field("):
-                default = "{}" if "dict" in default else default
+                if "lambda:" in default:
+                    default = default.split("lambda:", 1)[1].strip()[:-1]
+                else:
+                    default = {"dict": "{}", "list": "[]"}.get(default.split("=")[-1].rstrip(")"), default)
             doc = ""
             if i + 1 < len(body) and isinstance(body[i + 1], ast.Expr) and isinstance(body[i + 1].value, ast.Constant):
                 doc = " ".join(str(body[i + 1].value.value).split())

@@ -1,4 +1,4 @@
-"""Command line: `difftrain train|sample|show-config|presets`. Thin: parse, validate, call the library."""
+"""Command line: `difftrain train|train-vae|sample|evaluate|show-config|presets`. Thin: parse, validate, call the library."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="preset name (see `difftrain presets`) or a YAML file")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, anywhere on the line")
     train.add_argument("--output-dir", help="run directory (overrides output_dir); an existing run resumes")
+
+    vae = sub.add_parser("train-vae", help="train only a from-scratch AutoencoderKL (the `vae` section) on the data",
+                         epilog=EPILOG)
+    vae.add_argument("config", help="preset name or YAML file (its data and vae sections are used)")
+    vae.add_argument("overrides", nargs="*", metavar="key=value")
+    vae.add_argument("--output-dir", help="where OUTPUT_DIR/vae and the reconstruction grid go")
 
     show = sub.add_parser("show-config", help="print the resolved config and exit", epilog=EPILOG)
     show.add_argument("config")
@@ -41,6 +47,21 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     sample.add_argument("--out", default=None, help="PNG grid path (default: RUN_DIR/samples/sample.png)")
     sample.add_argument("--out-dir", default=None, help="also write each image as its own PNG here")
+
+    ev = sub.add_parser("evaluate", help="FID/KID and conditional accuracy of samples from a trained run")
+    ev.add_argument("run_dir", help="an exported run directory")
+    ev.add_argument("--reference", help="reference data (anything data.path accepts; default: the run's training data)")
+    ev.add_argument("--reference-split", help="split of hub/MNIST reference data (default: the run's)")
+    ev.add_argument("--num-samples", type=int, default=500)
+    ev.add_argument("--num-reference", type=int, default=2000, help="reference images for FID/KID (features cached)")
+    ev.add_argument("--scheduler")
+    ev.add_argument("--num-inference-steps", type=int)
+    ev.add_argument("--guidance-scale", type=float)
+    ev.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--no-inception", action="store_true", help="skip FID/KID (classifier metrics only)")
+    ev.add_argument("--out", help="JSON report path (default: RUN_DIR/evaluation.json)")
     return parser
 
 
@@ -61,6 +82,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     output_dir = train(cfg)
     print(f"done: {output_dir} (samples in {output_dir / 'samples'}, model card {output_dir / 'README.md'})")
+    return 0
+
+
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from difftrain.training.vae_train import train_vae_run
+
+    vae_dir = train_vae_run(cfg)
+    print(f"done: {vae_dir} (use it with vae.pretrained={vae_dir.parent})")
     return 0
 
 
@@ -93,7 +123,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "show-config": cmd_show_config, "presets": cmd_presets, "sample": cmd_sample}
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from difftrain.evaluation.app import evaluate_run
+
+    evaluate_run(
+        Path(args.run_dir), reference=args.reference, reference_split=args.reference_split,
+        num_samples=args.num_samples, num_reference=args.num_reference, scheduler=args.scheduler,
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,
+        batch_size=args.batch_size, device=args.device, use_inception=not args.no_inception,
+        out=Path(args.out) if args.out else None,
+    )
+    return 0
+
+
+COMMANDS = {"evaluate": cmd_evaluate, "train": cmd_train, "train-vae": cmd_train_vae, "show-config": cmd_show_config, "presets": cmd_presets, "sample": cmd_sample}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

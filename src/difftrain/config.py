@@ -51,6 +51,16 @@ class DataConfig:
     """Caption column of a `datasets` data set (or of metadata.jsonl / metadata.csv)."""
     max_images: Optional[int] = None
     """Use only the first N images (after sorting), e.g. for quick trials."""
+    instance_dir: Optional[str] = None
+    """DreamBooth: folder of the subject's images, all captioned `instance_prompt` (used instead of `path`)."""
+    instance_prompt: Optional[str] = None
+    """DreamBooth: caption of every instance image, e.g. 'a photo of sks flower'."""
+    class_prompt: Optional[str] = None
+    """DreamBooth prior preservation: prompt of the class images, e.g. 'a photo of a flower'."""
+    class_dir: Optional[str] = None
+    """DreamBooth prior preservation: folder of class images; missing ones are generated with the base model. None: OUTPUT_DIR/class_images."""
+    num_class_images: int = 100
+    """DreamBooth prior preservation: class images to use (generated up to this count)."""
     decode_workers: int = 4
     """Threads that decode images once at start-up."""
 
@@ -65,6 +75,54 @@ class ModelConfig:
     """Number of classes; None takes it from the data."""
     unet: dict = field(default_factory=dict)
     """Explicit diffusers UNet kwargs (UNet2DModel, or UNet2DConditionModel for text), applied over the size preset."""
+    space: Literal["pixel", "latent"] = "pixel"
+    """'latent' trains the UNet on VAE latents (see the `vae` section); text-conditioned latent runs export a StableDiffusionPipeline."""
+    pretrained: Optional[str] = None
+    """Stable Diffusion style pipeline (hub id or local dir) to fine-tune: its UNet, VAE, text encoder, tokenizer and noise schedule are used."""
+    finetune: Literal["full", "lora"] = "full"
+    """With `pretrained`: train the whole UNet, or LoRA adapters on its attention layers (see `lora`)."""
+
+
+@dataclass
+class VaeConfig:
+    pretrained: Optional[str] = None
+    """AutoencoderKL (hub id or local dir, or a pipeline folder with vae/) for latent runs, kept frozen; None trains one first."""
+    scaling_factor: Optional[float] = None
+    """Latent scale; None takes the VAE config's, or measures 1/std of the data's latents for a VAE trained here."""
+    block_out_channels: list = field(default_factory=lambda: [32, 64, 64])
+    """Widths of a from-scratch VAE; the latent is 2^(len-1) times smaller than the image per side."""
+    layers_per_block: int = 1
+    """ResNet layers per level of a from-scratch VAE."""
+    latent_channels: int = 4
+    """Latent channels of a from-scratch VAE."""
+    train_steps: int = 1000
+    """Optimizer steps of from-scratch VAE training (reconstruction + KL)."""
+    batch_size: int = 16
+    """Images per VAE training step."""
+    learning_rate: float = 1e-3
+    """AdamW learning rate of VAE training."""
+    kl_weight: float = 1e-6
+    """Weight of the KL term of VAE training."""
+    cache_latents: bool = True
+    """Encode the data once (both flips with data.random_flip) and sample latents from the cached distributions; False encodes every step."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 4
+    """LoRA rank r."""
+    alpha: Optional[float] = None
+    """LoRA alpha (scale = alpha / rank); None means alpha = rank."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    unet_target_modules: list = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    """UNet modules that get adapters (attention projections by default)."""
+    train_text_encoder: bool = False
+    """Also put adapters on the text encoder."""
+    text_encoder_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    """Text-encoder modules that get adapters."""
+    export_merged: bool = False
+    """Also export the base pipeline with the adapters merged into its weights (OUTPUT_DIR/merged)."""
 
 
 @dataclass
@@ -161,6 +219,10 @@ class TrainConfig:
     """Hub repository, e.g. 'you/ddpm-butterflies-128'."""
     hub_private: bool = False
     """Create the hub repository as private."""
+    prior_preservation: bool = False
+    """DreamBooth: add the prior-preservation loss on class images (needs data.class_prompt and a base model)."""
+    prior_loss_weight: float = 1.0
+    """DreamBooth: loss = instance_loss + prior_loss_weight * prior_loss."""
 
 
 @dataclass
@@ -192,6 +254,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -416,92 +480,9 @@ def config_from_dict(values: dict) -> RunConfig:
 
 def validate(cfg: RunConfig) -> list[str]:
     """Cross-field checks; returns every problem found (empty list when valid)."""
-    problems: list[str] = []
-    t, d, m = cfg.train, cfg.data, cfg.model
+    from difftrain.config_checks import check_config
 
-    def positive(name: str, value: Optional[float], allow_none: bool = True) -> None:
-        if value is None:
-            if not allow_none:
-                problems.append(f"'{name}' must be set")
-            return
-        if value <= 0:
-            problems.append(f"'{name}' = {value!r}: must be > 0")
-
-    if t.max_steps is None and t.num_epochs is None:
-        problems.append("set 'train.max_steps' or 'train.num_epochs' (neither is set)")
-    if t.max_steps is not None and t.num_epochs is not None:
-        problems.append(
-            f"'train.max_steps' = {t.max_steps} and 'train.num_epochs' = {t.num_epochs} are both set; "
-            "set one and null the other (e.g. train.num_epochs=null)"
-        )
-    for name in ("max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "learning_rate",
-                 "log_every_steps", "checkpoint_every_steps", "checkpoint_every_epochs",
-                 "checkpoints_total_limit", "sample_every_steps", "sample_every_epochs", "max_grad_norm"):
-        positive(f"train.{name}", getattr(t, name))
-    for a, b in (("checkpoint_every_steps", "checkpoint_every_epochs"), ("sample_every_steps", "sample_every_epochs")):
-        if getattr(t, a) is not None and getattr(t, b) is not None:
-            problems.append(f"'train.{a}' and 'train.{b}' are both set; set one and null the other")
-    if t.lr_warmup_steps < 0:
-        problems.append(f"'train.lr_warmup_steps' = {t.lr_warmup_steps}: must be >= 0")
-    if not 0.0 <= t.condition_dropout < 1.0:
-        problems.append(f"'train.condition_dropout' = {t.condition_dropout}: must be in [0, 1)")
-    if not 0.0 < t.ema_decay < 1.0:
-        problems.append(f"'train.ema_decay' = {t.ema_decay}: must be in (0, 1)")
-    if t.push_to_hub and not t.hub_model_id:
-        problems.append("'train.push_to_hub' is true but 'train.hub_model_id' is not set")
-
-    positive("data.resolution", d.resolution, allow_none=False)
-    positive("data.max_images", d.max_images)
-    positive("data.decode_workers", d.decode_workers)
-
-    if m.conditioning == "none" and m.num_classes is not None:
-        problems.append(f"'model.num_classes' = {m.num_classes} needs 'model.conditioning' = 'class'")
-    positive("model.num_classes", m.num_classes)
-    te = cfg.text_encoder
-    if m.conditioning == "text":
-        for name in ("max_length", "hidden_size", "num_layers", "num_heads"):
-            positive(f"text_encoder.{name}", getattr(te, name), allow_none=False)
-        positive("text_encoder.learning_rate", te.learning_rate)
-        if te.pretrained is None and te.train is False:
-            problems.append("'text_encoder.train' = false needs 'text_encoder.pretrained' (a from-scratch encoder must be trained)")
-        if te.hidden_size % te.num_heads:
-            problems.append(f"'text_encoder.hidden_size' = {te.hidden_size} must divide by 'text_encoder.num_heads' = {te.num_heads}")
-    if d.captions == "template" and not d.caption_template:
-        problems.append("'data.captions' = 'template' needs 'data.caption_template' (e.g. 'a photo of a {label}')")
-    if d.captions == "column" and not d.caption_column:
-        problems.append("'data.captions' = 'column' needs 'data.caption_column'")
-    if d.caption_template is not None and "{label}" not in d.caption_template:
-        problems.append(f"'data.caption_template' = {d.caption_template!r} must contain '{{label}}'")
-    if _prompts_without_text_model(cfg):
-        problems.append("'sample.prompts' needs 'model.conditioning' = 'text'")
-    if m.size == "custom" and not m.unet:
-        problems.append("'model.size' = 'custom' needs 'model.unet' kwargs (e.g. block_out_channels)")
-
-    diff = cfg.diffusion
-    positive("diffusion.num_train_timesteps", diff.num_train_timesteps, allow_none=False)
-    positive("diffusion.snr_gamma", diff.snr_gamma)
-    if diff.offset_noise < 0:
-        problems.append(f"'diffusion.offset_noise' = {diff.offset_noise}: must be >= 0")
-    if not 0 < diff.beta_start < diff.beta_end < 1:
-        problems.append(
-            f"'diffusion.beta_start' = {diff.beta_start}, 'diffusion.beta_end' = {diff.beta_end}: "
-            "need 0 < beta_start < beta_end < 1"
-        )
-
-    s = cfg.sample
-    for name in ("num_inference_steps", "num_images", "images_per_class", "batch_size"):
-        positive(f"sample.{name}", getattr(s, name), allow_none=False)
-    if s.guidance_scale < 0:
-        problems.append(f"'sample.guidance_scale' = {s.guidance_scale}: must be >= 0")
-    if s.guidance_scale != 1.0 and m.conditioning == "none":
-        problems.append(f"'sample.guidance_scale' = {s.guidance_scale} needs a conditional model (model.conditioning)")
-    if not cfg.output_dir:
-        problems.append("'output_dir' must be set (e.g. --output-dir runs/my-run)")
-    return problems
-
-
-def _prompts_without_text_model(cfg: RunConfig) -> bool:
-    return bool(cfg.sample.prompts) and cfg.model.conditioning != "text"
+    return check_config(cfg)
 
 
 def dump_config(cfg: RunConfig) -> str:

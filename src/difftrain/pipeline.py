@@ -37,15 +37,22 @@ def unet_denoiser(unet: torch.nn.Module) -> Denoiser:
     return denoise
 
 
-def _sample_uint8(unet, scheduler, seeds, cond, null_cond, num_inference_steps, guidance_scale, batch_size, device):
+def _sample_uint8(unet, scheduler, seeds, cond, null_cond, num_inference_steps, guidance_scale, batch_size, device,
+                  vae=None):
     cfg = unet.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    images = sample(
+    samples = sample(
         unet_denoiser(unet), scheduler, shape, seeds,
         num_inference_steps=num_inference_steps, cond=cond, null_cond=null_cond,
         guidance_scale=guidance_scale, batch_size=batch_size, device=device,
     )
-    return from_model_range(images).cpu()
+    if vae is None:
+        return from_model_range(samples).cpu()
+    images = []
+    for start in range(0, samples.shape[0], batch_size):
+        latents = samples[start : start + batch_size] / vae.config.scaling_factor
+        images.append(from_model_range(vae.decode(latents.to(device, vae.dtype)).sample).cpu())
+    return torch.cat(images)
 
 
 def null_class(unet: UNet2DModel) -> Optional[int]:
@@ -100,11 +107,13 @@ def generate_from_text(
     guidance_scale: float = 1.0,
     batch_size: int = 64,
     device: Union[torch.device, str, None] = None,
+    vae: Optional[torch.nn.Module] = None,
 ) -> torch.Tensor:
     """Sample image i from prompts[i] with seeds[i]; returns uint8 (N, C, H, W).
 
     Each distinct prompt is encoded once. The unconditional branch of guidance is `negative_prompt`
-    (the empty prompt the model was trained with by default).
+    (the empty prompt the model was trained with by default). With `vae` the UNet works in latent space
+    and samples are decoded (divided by `vae.config.scaling_factor` first, as Stable Diffusion does).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
@@ -115,7 +124,8 @@ def generate_from_text(
     row = {p: i for i, p in enumerate(distinct)}
     cond = states[torch.tensor([row[p] for p in prompts], device=device)]
     null_cond = states[row[negative_prompt]].expand_as(cond)
-    return _sample_uint8(unet, scheduler, seeds, cond, null_cond, num_inference_steps, guidance_scale, batch_size, device)
+    return _sample_uint8(unet, scheduler, seeds, cond, null_cond, num_inference_steps, guidance_scale, batch_size, device,
+                         vae=vae)
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
@@ -213,10 +223,29 @@ def pipeline_kind(path: Union[str, Path]) -> str:
     return json.loads(index.read_text()).get("_class_name", "")
 
 
+ADAPTER_BASE_FILE = "adapter_base.json"
+"""Written beside a LoRA run's pytorch_lora_weights.safetensors: the base pipeline the adapters belong to."""
+
+
 def load_pipeline(path: Union[str, Path], device: Union[str, torch.device, None] = None) -> DiffusionPipeline:
-    """Open an exported difftrain run (or any local diffusers pipeline folder) for inference."""
+    """Open an exported difftrain run (or any local diffusers pipeline folder) for inference.
+
+    A LoRA run (pytorch_lora_weights.safetensors, no model_index.json) loads its base pipeline and
+    then the adapters with `load_lora_weights`.
+    """
+    from difftrain.models.pretrained import stable_diffusion_pipeline_class
+
+    adapter_base = Path(path) / ADAPTER_BASE_FILE
+    if not (Path(path) / "model_index.json").is_file() and adapter_base.is_file():
+        base = json.loads(adapter_base.read_text())["base_model"]
+        pipe = stable_diffusion_pipeline_class().from_pretrained(base, safety_checker=None,
+                                                                 requires_safety_checker=False)
+        pipe.load_lora_weights(str(path))
+        return pipe.to(device) if device is not None else pipe
     kind = pipeline_kind(path)
-    if kind == ClassConditionalPipeline.__name__:
+    if kind == "StableDiffusionPipeline":
+        pipe = stable_diffusion_pipeline_class().from_pretrained(str(path))
+    elif kind == ClassConditionalPipeline.__name__:
         pipe = ClassConditionalPipeline.from_pretrained(str(path))
     elif kind == TextToImagePipeline.__name__:
         pipe = TextToImagePipeline.from_pretrained(str(path))

@@ -22,9 +22,14 @@ from difftrain.config import (
 def test_every_preset_loads_and_validates():
     names = list_presets()
     assert {"digits", "mnist", "butterflies", "flowers"} <= set(names)
+    # Presets that fine-tune need a base model and the user's own photos, given on the command line.
+    needs = {"dreambooth-lora": ["model.pretrained=runs/sd", "data.instance_dir=photos"]}
     for name in names:
-        cfg = load_config(name)
+        cfg = load_config(name, needs.get(name, []))
         assert isinstance(cfg, RunConfig)
+    with pytest.raises(ConfigError) as info:
+        load_config("dreambooth-lora")
+    assert "model.pretrained" in str(info.value) and "data.instance_dir" in str(info.value)
 
 
 def test_every_preset_has_a_header_saying_what_it_trains():

@@ -6,9 +6,11 @@ threads; PIL releases the GIL); each step then only indexes, flips and normalise
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -98,3 +100,27 @@ def load_image_dataset(cfg: DataConfig, want_labels: bool, want_captions: bool =
     if not want_labels:
         dataset.labels = None
     return dataset
+
+
+def load_dreambooth_dataset(cfg: DataConfig, class_dir: Optional[Path]) -> tuple[ImageDataset, int]:
+    """Instance images captioned `instance_prompt`, then (with `class_dir`) up to `num_class_images` class
+    images captioned `class_prompt`, in one data set; returns it and the number of instance images."""
+    instance_cfg = dataclasses.replace(cfg, path=cfg.instance_dir, source="folder", max_images=None)
+    instance = load_image_dataset(instance_cfg, want_labels=False)
+    instance.captions = [str(cfg.instance_prompt)] * len(instance)
+    instance.description = f"instance images {cfg.instance_dir}"
+    if class_dir is None:
+        return instance, len(instance)
+    if not class_dir.is_dir():
+        raise FileNotFoundError(f"class image folder {class_dir} does not exist (data.class_dir)")
+    class_cfg = dataclasses.replace(cfg, path=str(class_dir), source="folder", max_images=cfg.num_class_images)
+    prior = load_image_dataset(class_cfg, want_labels=False)
+    combined = ImageDataset(
+        images=torch.cat([instance.images, prior.images]),
+        labels=None,
+        class_names=[],
+        description=f"{instance.description} + class images {class_dir}",
+        skipped=instance.skipped + prior.skipped,
+        captions=instance.captions + [str(cfg.class_prompt)] * len(prior),
+    )
+    return combined, len(instance)

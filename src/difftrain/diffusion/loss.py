@@ -65,3 +65,10 @@ def denoising_loss(
         weights = min_snr_weights(snr(scheduler.alphas_cumprod, timesteps), snr_gamma, scheduler.config.prediction_type)
         per_example = per_example * weights
     return per_example
+
+
+def prior_preservation_loss(per_example: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
+    """DreamBooth: the batch is instance examples then as many class examples;
+    loss = mean(instance) + prior_loss_weight * mean(class)."""
+    instance, prior = torch.chunk(per_example, 2, dim=0)
+    return instance.mean() + prior_loss_weight * prior.mean()

@@ -8,9 +8,17 @@ from diffusers import DDPMScheduler
 from difftrain.config import DiffusionConfig
 
 
-def build_noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
-    """The scheduler used to noise training data; its config is exported with the model."""
+def build_noise_scheduler(cfg: DiffusionConfig, latent: bool = False) -> DDPMScheduler:
+    """The scheduler used to noise training data; its config is exported with the model.
+
+    Latent models get Stable Diffusion's inference settings: no clipping of predicted x0 to [-1, 1]
+    (meant for pixels, wrong for latents) and steps_offset=1 (which StableDiffusionPipeline expects).
+    Pixel models leave both unset, so each inference scheduler built from this config keeps its own
+    default for them.
+    """
+    latent_settings = {"clip_sample": False, "steps_offset": 1} if latent else {}
     return DDPMScheduler(
+        **latent_settings,
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
         beta_start=cfg.beta_start,

@@ -75,8 +75,12 @@ def _subfolder(path: str, name: str) -> dict:
     return {"subfolder": name} if (local / name).is_dir() else {}
 
 
-def load_pretrained_text_encoder(path: str) -> tuple[PreTrainedTokenizerFast, torch.nn.Module]:
+def load_pretrained_text_encoder(path: str, pipeline: bool = False, key: str = "text_encoder.pretrained",
+                                  ) -> tuple[PreTrainedTokenizerFast, torch.nn.Module]:
     """Tokenizer and text model from a hub id or local dir (a model folder or a pipeline folder).
+
+    `pipeline` reads the tokenizer/ and text_encoder/ subfolders (needed for hub pipelines, whose
+    layout cannot be looked at before downloading); `key` names the config key in errors.
 
     CLIP checkpoints load as CLIPTextModel (the text tower only), T5 as T5EncoderModel, others via AutoModel.
     Remote code is never executed.
@@ -84,18 +88,21 @@ def load_pretrained_text_encoder(path: str) -> tuple[PreTrainedTokenizerFast, to
     local = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or local.exists()
     if looks_local and not local.is_dir():
-        raise FileNotFoundError(f"text_encoder.pretrained = {path!r}: no such directory")
+        raise FileNotFoundError(f"{key} = {path!r}: no such directory")
+    def sub(name: str) -> dict:
+        return {"subfolder": name} if pipeline else _subfolder(path, name)
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local) if looks_local else path, trust_remote_code=False,
-                                                  **_subfolder(path, "tokenizer"))
+                                                  **sub("tokenizer"))
         config = AutoConfig.from_pretrained(str(local) if looks_local else path, trust_remote_code=False,
-                                            **_subfolder(path, "text_encoder"))
+                                            **sub("text_encoder"))
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(
-            f"text_encoder.pretrained = {path!r}: could not load a tokenizer and text model config ({exc}). "
+            f"{key} = {path!r}: could not load a tokenizer and text model config ({exc}). "
             "Give a hub id (needs internet) or a local folder saved with save_pretrained."
         ) from exc
-    kwargs = dict(trust_remote_code=False, **_subfolder(path, "text_encoder"))
+    kwargs = dict(trust_remote_code=False, **sub("text_encoder"))
     source = str(local) if looks_local else path
     if config.model_type in ("clip", "clip_text_model"):
         model = CLIPTextModel.from_pretrained(source, **kwargs)

@@ -86,7 +86,9 @@ def sample_run(
     sched = scheduler_for(pipe, scheduler or defaults.get("scheduler"))
     steps = num_inference_steps or defaults.get("num_inference_steps", 25)
     scales = parse_guidance_scales(guidance_scale) or [float(defaults.get("guidance_scale", 1.0))]
-    is_text = isinstance(pipe, TextToImagePipeline)
+    # Pixel text models (TextToImagePipeline) and Stable Diffusion style pipelines (with a VAE).
+    is_text = isinstance(pipe, TextToImagePipeline) or getattr(pipe, "text_encoder", None) is not None
+    vae = getattr(pipe, "vae", None)
     null = None if is_text else null_class(pipe.unet)
     if prompts and not is_text:
         raise ValueError(f"--prompt needs a text-conditioned model; {run_dir} is not one")
@@ -130,7 +132,7 @@ def sample_run(
         if is_text:
             out_images = generate_from_text(pipe.unet, sched, pipe.tokenizer, pipe.text_encoder, [r for r, _ in chosen],
                                             seeds, num_inference_steps=steps, negative_prompt=negative_prompt or "",
-                                            guidance_scale=scale, batch_size=batch_size, device=device)
+                                            guidance_scale=scale, batch_size=batch_size, device=device, vae=vae)
         else:
             labels = None if null is None else [r for r, _ in chosen]
             out_images = generate(pipe.unet, sched, seeds, num_inference_steps=steps, class_labels=labels,

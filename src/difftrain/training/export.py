@@ -18,7 +18,7 @@ from difftrain.sampling.schedulers import make_scheduler
 
 logger = logging.getLogger(__name__)
 
-EXPORT_ENTRIES = ("model_index.json", "unet", "scheduler", "text_encoder", "tokenizer")
+EXPORT_ENTRIES = ("model_index.json", "unet", "scheduler", "text_encoder", "tokenizer", "vae")
 
 
 def export_pipeline(
@@ -38,6 +38,11 @@ def export_pipeline(
         pipe = ClassConditionalPipeline(unet=unet, scheduler=scheduler, class_names=class_names)
     else:
         pipe = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
+    save_pipeline_atomically(pipe, output_dir)
+
+
+def save_pipeline_atomically(pipe, output_dir: Path) -> None:
+    """save_pretrained into a temporary folder, then move each part into place."""
     tmp = output_dir / ".export-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 import difftrain
 from difftrain.config import ConfigError, RunConfig, config_from_dict, dump_config
 from difftrain.data.transforms import random_hflip, to_model_range
-from difftrain.diffusion.loss import denoising_loss, sample_noise
+from difftrain.diffusion.loss import denoising_loss, prior_preservation_loss, sample_noise
 from difftrain.models.conditioning import drop_captions
 from difftrain.pipeline import generate, generate_from_text
 from difftrain.sampling.grid import make_grid, save_png_atomic
@@ -27,15 +27,24 @@ from difftrain.sampling.schedulers import make_scheduler
 from difftrain.training import checkpoint as ckpt
 from difftrain.training.data_order import sample_indices, step_generator, stream_position
 from difftrain.training.export import RunSummary, export_pipeline, push_to_hub, write_model_card
-from difftrain.training.setup import RunPlan, Trainables, build_trainables, make_accelerator, plan_run
+from difftrain.training.class_images import ensure_class_images
+from difftrain.training.export_latent import export_lora, export_stable_diffusion, write_latent_model_card
+from difftrain.training.setup import RunPlan, Trainables, build_trainables, make_accelerator, plan_run, precheck
+from difftrain.training.vae_train import train_vae, vae_is_complete
 
 logger = logging.getLogger(__name__)
+
+
+# What a run writes before its config.yaml (class images, the VAE stage, the log), so a run interrupted
+# that early still counts as a difftrain run.
+_EARLY_ENTRIES = {"class_images", "vae", "vae.tmp", "samples", "train.log"}
 
 
 def prepare_output_dir(cfg: RunConfig) -> Path:
     """Create the run directory; refuse a non-empty directory that is not a difftrain run."""
     output_dir = Path(cfg.output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / "config.yaml").is_file():
+    foreign = [p for p in output_dir.iterdir() if p.name not in _EARLY_ENTRIES] if output_dir.is_dir() else []
+    if foreign and not (output_dir / "config.yaml").is_file():
         raise FileExistsError(
             f"output_dir {output_dir} exists, is not empty and holds no difftrain run (no config.yaml); "
             "choose another --output-dir"
@@ -64,6 +73,31 @@ def _log_config_changes(output_dir: Path, cfg: RunConfig) -> None:
                     logger.info("config change on resume: %s.%s: %r -> %r", section, key, old.get(key), value)
 
 
+# DreamBooth class images get their own shuffled stream, so instance and class batches are independent.
+_PRIOR_SEED_OFFSET = 0x9A10
+
+
+def batch_indices(plan: RunPlan, position: int) -> torch.Tensor:
+    """Dataset rows of one micro-batch: batch_size instance/training images, then as many class images."""
+    t = plan.cfg.train
+    indices = sample_indices(plan.num_train_images, t.seed, position, t.batch_size)
+    if plan.num_prior_images:
+        prior = sample_indices(plan.num_prior_images, t.seed + _PRIOR_SEED_OFFSET, position, t.batch_size)
+        indices = torch.cat([indices, prior + plan.num_train_images])
+    return indices
+
+
+def model_inputs(plan: RunPlan, parts: Trainables, indices: torch.Tensor, generator: torch.Generator,
+                 device: torch.device) -> torch.Tensor:
+    """x0 of a batch: pixels in [-1, 1], or scaled VAE latents."""
+    if parts.latents is not None:
+        return parts.latents.draw(plan.dataset.images, indices, generator)
+    images = plan.dataset.images[indices].to(device, non_blocking=True)
+    if plan.cfg.data.random_flip:
+        images = random_hflip(images, generator)
+    return to_model_range(images)
+
+
 def train_step(plan: RunPlan, parts: Trainables, accelerator: Accelerator, step: int) -> torch.Tensor:
     """One optimizer step (gradient_accumulation_steps micro-batches); returns the mean loss, on device."""
     cfg, t = plan.cfg, plan.cfg.train
@@ -74,17 +108,14 @@ def train_step(plan: RunPlan, parts: Trainables, accelerator: Accelerator, step:
         trained.append(parts.text_encoder)
     for model in trained:
         model.train()
-    params = [p for model in trained for p in model.parameters()]
+    params = [p for model in trained for p in model.parameters() if p.requires_grad]
     total = torch.zeros((), device=device)
     for micro in range(t.gradient_accumulation_steps):
         position = stream_position(step, micro, accelerator.process_index, t.gradient_accumulation_steps,
                                    accelerator.num_processes, t.batch_size)
-        indices = sample_indices(len(dataset), t.seed, position, t.batch_size)
+        indices = batch_indices(plan, position)
         generator = step_generator(t.seed, step, micro, accelerator.process_index, device)
-        images = dataset.images[indices].to(device, non_blocking=True)
-        if cfg.data.random_flip:
-            images = random_hflip(images, generator)
-        x0 = to_model_range(images)
+        x0 = model_inputs(plan, parts, indices, generator, device)
         cond: dict = {}
         caption_ids = None
         if plan.num_classes:
@@ -97,7 +128,8 @@ def train_step(plan: RunPlan, parts: Trainables, accelerator: Accelerator, step:
             caption_ids = drop_captions(plan.text.caption_ids[indices].to(device), parts.conditioner.null_index,
                                         t.condition_dropout, generator)
         noise = sample_noise(x0.shape, generator, device, cfg.diffusion.offset_noise)
-        timesteps = torch.randint(0, cfg.diffusion.num_train_timesteps, (x0.shape[0],), generator=generator, device=device)
+        timesteps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
+                                  generator=generator, device=device)
         with accelerator.accumulate(*trained):
             with accelerator.autocast():
                 if caption_ids is not None:
@@ -106,7 +138,10 @@ def train_step(plan: RunPlan, parts: Trainables, accelerator: Accelerator, step:
                     lambda x, ts: unet(x, ts, **cond).sample,
                     parts.noise_scheduler, x0, noise, timesteps, cfg.diffusion.snr_gamma,
                 )
-            loss = per_example.mean()
+            if plan.num_prior_images:
+                loss = prior_preservation_loss(per_example, t.prior_loss_weight)
+            else:
+                loss = per_example.mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(params, t.max_grad_norm)
@@ -115,7 +150,7 @@ def train_step(plan: RunPlan, parts: Trainables, accelerator: Accelerator, step:
             parts.optimizer.zero_grad(set_to_none=True)
         total += loss.detach()
     if parts.ema is not None:
-        parts.ema.step(accelerator.unwrap_model(unet).parameters())
+        parts.ema.step(parts.ema_parameters(accelerator))
     return total / t.gradient_accumulation_steps
 
 
@@ -125,17 +160,18 @@ class _EmaWeights:
     def __init__(self, parts: Trainables, accelerator: Accelerator):
         self.unet = accelerator.unwrap_model(parts.unet)
         self.ema = parts.ema
+        self.params = parts.ema_parameters(accelerator)
 
     def __enter__(self):
         if self.ema is not None:
-            self.ema.store(self.unet.parameters())
-            self.ema.copy_to(self.unet.parameters())
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
         self.unet.eval()
         return self.unet
 
     def __exit__(self, *exc):
         if self.ema is not None:
-            self.ema.restore(self.unet.parameters())
+            self.ema.restore(self.params)
         self.unet.train()
 
 
@@ -150,9 +186,10 @@ def preview_grid(plan: RunPlan, parts: Trainables, unet, noise_config) -> tuple[
         encoder = parts.text_encoder
         was_training = encoder.training
         encoder.eval()
+        vae = parts.latents.vae if parts.latents is not None else None
         images = generate_from_text(unet, scheduler, plan.text.tokenizer, encoder, rows, seeds,
                                     num_inference_steps=s.num_inference_steps, negative_prompt=s.negative_prompt,
-                                    guidance_scale=s.guidance_scale, batch_size=s.batch_size)
+                                    guidance_scale=s.guidance_scale, batch_size=s.batch_size, vae=vae)
         encoder.train(was_training)
         return images, s.images_per_class, prompts
     if plan.num_classes:
@@ -185,7 +222,7 @@ def save_training_state(plan: RunPlan, accelerator: Accelerator, output_dir: Pat
     progress = {
         "step": step,
         "images_seen": step * plan.global_batch_size,
-        "epoch": step * plan.global_batch_size / len(plan.dataset),
+        "epoch": step * plan.global_batch_size / plan.num_train_images,
         "num_processes": accelerator.num_processes,
         "difftrain_version": difftrain.__version__,
         "config": plan.cfg.to_dict(),
@@ -198,8 +235,12 @@ def save_training_state(plan: RunPlan, accelerator: Accelerator, output_dir: Pat
     accelerator.wait_for_everyone()
 
 
-def resume(accelerator: Accelerator, output_dir: Path) -> int:
-    """Load the newest complete checkpoint, if any; returns the step to continue from."""
+def resume(accelerator: Accelerator, output_dir: Path, partial: bool = False) -> int:
+    """Load the newest complete checkpoint, if any; returns the step to continue from.
+
+    Args:
+        partial: checkpoints hold only trained parameters (LoRA); the frozen base comes from the base model.
+    """
     checkpoints_dir = output_dir / "checkpoints"
     if accelerator.is_main_process:
         ckpt.remove_stale_temporaries(checkpoints_dir)
@@ -207,10 +248,28 @@ def resume(accelerator: Accelerator, output_dir: Path) -> int:
     latest = ckpt.latest_checkpoint(checkpoints_dir)
     if latest is None:
         return 0
-    accelerator.load_state(str(latest))
+    if partial:
+        accelerator.load_state(str(latest), strict=False)
+    else:
+        accelerator.load_state(str(latest))
     step = int(ckpt.read_progress(latest)["step"])
     logger.info("resumed from %s (step %d)", latest, step)
     return step
+
+
+def _export(plan: RunPlan, parts: Trainables, accelerator: Accelerator, unet, output_dir: Path) -> None:
+    cfg = plan.cfg
+    text_encoder = accelerator.unwrap_model(parts.text_encoder) if parts.text_encoder is not None else None
+    if plan.base is not None and cfg.model.finetune == "lora":
+        lora_text = text_encoder if cfg.lora.train_text_encoder else None
+        path = export_lora(unet, lora_text, cfg, plan.base, output_dir)
+        logger.info("LoRA weights: %s (load with pipe.load_lora_weights(%r))", path, str(output_dir))
+    elif plan.latent:
+        export_stable_diffusion(unet, parts.latents.vae, text_encoder, plan.text.tokenizer, parts.noise_scheduler,
+                                cfg, output_dir)
+    else:
+        text = (text_encoder, plan.text.tokenizer) if plan.text is not None else None
+        export_pipeline(unet, parts.noise_scheduler, cfg, plan.dataset.class_names, output_dir, text)
 
 
 def _add_file_logging(output_dir: Path) -> logging.Handler:
@@ -228,18 +287,48 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
     """
     output_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, output_dir)  # writes nothing until trackers start
-    plan = plan_run(cfg, world_size=accelerator.num_processes)
-    if accelerator.is_main_process:
-        prepare_output_dir(cfg)
-    accelerator.wait_for_everyone()
-    handler = _add_file_logging(output_dir) if accelerator.is_main_process else None
+    handler = None
     try:
+        if cfg.train.prior_preservation:
+            # Class images must exist before the data is planned; check everything cheap first.
+            precheck(cfg)
+            handler = _start_output_dir(cfg, accelerator, output_dir)
+            if accelerator.is_main_process:
+                ensure_class_images(cfg, accelerator.device)
+            accelerator.wait_for_everyone()
+        plan = plan_run(cfg, world_size=accelerator.num_processes)
+        if handler is None:
+            handler = _start_output_dir(cfg, accelerator, output_dir)
+        if plan.latent and plan.vae is None:
+            plan.vae = _from_scratch_vae(plan, accelerator, output_dir)
         return _train(plan, accelerator, output_dir, stop_at_step)
     finally:
         accelerator.end_training()
         if handler is not None:
             logging.getLogger("difftrain").removeHandler(handler)
             handler.close()
+
+
+def _start_output_dir(cfg: RunConfig, accelerator: Accelerator, output_dir: Path) -> Optional[logging.Handler]:
+    if accelerator.is_main_process:
+        prepare_output_dir(cfg)
+    accelerator.wait_for_everyone()
+    return _add_file_logging(output_dir) if accelerator.is_main_process else None
+
+
+def _from_scratch_vae(plan: RunPlan, accelerator: Accelerator, output_dir: Path):
+    """The first stage of a latent run without a pretrained VAE: train it, or reuse the one already saved."""
+    from diffusers import AutoencoderKL
+
+    vae_dir = output_dir / "vae"
+    if not vae_is_complete(vae_dir):
+        if accelerator.is_main_process:
+            train_vae(plan.cfg, plan.dataset.images, output_dir, accelerator.device)
+        accelerator.wait_for_everyone()
+    else:
+        logger.info("using the VAE this run trained before (%s)", vae_dir)
+    vae = AutoencoderKL.from_pretrained(str(vae_dir))
+    return vae.requires_grad_(False).eval()
 
 
 def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_step: Optional[int]) -> Path:
@@ -249,12 +338,13 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
         _log_config_changes(output_dir, cfg)
         (output_dir / "config.yaml").write_text(dump_config(cfg))
     accelerator.init_trackers("tensorboard")
-    start = resume(accelerator, output_dir)
+    start = resume(accelerator, output_dir, parts.partial_checkpoints)
     num_params = sum(p.numel() for p in accelerator.unwrap_model(parts.unet).parameters())
+    num_trained = sum(p.numel() for p in parts.ema_parameters(accelerator))
     logger.info(
-        "data: %s, %d images (%d skipped); model: %.2fM parameters; global batch %d (%d x %d accumulation x %d processes); "
+        "data: %s, %d images (%d skipped); model: %.2fM parameters (%.2fM trained); global batch %d (%d x %d accumulation x %d processes); "
         "%d steps (%.1f epochs) from step %d; device %s, mixed precision %s",
-        plan.dataset.description, len(plan.dataset), len(plan.dataset.skipped), num_params / 1e6,
+        plan.dataset.description, len(plan.dataset), len(plan.dataset.skipped), num_params / 1e6, num_trained / 1e6,
         plan.global_batch_size, t.batch_size, t.gradient_accumulation_steps, accelerator.num_processes,
         plan.max_steps, plan.max_steps / plan.steps_per_epoch, start, accelerator.device, t.mixed_precision,
     )
@@ -278,7 +368,7 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
             images_per_s = losses_since_log * plan.global_batch_size / max(now - tick, 1e-9)
             lr = parts.lr_scheduler.get_last_lr()[0]
             metrics = {"loss": last_loss, "lr": lr, "images_per_s": images_per_s,
-                       "epoch": done * plan.global_batch_size / len(plan.dataset)}
+                       "epoch": done * plan.global_batch_size / plan.num_train_images}
             accelerator.log(metrics, step=done)
             progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
             if accelerator.is_main_process:
@@ -297,19 +387,19 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
         if last_sample is None or last_sample.name != f"step-{plan.max_steps:06d}.png":
             last_sample = save_samples(plan, parts, accelerator, output_dir, plan.max_steps)
         with _EmaWeights(parts, accelerator) as unet:
-            text = None
-            if plan.text is not None:
-                text = (accelerator.unwrap_model(parts.text_encoder), plan.text.tokenizer)
-            export_pipeline(unet, parts.noise_scheduler, cfg, plan.dataset.class_names, output_dir, text)
+            _export(plan, parts, accelerator, unet, output_dir)
         summary = RunSummary(
             data_description=plan.dataset.description, num_images=len(plan.dataset),
             num_skipped=len(plan.dataset.skipped), steps=plan.max_steps,
             images_seen=plan.max_steps * plan.global_batch_size,
-            epochs=plan.max_steps * plan.global_batch_size / len(plan.dataset), num_parameters=num_params,
+            epochs=plan.max_steps * plan.global_batch_size / plan.num_train_images, num_parameters=num_params,
             train_seconds=time.perf_counter() - train_start, final_loss=last_loss,
             sample_grid=str(last_sample.relative_to(output_dir)),
         )
-        write_model_card(cfg, summary, plan.dataset.class_names, output_dir)
+        if plan.latent:
+            write_latent_model_card(cfg, summary, output_dir, plan.base)
+        else:
+            write_model_card(cfg, summary, plan.dataset.class_names, output_dir)
         logger.info("exported pipeline to %s; samples: %s", output_dir, last_sample)
     accelerator.wait_for_everyone()
     if t.push_to_hub and accelerator.is_main_process:

@@ -21,9 +21,17 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from difftrain.config import ConfigError, RunConfig
-from difftrain.data.dataset import ImageDataset, load_image_dataset
+from difftrain.data.dataset import ImageDataset, load_dreambooth_dataset, load_image_dataset
 from difftrain.diffusion.schedule import build_noise_scheduler
 from difftrain.models.conditioning import TextConditioner, caption_vocabulary
+from difftrain.models.lora import add_lora, trainable_only_checkpoints
+from difftrain.models.pretrained import (
+    check_base_pipeline,
+    load_base_noise_scheduler,
+    load_base_unet,
+    resolve,
+    weight_dtype,
+)
 from difftrain.models.text import (
     build_caption_tokenizer,
     build_scratch_text_encoder,
@@ -31,6 +39,8 @@ from difftrain.models.text import (
     text_hidden_size,
 )
 from difftrain.models.unet import build_unet, check_unet_kwargs, unet_kwargs
+from difftrain.models.vae import downsample_factor, load_pretrained_vae
+from difftrain.training.latents import LatentEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +59,15 @@ class RunPlan:
     checkpoint_every_steps: Optional[int]
     sample_every_steps: Optional[int]
     text: Optional["TextSetup"] = None
+    num_train_images: int = 0
+    """Images the epoch count refers to (DreamBooth: the instance images; class images follow them)."""
+    num_prior_images: int = 0
+    """DreamBooth class images, stored after the instance images in `dataset`."""
+    latent: bool = False
+    vae: Optional[Any] = None
+    """Frozen AutoencoderKL of a latent run (None until a from-scratch VAE is trained)."""
+    base: Optional[str] = None
+    """Resolved base pipeline of a fine-tuning run."""
 
 
 @dataclass
@@ -62,12 +81,20 @@ class TextSetup:
     """Distinct captions; the last entry is the empty prompt."""
     caption_ids: torch.Tensor
     """(N,) index into vocab per image."""
+    max_length: int = 77
+    """Tokens per prompt."""
 
 
 def plan_text(cfg: RunConfig, dataset: ImageDataset) -> TextSetup:
-    te = cfg.text_encoder
+    te, m = cfg.text_encoder, cfg.model
     vocab, ids = caption_vocabulary(dataset.captions)
-    if te.pretrained is not None:
+    max_length = te.max_length
+    if m.pretrained is not None:
+        tokenizer, encoder = load_pretrained_text_encoder(m.pretrained, pipeline=True, key="model.pretrained")
+        # The base UNet was trained on prompts of the base tokenizer's length; keep it.
+        max_length = int(tokenizer.model_max_length)
+        trainable = bool(te.train) or (m.finetune == "lora" and cfg.lora.train_text_encoder)
+    elif te.pretrained is not None:
         tokenizer, encoder = load_pretrained_text_encoder(te.pretrained)
         trainable = bool(te.train)
     else:
@@ -75,8 +102,32 @@ def plan_text(cfg: RunConfig, dataset: ImageDataset) -> TextSetup:
         torch.manual_seed(cfg.train.seed)
         encoder = build_scratch_text_encoder(tokenizer, te)
         trainable = True
-    tokenizer.model_max_length = te.max_length  # sampling must use the length the UNet was trained on
-    return TextSetup(tokenizer, encoder, trainable, vocab, ids)
+    tokenizer.model_max_length = max_length  # sampling must use the length the UNet was trained on
+    return TextSetup(tokenizer, encoder, trainable, vocab, ids, max_length)
+
+
+def precheck(cfg: RunConfig) -> None:
+    """Checks that need files but no model: the base pipeline's layout and the DreamBooth instance folder."""
+    if cfg.model.pretrained is not None:
+        check_base_pipeline(cfg.model.pretrained)
+    if cfg.data.instance_dir is not None:
+        from difftrain.data.sources import open_source
+
+        source = open_source(cfg.data.instance_dir, "folder", "train", "image", None, False, None)
+        if len(source) == 0:
+            raise ValueError(f"data.instance_dir = {cfg.data.instance_dir!r} holds no images")
+
+
+def _latent_geometry(cfg: RunConfig) -> tuple[Optional[Any], int, int]:
+    """(pretrained VAE or None, latent channels, pixels per latent cell)."""
+    if cfg.model.pretrained is not None:
+        vae = load_pretrained_vae(cfg.model.pretrained, key="model.pretrained")
+    elif cfg.vae.pretrained is not None:
+        vae = load_pretrained_vae(cfg.vae.pretrained)
+    else:
+        return None, cfg.vae.latent_channels, 2 ** (len(cfg.vae.block_out_channels) - 1)
+    vae.requires_grad_(False).eval()
+    return vae, int(vae.config.latent_channels), downsample_factor(vae)
 
 
 def _every(steps: Optional[int], epochs: Optional[int], steps_per_epoch: int) -> Optional[int]:
@@ -91,7 +142,15 @@ def plan_run(cfg: RunConfig, world_size: int = 1) -> RunPlan:
     """Load the data and resolve sizes and intervals. Raises ValueError/FileNotFoundError/ConfigError."""
     conditional = cfg.model.conditioning == "class"
     text = cfg.model.conditioning == "text"
-    dataset = load_image_dataset(cfg.data, want_labels=conditional, want_captions=text)
+    precheck(cfg)
+    if cfg.data.instance_dir is not None:
+        from difftrain.training.class_images import class_dir_for
+
+        class_dir = class_dir_for(cfg) if cfg.train.prior_preservation else None
+        dataset, num_train = load_dreambooth_dataset(cfg.data, class_dir)
+    else:
+        dataset = load_image_dataset(cfg.data, want_labels=conditional, want_captions=text)
+        num_train = len(dataset)
     num_classes = 0
     if conditional:
         num_classes = cfg.model.num_classes or dataset.num_classes
@@ -103,13 +162,23 @@ def plan_run(cfg: RunConfig, world_size: int = 1) -> RunPlan:
             dataset.class_names = [str(i) for i in range(num_classes)]
     text_setup = plan_text(cfg, dataset) if text else None
     cross_dim = text_hidden_size(text_setup.text_encoder) if text_setup else None
-    kwargs = unet_kwargs(cfg.model, cfg.data.resolution, cfg.data.channels, num_classes, cross_dim)
-    problems = check_unet_kwargs(kwargs, cfg.data.resolution, cfg.model.conditioning)
-    if problems:
-        raise ConfigError(problems)
+    latent = cfg.model.space == "latent" or cfg.model.pretrained is not None
+    vae, sample_size, in_channels = None, cfg.data.resolution, cfg.data.channels
+    if latent:
+        vae, in_channels, factor = _latent_geometry(cfg)
+        if cfg.data.resolution % factor:
+            raise ConfigError([f"'data.resolution' = {cfg.data.resolution} must divide by the VAE's downsampling "
+                               f"factor {factor}"])
+        sample_size = cfg.data.resolution // factor
+    kwargs: dict[str, Any] = {}
+    if cfg.model.pretrained is None:
+        kwargs = unet_kwargs(cfg.model, sample_size, in_channels, num_classes, cross_dim)
+        problems = check_unet_kwargs(kwargs, sample_size, cfg.model.conditioning)
+        if problems:
+            raise ConfigError(problems)
     t = cfg.train
     global_batch = t.batch_size * t.gradient_accumulation_steps * world_size
-    steps_per_epoch = max(1, math.ceil(len(dataset) / global_batch))
+    steps_per_epoch = max(1, math.ceil(num_train / global_batch))
     max_steps = t.max_steps if t.max_steps is not None else t.num_epochs * steps_per_epoch
     return RunPlan(
         cfg=cfg,
@@ -122,6 +191,11 @@ def plan_run(cfg: RunConfig, world_size: int = 1) -> RunPlan:
         checkpoint_every_steps=_every(t.checkpoint_every_steps, t.checkpoint_every_epochs, steps_per_epoch),
         sample_every_steps=_every(t.sample_every_steps, t.sample_every_epochs, steps_per_epoch),
         text=text_setup,
+        num_train_images=num_train,
+        num_prior_images=len(dataset) - num_train,
+        latent=latent,
+        vae=vae,
+        base=resolve(cfg.model.pretrained) if cfg.model.pretrained else None,
     )
 
 
@@ -150,6 +224,29 @@ class Trainables:
     noise_scheduler: DDPMScheduler
     text_encoder: Optional[torch.nn.Module] = None
     conditioner: Optional[TextConditioner] = None
+    latents: Optional[LatentEncoder] = None
+    partial_checkpoints: bool = False
+    """Checkpoints hold only the trained parameters (LoRA); load them with strict=False."""
+
+    def ema_parameters(self, accelerator: Accelerator) -> list[torch.nn.Parameter]:
+        """The UNet parameters the EMA tracks: the trained ones."""
+        return [p for p in accelerator.unwrap_model(self.unet).parameters() if p.requires_grad]
+
+
+def _build_unet(plan: RunPlan, accelerator: Accelerator) -> torch.nn.Module:
+    cfg = plan.cfg
+    if plan.base is None:
+        return build_unet(plan.unet_kwargs, cfg.model.conditioning)
+    unet = load_base_unet(plan.base)
+    if cfg.model.finetune == "lora":
+        # Frozen base weights in the mixed-precision dtype; the adapters are kept in fp32.
+        dtype = weight_dtype(cfg.train.mixed_precision)
+        if dtype != torch.float32:
+            unet.to(dtype)
+        count = add_lora(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.unet_target_modules,
+                         "lora.unet_target_modules")
+        logger.info("LoRA rank %d on the UNet: %d trainable parameters", cfg.lora.rank, count)
+    return unet
 
 
 def build_trainables(plan: RunPlan, accelerator: Accelerator) -> Trainables:
@@ -157,17 +254,22 @@ def build_trainables(plan: RunPlan, accelerator: Accelerator) -> Trainables:
     cfg, t = plan.cfg, plan.cfg.train
     # Weights are initialised from the run seed, so two runs of one config start identically.
     torch.manual_seed(t.seed)
-    unet = build_unet(plan.unet_kwargs, cfg.model.conditioning)
-    param_groups = [{"params": list(unet.parameters()), "lr": t.learning_rate}]
+    unet = _build_unet(plan, accelerator)
+    param_groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": t.learning_rate}]
     text = plan.text
     text_encoder = None
     if text is not None:
         text_encoder = text.text_encoder
-        text_encoder.requires_grad_(text.trainable)
+        lora_text = plan.base is not None and cfg.model.finetune == "lora" and cfg.lora.train_text_encoder
+        text_encoder.requires_grad_(text.trainable and not lora_text)
+        if lora_text:
+            count = add_lora(text_encoder, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                             cfg.lora.text_encoder_target_modules, "lora.text_encoder_target_modules")
+            logger.info("LoRA rank %d on the text encoder: %d trainable parameters", cfg.lora.rank, count)
         if text.trainable:
             text_encoder.train()
             lr = cfg.text_encoder.learning_rate or t.learning_rate
-            param_groups.append({"params": list(text_encoder.parameters()), "lr": lr})
+            param_groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": lr})
         else:
             text_encoder.eval()
     optimizer = torch.optim.AdamW(
@@ -194,18 +296,32 @@ def build_trainables(plan: RunPlan, accelerator: Accelerator) -> Trainables:
             text_encoder.to(accelerator.device)
     conditioner = None
     if text is not None:
-        conditioner = TextConditioner(text.tokenizer, text_encoder, text.vocab, cfg.text_encoder.max_length,
+        conditioner = TextConditioner(text.tokenizer, text_encoder, text.vocab, text.max_length,
                                       text.trainable).to(accelerator.device)
         conditioner.precompute()
-    ema = None
+    prepared = [unet] + ([text_encoder] if text is not None and text.trainable else [])
+    partial = any(not p.requires_grad for model in prepared for p in model.parameters())
+    if partial:
+        trainable_only_checkpoints(accelerator)
+    parts = Trainables(unet, None, optimizer, lr_scheduler, _noise_scheduler(plan), text_encoder, conditioner,
+                       partial_checkpoints=partial)
     if t.use_ema:
-        ema = EMAModel(
-            accelerator.unwrap_model(unet).parameters(),
-            decay=t.ema_decay,
-            use_ema_warmup=t.ema_warmup,
-            model_cls=type(accelerator.unwrap_model(unet)),
-            model_config=accelerator.unwrap_model(unet).config,
-        )
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    return Trainables(unet, ema, optimizer, lr_scheduler, build_noise_scheduler(cfg.diffusion), text_encoder, conditioner)
+        parts.ema = EMAModel(parts.ema_parameters(accelerator), decay=t.ema_decay, use_ema_warmup=t.ema_warmup)
+        parts.ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(parts.ema)
+    if plan.latent:
+        vae = plan.vae.to(accelerator.device)
+        if cfg.vae.scaling_factor is not None:  # saved with the VAE, so the exported pipeline decodes alike
+            vae.register_to_config(scaling_factor=cfg.vae.scaling_factor)
+        scale = float(vae.config.scaling_factor)
+        parts.latents = LatentEncoder(vae, scale, plan.dataset.images, cfg.data.random_flip, cfg.vae.cache_latents)
+    return parts
+
+
+def _noise_scheduler(plan: RunPlan) -> DDPMScheduler:
+    if plan.base is None:
+        return build_noise_scheduler(plan.cfg.diffusion, latent=plan.latent)
+    scheduler = load_base_noise_scheduler(plan.base)
+    logger.info("noise schedule of the base model: %s betas, %s prediction", scheduler.config.beta_schedule,
+                scheduler.config.prediction_type)
+    return scheduler

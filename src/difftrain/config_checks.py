@@ -1,0 +1,153 @@
+"""Cross-field validation of a :class:`RunConfig`: every problem is collected, none raised alone."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from difftrain.config import RunConfig
+
+
+def check_config(cfg: RunConfig) -> list[str]:
+    """Cross-field checks; returns every problem found (empty list when valid)."""
+    problems: list[str] = []
+    t, d, m = cfg.train, cfg.data, cfg.model
+
+    def positive(name: str, value: Optional[float], allow_none: bool = True) -> None:
+        if value is None:
+            if not allow_none:
+                problems.append(f"'{name}' must be set")
+            return
+        if value <= 0:
+            problems.append(f"'{name}' = {value!r}: must be > 0")
+
+    if t.max_steps is None and t.num_epochs is None:
+        problems.append("set 'train.max_steps' or 'train.num_epochs' (neither is set)")
+    if t.max_steps is not None and t.num_epochs is not None:
+        problems.append(
+            f"'train.max_steps' = {t.max_steps} and 'train.num_epochs' = {t.num_epochs} are both set; "
+            "set one and null the other (e.g. train.num_epochs=null)"
+        )
+    for name in ("max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "learning_rate",
+                 "log_every_steps", "checkpoint_every_steps", "checkpoint_every_epochs",
+                 "checkpoints_total_limit", "sample_every_steps", "sample_every_epochs", "max_grad_norm"):
+        positive(f"train.{name}", getattr(t, name))
+    for a, b in (("checkpoint_every_steps", "checkpoint_every_epochs"), ("sample_every_steps", "sample_every_epochs")):
+        if getattr(t, a) is not None and getattr(t, b) is not None:
+            problems.append(f"'train.{a}' and 'train.{b}' are both set; set one and null the other")
+    if t.lr_warmup_steps < 0:
+        problems.append(f"'train.lr_warmup_steps' = {t.lr_warmup_steps}: must be >= 0")
+    if not 0.0 <= t.condition_dropout < 1.0:
+        problems.append(f"'train.condition_dropout' = {t.condition_dropout}: must be in [0, 1)")
+    if not 0.0 < t.ema_decay < 1.0:
+        problems.append(f"'train.ema_decay' = {t.ema_decay}: must be in (0, 1)")
+    if t.push_to_hub and not t.hub_model_id:
+        problems.append("'train.push_to_hub' is true but 'train.hub_model_id' is not set")
+
+    positive("data.resolution", d.resolution, allow_none=False)
+    positive("data.max_images", d.max_images)
+    positive("data.decode_workers", d.decode_workers)
+
+    if m.conditioning == "none" and m.num_classes is not None:
+        problems.append(f"'model.num_classes' = {m.num_classes} needs 'model.conditioning' = 'class'")
+    positive("model.num_classes", m.num_classes)
+    te = cfg.text_encoder
+    if m.conditioning == "text":
+        for name in ("max_length", "hidden_size", "num_layers", "num_heads"):
+            positive(f"text_encoder.{name}", getattr(te, name), allow_none=False)
+        positive("text_encoder.learning_rate", te.learning_rate)
+        if te.pretrained is None and m.pretrained is None and te.train is False:
+            problems.append("'text_encoder.train' = false needs 'text_encoder.pretrained' (a from-scratch encoder must be trained)")
+        if te.hidden_size % te.num_heads:
+            problems.append(f"'text_encoder.hidden_size' = {te.hidden_size} must divide by 'text_encoder.num_heads' = {te.num_heads}")
+    if d.captions == "template" and not d.caption_template:
+        problems.append("'data.captions' = 'template' needs 'data.caption_template' (e.g. 'a photo of a {label}')")
+    if d.captions == "column" and not d.caption_column:
+        problems.append("'data.captions' = 'column' needs 'data.caption_column'")
+    if d.caption_template is not None and "{label}" not in d.caption_template:
+        problems.append(f"'data.caption_template' = {d.caption_template!r} must contain '{{label}}'")
+    if _prompts_without_text_model(cfg):
+        problems.append("'sample.prompts' needs 'model.conditioning' = 'text'")
+    if m.size == "custom" and not m.unet:
+        problems.append("'model.size' = 'custom' needs 'model.unet' kwargs (e.g. block_out_channels)")
+
+    problems.extend(_latent_and_finetune_problems(cfg, positive))
+
+    diff = cfg.diffusion
+    positive("diffusion.num_train_timesteps", diff.num_train_timesteps, allow_none=False)
+    positive("diffusion.snr_gamma", diff.snr_gamma)
+    if diff.offset_noise < 0:
+        problems.append(f"'diffusion.offset_noise' = {diff.offset_noise}: must be >= 0")
+    if not 0 < diff.beta_start < diff.beta_end < 1:
+        problems.append(
+            f"'diffusion.beta_start' = {diff.beta_start}, 'diffusion.beta_end' = {diff.beta_end}: "
+            "need 0 < beta_start < beta_end < 1"
+        )
+
+    s = cfg.sample
+    for name in ("num_inference_steps", "num_images", "images_per_class", "batch_size"):
+        positive(f"sample.{name}", getattr(s, name), allow_none=False)
+    if s.guidance_scale < 0:
+        problems.append(f"'sample.guidance_scale' = {s.guidance_scale}: must be >= 0")
+    if s.guidance_scale != 1.0 and m.conditioning == "none":
+        problems.append(f"'sample.guidance_scale' = {s.guidance_scale} needs a conditional model (model.conditioning)")
+    if not cfg.output_dir:
+        problems.append("'output_dir' must be set (e.g. --output-dir runs/my-run)")
+    return problems
+
+
+def _prompts_without_text_model(cfg: RunConfig) -> bool:
+    return bool(cfg.sample.prompts) and cfg.model.conditioning != "text"
+
+
+def _latent_and_finetune_problems(cfg: RunConfig, positive) -> list[str]:
+    """Latent space, fine-tuning, LoRA and DreamBooth combinations."""
+    problems: list[str] = []
+    d, m, t, v, lora = cfg.data, cfg.model, cfg.train, cfg.vae, cfg.lora
+    latent = m.space == "latent" or m.pretrained is not None
+    if latent and m.conditioning != "text":
+        problems.append(
+            f"'model.conditioning' = {m.conditioning!r} with a latent or pretrained model: only 'text' is supported "
+            "(the export is a StableDiffusionPipeline)"
+        )
+    if m.pretrained is not None and cfg.text_encoder.pretrained is not None:
+        problems.append("'text_encoder.pretrained' and 'model.pretrained' are both set; a fine-tuned pipeline "
+                        "brings its own text encoder")
+    if m.pretrained is not None and m.unet:
+        problems.append(f"'model.unet' = {m.unet!r} has no effect with 'model.pretrained' (the base UNet is used); "
+                        "remove it")
+    if m.finetune == "lora" and m.pretrained is None:
+        problems.append("'model.finetune' = 'lora' needs 'model.pretrained' (the base pipeline the adapters go on)")
+    if lora.train_text_encoder and m.finetune != "lora":
+        problems.append("'lora.train_text_encoder' needs 'model.finetune' = 'lora'")
+    if latent:
+        for name in ("train_steps", "batch_size", "learning_rate", "latent_channels", "layers_per_block"):
+            positive(f"vae.{name}", getattr(v, name), allow_none=False)
+        positive("vae.scaling_factor", v.scaling_factor)
+        if v.kl_weight < 0:
+            problems.append(f"'vae.kl_weight' = {v.kl_weight}: must be >= 0")
+        if not v.block_out_channels or not all(isinstance(c, int) and c > 0 for c in v.block_out_channels):
+            problems.append(f"'vae.block_out_channels' = {v.block_out_channels!r}: need a list of positive ints")
+    positive("lora.rank", lora.rank, allow_none=False)
+    positive("lora.alpha", lora.alpha)
+    if not 0.0 <= lora.dropout < 1.0:
+        problems.append(f"'lora.dropout' = {lora.dropout}: must be in [0, 1)")
+
+    if d.instance_dir is not None:
+        if not d.instance_prompt:
+            problems.append("'data.instance_dir' is set but 'data.instance_prompt' is not (e.g. 'a photo of sks flower')")
+        if m.conditioning != "text":
+            problems.append("'data.instance_dir' (DreamBooth) needs 'model.conditioning' = 'text'")
+    elif d.instance_prompt is not None:
+        problems.append("'data.instance_prompt' is set but 'data.instance_dir' is not")
+    if t.prior_preservation:
+        if not d.class_prompt:
+            problems.append("'train.prior_preservation' is true but 'data.class_prompt' is not set "
+                            "(e.g. data.class_prompt='a photo of a flower')")
+        if d.instance_dir is None:
+            problems.append("'train.prior_preservation' needs 'data.instance_dir' and 'data.instance_prompt'")
+        if m.pretrained is None:
+            problems.append("'train.prior_preservation' needs 'model.pretrained' (the base model generates the class images)")
+        positive("data.num_class_images", d.num_class_images, allow_none=False)
+        if t.prior_loss_weight < 0:
+            problems.append(f"'train.prior_loss_weight' = {t.prior_loss_weight}: must be >= 0")
+    return problems

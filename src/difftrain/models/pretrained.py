@@ -1,0 +1,83 @@
+"""Base pipelines for fine-tuning: check that a path is a Stable Diffusion style pipeline, load its parts.
+
+The check reads only `model_index.json` (one small download for a hub id), so a wrong base path is
+reported before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+
+# What a Stable Diffusion style pipeline must hold for difftrain to fine-tune it.
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+
+
+def resolve(path: str) -> str:
+    """A local path made absolute (so it stays valid from another working directory); hub ids as given."""
+    return str(Path(path).expanduser().resolve()) if looks_local(path) else path
+
+
+def check_base_pipeline(path: str, key: str = "model.pretrained") -> dict:
+    """The pipeline's model_index.json; ValueError/FileNotFoundError naming what is wrong."""
+    if looks_local(path):
+        local = Path(path).expanduser()
+        if not local.is_dir():
+            raise FileNotFoundError(f"{key} = {path!r}: no such directory")
+        if not (local / "model_index.json").is_file():
+            raise ValueError(
+                f"{key} = {path!r} is not a diffusers pipeline folder (no model_index.json); "
+                "expected a Stable Diffusion style pipeline with unet/, vae/, text_encoder/, tokenizer/, scheduler/"
+            )
+    try:
+        index = DiffusionPipeline.load_config(resolve(path))
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(
+            f"{key} = {path!r}: could not read its model_index.json ({exc}). Give a local pipeline folder, "
+            "or a hub id on a machine with internet."
+        ) from exc
+    missing = [name for name in SD_COMPONENTS if not (isinstance(index.get(name), (list, tuple)) and index[name][0])]
+    if missing:
+        raise ValueError(
+            f"{key} = {path!r} ({index.get('_class_name', 'unknown pipeline')}) is not a Stable Diffusion style "
+            f"pipeline: it lacks {', '.join(missing)} (needs {', '.join(SD_COMPONENTS)})"
+        )
+    unet_class = index["unet"][1]
+    if unet_class != "UNet2DConditionModel":
+        raise ValueError(f"{key} = {path!r}: its UNet is {unet_class}; fine-tuning supports UNet2DConditionModel")
+    return dict(index)
+
+
+def load_base_unet(path: str) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(resolve(path), subfolder="unet")
+
+
+def load_base_noise_scheduler(path: str) -> DDPMScheduler:
+    """The base model's training schedule (betas, prediction type) as a DDPMScheduler."""
+    config = DDPMScheduler.load_config(resolve(path), subfolder="scheduler")
+    return DDPMScheduler.from_config(config)
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    """dtype of frozen weights under mixed precision (trained weights stay fp32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def stable_diffusion_pipeline_class():
+    """diffusers' StableDiffusionPipeline, imported with transformers' notices about torchvision silenced
+    (difftrain never uses the image processors they are about)."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        from diffusers import StableDiffusionPipeline
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return StableDiffusionPipeline

@@ -1,0 +1,65 @@
+"""DreamBooth prior preservation: make sure the class-image folder holds `num_class_images` images,
+generating the missing ones with the base pipeline.
+
+Each generated image is written under its own index (class-00042.png, seed = index), atomically, so an
+interrupted generation resumes where it stopped and a finished folder is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from difftrain.config import RunConfig
+from difftrain.data.sources import IMAGE_EXTENSIONS
+from difftrain.sampling.grid import save_png_atomic
+
+logger = logging.getLogger(__name__)
+
+
+def class_dir_for(cfg: RunConfig) -> Path:
+    return Path(cfg.data.class_dir).expanduser() if cfg.data.class_dir else Path(cfg.output_dir) / "class_images"
+
+
+def existing_class_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def ensure_class_images(cfg: RunConfig, device: torch.device) -> Path:
+    """Fill the class folder up to data.num_class_images; returns the folder."""
+    from difftrain.pipeline import generate_from_text
+    from difftrain.models.pretrained import resolve, stable_diffusion_pipeline_class
+    from difftrain.sampling.schedulers import make_scheduler
+
+    folder = class_dir_for(cfg)
+    have = existing_class_images(folder)
+    missing = cfg.data.num_class_images - len(have)
+    if missing <= 0:
+        logger.info("class images: %d in %s, none to generate", len(have), folder)
+        return folder
+    taken = {p.stem for p in have}
+    indices = [i for i in range(cfg.data.num_class_images + len(have)) if f"class-{i:05d}" not in taken][:missing]
+    logger.info("class images: %d in %s; generating %d with %s for %r", len(have), folder, missing,
+                cfg.model.pretrained, cfg.data.class_prompt)
+    pipe = stable_diffusion_pipeline_class().from_pretrained(resolve(cfg.model.pretrained), safety_checker=None,
+                                                             requires_safety_checker=False)
+    pipe.to(device)
+    s = cfg.sample
+    scheduler = make_scheduler(s.scheduler, pipe.scheduler.config)
+    for start in range(0, len(indices), s.batch_size):
+        chunk = indices[start : start + s.batch_size]
+        images = generate_from_text(
+            pipe.unet, scheduler, pipe.tokenizer, pipe.text_encoder, [cfg.data.class_prompt] * len(chunk), chunk,
+            num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, batch_size=s.batch_size,
+            device=device, vae=pipe.vae,
+        )
+        for index, image in zip(chunk, images):
+            array = image.permute(1, 2, 0).numpy()
+            save_png_atomic(Image.fromarray(array[..., 0] if array.shape[2] == 1 else array), folder / f"class-{index:05d}.png")
+    del pipe
+    return folder

@@ -1,0 +1,114 @@
+"""Exports of latent runs: a StableDiffusionPipeline folder (from scratch or fully fine-tuned), or LoRA
+weights that `pipe.load_lora_weights(output_dir)` reads, optionally merged into a full pipeline."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from difftrain.config import RunConfig
+from difftrain.models.lora import LORA_WEIGHTS_NAME, save_lora_weights
+from difftrain.models.pretrained import stable_diffusion_pipeline_class
+from difftrain.pipeline import ADAPTER_BASE_FILE
+from difftrain.sampling.schedulers import make_scheduler
+from difftrain.training.export import RunSummary, save_pipeline_atomically
+
+logger = logging.getLogger(__name__)
+
+
+def export_stable_diffusion(unet, vae, text_encoder, tokenizer, noise_scheduler: SchedulerMixin, cfg: RunConfig,
+                            output_dir: Path) -> None:
+    """A folder that plain `StableDiffusionPipeline.from_pretrained(output_dir)` loads (safety checker off)."""
+    pipe = stable_diffusion_pipeline_class()(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=make_scheduler(cfg.sample.scheduler, noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    save_pipeline_atomically(pipe, output_dir)
+
+
+def export_lora(unet, text_encoder: Optional[torch.nn.Module], cfg: RunConfig, base: str, output_dir: Path) -> Path:
+    """pytorch_lora_weights.safetensors + adapter_base.json; with lora.export_merged, OUTPUT_DIR/merged too."""
+    path = save_lora_weights(output_dir, unet, text_encoder)
+    (output_dir / ADAPTER_BASE_FILE).write_text(json.dumps({"base_model": base}, indent=2) + "\n")
+    if cfg.lora.export_merged:
+        merged = output_dir / "merged"
+        pipe = stable_diffusion_pipeline_class().from_pretrained(base, safety_checker=None,
+                                                                 requires_safety_checker=False)
+        pipe.load_lora_weights(str(output_dir))
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        tmp = output_dir / ".merged-tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        if merged.exists():
+            shutil.rmtree(merged)
+        tmp.replace(merged)
+        logger.info("merged pipeline: %s", merged)
+    return path
+
+
+def write_latent_model_card(cfg: RunConfig, summary: RunSummary, output_dir: Path, base: Optional[str]) -> None:
+    m = cfg.model
+    prompt = (cfg.sample.prompts[0] if cfg.sample.prompts else cfg.data.instance_prompt) or "a photo of a flower"
+    if m.finetune == "lora" and base:
+        what = f"LoRA adapters (rank {cfg.lora.rank}) for `{base}`"
+        load = (
+            "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
+            f"pipe = StableDiffusionPipeline.from_pretrained(\"{base}\")\n"
+            f"pipe.load_lora_weights(\"{output_dir}\")  # reads {LORA_WEIGHTS_NAME}\n"
+            f"image = pipe(\"{prompt}\").images[0]\n```"
+        )
+        if cfg.lora.export_merged:
+            load += f"\n\nA copy with the adapters merged in: `StableDiffusionPipeline.from_pretrained(\"{output_dir}/merged\")`."
+    else:
+        origin = f"fine-tuned from `{base}`" if base else "trained from scratch (VAE, text encoder and UNet)"
+        what = f"A latent text-to-image model ({summary.num_parameters / 1e6:.2f}M UNet parameters), {origin}"
+        load = (
+            "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
+            f"pipe = StableDiffusionPipeline.from_pretrained(\"{output_dir}\")\n"
+            f"image = pipe(\"{prompt}\").images[0]\n```"
+        )
+    dreambooth = ""
+    if cfg.data.instance_dir:
+        dreambooth = (f"\n- DreamBooth: instance prompt {cfg.data.instance_prompt!r} on {cfg.data.instance_dir}"
+                      + (f"; prior preservation with {cfg.data.num_class_images} class images of "
+                         f"{cfg.data.class_prompt!r}, weight {cfg.train.prior_loss_weight:g}"
+                         if cfg.train.prior_preservation else ""))
+    loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
+    grid = f"\n![samples]({summary.sample_grid})\n" if summary.sample_grid else ""
+    text = f"""---
+library_name: diffusers
+tags:
+- difftrain
+- text-to-image
+{'- lora' if m.finetune == 'lora' else '- stable-diffusion'}
+pipeline_tag: text-to-image
+{f'base_model: {base}' if base else ''}
+---
+
+# {Path(cfg.output_dir).name}
+
+{what}, trained with [difftrain](https://github.com/difftrain/difftrain).
+{grid}
+## Training
+- Data: {summary.data_description}: {summary.num_images} images at {cfg.data.resolution} px{f'; {summary.num_skipped} unreadable file(s) skipped' if summary.num_skipped else ''}{dreambooth}
+- Steps: {summary.steps} optimizer steps, {summary.images_seen} images seen ({summary.epochs:.1f} epochs), batch {cfg.train.batch_size}
+- Optimizer: AdamW, learning rate {cfg.train.learning_rate:g} ({cfg.train.lr_scheduler}), mixed precision {cfg.train.mixed_precision}
+- Validation prompts: {', '.join(repr(p) for p in cfg.sample.prompts) or 'the training captions'}
+- Final training loss: {loss}; training time: {summary.train_seconds / 60:.1f} min
+- Full configuration: `config.yaml`; TensorBoard logs: `logs/`; sample grids: `samples/`
+
+## How to load
+{load}
+"""
+    tmp = output_dir / ".README.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(output_dir / "README.md")
