@@ -27,3 +27,17 @@ def flowers_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    path = SHARED_DATA / "mnist"
+    if not path.is_dir():
+        pytest.skip(f"shared data not found at {path}")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _private_difftrain_cache(tmp_path_factory, monkeypatch):
+    """Classifier and reference-feature caches live in a per-session temp dir, never in ~/.cache."""
+    monkeypatch.setenv("DIFFTRAIN_CACHE", str(tmp_path_factory.getbasetemp() / "difftrain-cache"))

@@ -219,6 +219,16 @@ class TrainConfig:
     """Hub repository, e.g. 'you/ddpm-butterflies-128'."""
     hub_private: bool = False
     """Create the hub repository as private."""
+    eval_every_steps: Optional[int] = None
+    """Steps between sample-quality evaluations (FID/KID, classifier accuracy and FID) during training; None disables them."""
+    eval_num_samples: int = 100
+    """Samples per evaluation during training."""
+    eval_num_reference: int = 1000
+    """Training images whose Inception features are the FID/KID reference (computed once, cached)."""
+    eval_inception: bool = True
+    """Include Inception FID/KID in evaluations during training (False: classifier metrics only, much cheaper on CPU)."""
+    keep_best_by: Optional[Literal["fid", "kid", "classifier_fid", "accuracy"]] = None
+    """Keep the export with the best value of this evaluation metric in OUTPUT_DIR/best (needs eval_every_steps)."""
     prior_preservation: bool = False
     """DreamBooth: add the prior-preservation loss on class images (needs data.class_prompt and a base model)."""
     prior_loss_weight: float = 1.0

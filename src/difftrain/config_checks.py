@@ -70,6 +70,19 @@ def check_config(cfg: RunConfig) -> list[str]:
     if m.size == "custom" and not m.unet:
         problems.append("'model.size' = 'custom' needs 'model.unet' kwargs (e.g. block_out_channels)")
 
+    positive("train.eval_every_steps", t.eval_every_steps)
+    if t.eval_num_samples < 2 or t.eval_num_reference < 2:
+        problems.append(f"'train.eval_num_samples' = {t.eval_num_samples}, 'train.eval_num_reference' = "
+                        f"{t.eval_num_reference}: need at least 2 each")
+    if t.keep_best_by is not None:
+        if t.eval_every_steps is None:
+            problems.append(f"'train.keep_best_by' = {t.keep_best_by!r} needs 'train.eval_every_steps'")
+        if t.keep_best_by in ("fid", "kid") and not t.eval_inception:
+            problems.append(f"'train.keep_best_by' = {t.keep_best_by!r} needs 'train.eval_inception' = true")
+        if t.keep_best_by in ("accuracy", "classifier_fid") and not (
+                m.conditioning == "class" or (m.conditioning == "text" and d.caption_template)):
+            problems.append(f"'train.keep_best_by' = {t.keep_best_by!r} needs labelled data (a class-conditional "
+                            "model, or a text model with data.caption_template)")
     problems.extend(_latent_and_finetune_problems(cfg, positive))
 
     diff = cfg.diffusion

@@ -257,6 +257,35 @@ def resume(accelerator: Accelerator, output_dir: Path, partial: bool = False) ->
     return step
 
 
+def _trim_metrics(metrics_path: Path, start: int) -> None:
+    """Drop rows logged after the checkpoint being resumed from: those steps are about to be redone."""
+    if not metrics_path.is_file():
+        return
+    lines = metrics_path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= start]
+    if len(kept) != len(lines):
+        tmp = metrics_path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(metrics_path)
+
+
+def _evaluate(plan: RunPlan, parts: Trainables, accelerator: Accelerator, evaluator, output_dir: Path,
+              step: int) -> None:
+    """Score EMA samples, log them, and keep the best export when they beat it."""
+    start = time.perf_counter()
+    with _EmaWeights(parts, accelerator) as unet:
+        report = evaluator.evaluate(plan, parts, unet)
+        numbers = {k: v for k, v in report.items() if isinstance(v, float)}
+        accelerator.get_tracker("tensorboard", unwrap=False).log({f"eval/{k}": v for k, v in numbers.items()}, step=step)
+        with open(output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "eval": report}) + "\n")
+        logger.info("eval at step %d (%.0f s): %s", step, time.perf_counter() - start,
+                    ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
+        if evaluator.improves(report):
+            _export(plan, parts, accelerator, unet, evaluator.best_dir)
+            evaluator.record_best(report, step)
+
+
 def _export(plan: RunPlan, parts: Trainables, accelerator: Accelerator, unet, output_dir: Path) -> None:
     cfg = plan.cfg
     text_encoder = accelerator.unwrap_model(parts.text_encoder) if parts.text_encoder is not None else None
@@ -353,8 +382,15 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
                     dynamic_ncols=True, mininterval=1.0)
     loss_sum = torch.zeros((), device=accelerator.device)
     losses_since_log, last_loss = 0, None
-    tick, train_start = time.perf_counter(), time.perf_counter()
     metrics_path = output_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        _trim_metrics(metrics_path, start)
+    evaluator = None
+    if t.eval_every_steps and accelerator.is_main_process:
+        from difftrain.training.evaluator import TrainingEvaluator
+
+        evaluator = TrainingEvaluator(plan, output_dir, accelerator.device)
+    tick, train_start = time.perf_counter(), time.perf_counter()
     last_sample: Optional[Path] = None
     for step in range(start, end):
         loss_sum += train_step(plan, parts, accelerator, step)
@@ -376,10 +412,16 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
                     f.write(json.dumps({"step": done, **metrics}) + "\n")
             loss_sum.zero_()
             losses_since_log, tick = 0, now
+        maintenance_start = time.perf_counter()
         if plan.sample_every_steps and done % plan.sample_every_steps == 0 and accelerator.is_main_process:
             last_sample = save_samples(plan, parts, accelerator, output_dir, done)
+        if t.eval_every_steps and done % t.eval_every_steps == 0:
+            if evaluator is not None:
+                _evaluate(plan, parts, accelerator, evaluator, output_dir, done)
+            accelerator.wait_for_everyone()
         if (plan.checkpoint_every_steps and done % plan.checkpoint_every_steps == 0) or done == end:
             save_training_state(plan, accelerator, output_dir, done)
+        tick += time.perf_counter() - maintenance_start  # images/s counts training time only
     progress.close()
     if end < plan.max_steps:
         return output_dir
@@ -401,6 +443,10 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
         else:
             write_model_card(cfg, summary, plan.dataset.class_names, output_dir)
         logger.info("exported pipeline to %s; samples: %s", output_dir, last_sample)
+        from difftrain.training.plots import write_plots
+
+        plots = write_plots(metrics_path, output_dir / "plots")
+        logger.info("plots: %s", ", ".join(str(p) for p in plots))
     accelerator.wait_for_everyone()
     if t.push_to_hub and accelerator.is_main_process:
         url = push_to_hub(output_dir, t.hub_model_id, t.hub_private)

@@ -149,7 +149,9 @@ def plan_run(cfg: RunConfig, world_size: int = 1) -> RunPlan:
         class_dir = class_dir_for(cfg) if cfg.train.prior_preservation else None
         dataset, num_train = load_dreambooth_dataset(cfg.data, class_dir)
     else:
-        dataset = load_image_dataset(cfg.data, want_labels=conditional, want_captions=text)
+        # Text runs captioned from labels keep the labels: evaluation scores samples per class.
+        keep_labels = conditional or (text and cfg.data.caption_template is not None)
+        dataset = load_image_dataset(cfg.data, want_labels=keep_labels, want_captions=text)
         num_train = len(dataset)
     num_classes = 0
     if conditional:

@@ -1,0 +1,1 @@
+"""Sample-quality measurement: Inception and classifier features, FID/KID, conditional accuracy."""

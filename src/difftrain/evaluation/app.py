@@ -1,0 +1,110 @@
+"""`difftrain evaluate`: sample from an exported run and score the samples against reference data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from difftrain.config import ConfigError, RunConfig, config_from_dict
+from difftrain.evaluation.evaluate import (
+    ReferenceSet,
+    conditioning_for,
+    format_table,
+    prepare_reference,
+    score_samples,
+)
+from difftrain.pipeline import generate, generate_from_text, load_pipeline, scheduler_for
+
+logger = logging.getLogger(__name__)
+
+
+def generate_for_run(pipe, cfg: RunConfig, scheduler, seeds: list[int], labels: Optional[list[int]],
+                     prompts: Optional[list[str]], *, num_inference_steps: int, guidance_scale: float,
+                     batch_size: int = 64, device: Optional[str] = None) -> torch.Tensor:
+    """Samples of a loaded run for the labels/prompts of `conditioning_for`: uint8 (N, C, H, W)."""
+    if cfg.model.conditioning == "text":
+        if prompts is None:
+            raise ValueError("a text model without a caption template (data.caption_template with {label}) "
+                             "cannot be scored per class")
+        return generate_from_text(pipe.unet, scheduler, pipe.tokenizer, pipe.text_encoder, prompts, seeds,
+                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                  batch_size=batch_size, device=device, vae=getattr(pipe, "vae", None))
+    return generate(pipe.unet, scheduler, seeds, num_inference_steps=num_inference_steps, class_labels=labels,
+                    guidance_scale=guidance_scale, batch_size=batch_size, device=device)
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The config.yaml a finished run saved, validated."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no config.yaml; evaluate needs a finished difftrain run")
+    try:
+        return config_from_dict(yaml.safe_load(config_path.read_text()) or {})
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise ValueError(f"{config_path}: {exc}") from exc
+
+
+def run_reference(cfg: RunConfig, reference: Optional[str] = None, reference_split: Optional[str] = None,
+                  num_reference: int = 2000, use_inception: bool = True, device: str = "cpu") -> ReferenceSet:
+    """The reference set of a run: its own training data unless `reference` names other data."""
+    path = reference or cfg.data.instance_dir or cfg.data.path
+    data = dataclasses.replace(cfg.data, path=path, split=reference_split or cfg.data.split, max_images=None,
+                               source="auto" if reference else cfg.data.source)
+    labelled = cfg.model.conditioning == "class" or (cfg.model.conditioning == "text" and bool(cfg.data.caption_template))
+    return prepare_reference(data, num_reference, labelled, use_inception=use_inception, device=device)
+
+
+def evaluate_run(
+    run_dir: Path,
+    *,
+    reference: Optional[str] = None,
+    reference_split: Optional[str] = None,
+    num_samples: int = 500,
+    num_reference: int = 2000,
+    scheduler: Optional[str] = None,
+    num_inference_steps: Optional[int] = None,
+    guidance_scale: Optional[float] = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: Optional[str] = None,
+    use_inception: bool = True,
+    out: Optional[Path] = None,
+) -> dict:
+    """Generate `num_samples` images, score them, write the JSON report; returns it."""
+    cfg = load_run_config(run_dir)
+    if num_samples < 2:
+        raise ValueError(f"--num-samples {num_samples}: need at least 2")
+    start = time.perf_counter()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ref = run_reference(cfg, reference, reference_split, num_reference, use_inception=use_inception, device=device)
+
+    pipe = load_pipeline(run_dir, device=device)
+    sched = scheduler_for(pipe, scheduler or cfg.sample.scheduler)
+    steps = num_inference_steps or cfg.sample.num_inference_steps
+    guidance = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
+    labels, prompts = conditioning_for(cfg, ref.class_names, num_samples)
+    seeds = [seed + i for i in range(num_samples)]
+    logger.info("sampling %d images (%s, %d steps, guidance %.2f) on %s", num_samples, type(sched).__name__, steps,
+                guidance, device)
+    samples = generate_for_run(pipe, cfg, sched, seeds, labels, prompts, num_inference_steps=steps,
+                               guidance_scale=guidance, batch_size=batch_size, device=device)
+    report = {
+        "run": str(run_dir), "reference": ref.description, "scheduler": type(sched).__name__,
+        "num_inference_steps": steps, "guidance_scale": guidance, "seed": seed,
+        **score_samples(ref, samples, labels),
+    }
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    out = out or run_dir / "evaluation.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
+    print(format_table(report))
+    return report
