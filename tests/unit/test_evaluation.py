@@ -57,3 +57,25 @@ def test_classifier_cache_key_changes_with_the_data(tmp_path: Path, monkeypatch)
     other = get_classifier(changed, labels, 2, steps=5)
     assert other.key != first.key
     assert len(list((tmp_path / "classifiers").glob("*.safetensors"))) == 2
+
+
+def test_evaluation_prompts_follow_how_the_run_was_captioned():
+    from difftrain.config import load_config
+    from difftrain.evaluation.evaluate import conditioning_for
+
+    names = [str(i) for i in range(10)]
+    labelled = load_config("tiny/digits-text")
+    labels, prompts = conditioning_for(labelled, names, 12)
+    assert labels == [i % 10 for i in range(12)]
+    assert prompts[3] == "A handwritten digit 3" and prompts[10] == "A handwritten digit 0"
+
+    free = load_config("tiny/digits-text", ["data.caption_template=null", "sample.prompts=[a, b]"])
+    assert conditioning_for(free, names, 3) == (None, ["a", "b", "a"])
+    no_prompts = load_config("tiny/digits-text", ["data.caption_template=null"])
+    assert conditioning_for(no_prompts, names, 2, captions=["x"]) == (None, ["x", "x"])
+    with pytest.raises(ValueError, match="sample.prompts"):
+        conditioning_for(no_prompts, names, 2)
+
+    classes = load_config("tiny/digits-class")
+    labels, prompts = conditioning_for(classes, names, 4)
+    assert labels == [0, 1, 2, 3] and prompts is None

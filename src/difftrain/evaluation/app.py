@@ -30,9 +30,7 @@ def generate_for_run(pipe, cfg: RunConfig, scheduler, seeds: list[int], labels: 
                      batch_size: int = 64, device: Optional[str] = None) -> torch.Tensor:
     """Samples of a loaded run for the labels/prompts of `conditioning_for`: uint8 (N, C, H, W)."""
     if cfg.model.conditioning == "text":
-        if prompts is None:
-            raise ValueError("a text model without a caption template (data.caption_template with {label}) "
-                             "cannot be scored per class")
+        assert prompts is not None, "conditioning_for gives every text run its prompts"
         return generate_from_text(pipe.unet, scheduler, pipe.tokenizer, pipe.text_encoder, prompts, seeds,
                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                   batch_size=batch_size, device=device, vae=getattr(pipe, "vae", None))

@@ -34,12 +34,11 @@ class TrainingEvaluator:
     @torch.no_grad()
     def evaluate(self, plan, parts, unet) -> dict:
         cfg, s, n = self.cfg, self.cfg.sample, self.cfg.train.eval_num_samples
-        labels, prompts = conditioning_for(cfg, self.ref.class_names, n)
+        captions = [c for c in plan.text.vocab if c] if plan.text is not None else ()
+        labels, prompts = conditioning_for(cfg, self.ref.class_names, n, captions)
         seeds = [s.seed + _EVAL_SEED_OFFSET + i for i in range(n)]
         scheduler = make_scheduler(s.scheduler, parts.noise_scheduler.config)
         if plan.text is not None:
-            if prompts is None:  # free-form captions: score unconditional-style against the data
-                prompts = [plan.text.vocab[i % max(1, len(plan.text.vocab) - 1)] for i in range(n)]
             encoder = parts.text_encoder
             was_training = encoder.training
             encoder.eval()
