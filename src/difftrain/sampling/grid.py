@@ -7,7 +7,16 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+
+def _label_font() -> ImageFont.ImageFont:
+    # Pillow's scalable default font (FreeType) keeps the spaces in "a photo of a daisy" visible; the
+    # old bitmap font, the fallback without FreeType, renders them one pixel wide.
+    try:
+        return ImageFont.load_default(size=12)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
 
 
 def make_grid(images: torch.Tensor, ncols: int, padding: int = 2, min_cell_px: int = 64,
@@ -24,9 +33,10 @@ def make_grid(images: torch.Tensor, ncols: int, padding: int = 2, min_cell_px: i
     ncols = max(1, min(ncols, n))
     nrows = -(-n // ncols)
     cell_h, cell_w = h * scale, w * scale
+    font = _label_font()
     margin = 0
     if row_labels:
-        margin = 8 + 7 * max(len(label) for label in row_labels)
+        margin = 10 + int(max(font.getlength(label) for label in row_labels))
     top = 16 if col_labels else 0
     grid = np.full(
         (top + padding + nrows * (cell_h + padding), margin + padding + ncols * (cell_w + padding), 3), 255, np.uint8
@@ -42,9 +52,9 @@ def make_grid(images: torch.Tensor, ncols: int, padding: int = 2, min_cell_px: i
     image = Image.fromarray(grid)
     draw = ImageDraw.Draw(image)
     for r, label in enumerate((row_labels or [])[:nrows]):
-        draw.text((4, top + padding + r * (cell_h + padding) + cell_h // 2 - 5), label, fill=(0, 0, 0))
+        draw.text((4, top + padding + r * (cell_h + padding) + cell_h // 2 - 7), label, fill=(0, 0, 0), font=font)
     for c, label in enumerate((col_labels or [])[:ncols]):
-        draw.text((margin + padding + c * (cell_w + padding) + 2, 2), label, fill=(0, 0, 0))
+        draw.text((margin + padding + c * (cell_w + padding) + 2, 1), label, fill=(0, 0, 0), font=font)
     return image
 
 
