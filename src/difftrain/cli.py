@@ -1,4 +1,4 @@
-"""Command line: `difftrain train|train-vae|sample|evaluate|show-config|presets`. Thin: parse, validate, call the library."""
+"""Command line: `difftrain train|check|train-vae|sample|evaluate|show-config|presets`. Thin: parse, validate, call the library."""
 
 from __future__ import annotations
 
@@ -19,6 +19,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="preset name (see `difftrain presets`) or a YAML file")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, anywhere on the line")
     train.add_argument("--output-dir", help="run directory (overrides output_dir); an existing run resumes")
+
+    check = sub.add_parser("check", help="validate a config, scan its data for bad files, time one training step",
+                           epilog=EPILOG)
+    check.add_argument("config", help="preset name or YAML file")
+    check.add_argument("overrides", nargs="*", metavar="key=value")
+    check.add_argument("--output-dir", help="also check that this run directory would resume with the config")
+    check.add_argument("--no-step", action="store_true", help="skip the timed training step")
+    check.add_argument("--all", action="store_true", help="list every warning (default: 20 of each kind, then a count)")
 
     vae = sub.add_parser("train-vae", help="train only a from-scratch AutoencoderKL (the `vae` section) on the data",
                          epilog=EPILOG)
@@ -85,6 +93,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # config errors exit 2 like every command
+    from difftrain.training.preflight import run_check
+
+    return run_check(cfg, with_step=not args.no_step, show_all=args.all)
+
+
 def cmd_train_vae(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from difftrain.training.vae_train import train_vae_run
@@ -136,7 +151,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": cmd_evaluate, "train": cmd_train, "train-vae": cmd_train_vae, "show-config": cmd_show_config, "presets": cmd_presets, "sample": cmd_sample}
+COMMANDS = {"evaluate": cmd_evaluate, "check": cmd_check, "train": cmd_train, "train-vae": cmd_train_vae, "show-config": cmd_show_config, "presets": cmd_presets, "sample": cmd_sample}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -189,6 +189,14 @@ class TrainConfig:
     """AdamW decoupled weight decay."""
     max_grad_norm: Optional[float] = 1.0
     """Gradient clipping norm; None disables clipping."""
+    nonfinite_max_skips: int = 3
+    """Consecutive steps with a non-finite loss or gradient that are skipped (never applied) before rolling back to the newest checkpoint."""
+    nonfinite_max_rollbacks: int = 2
+    """Rollbacks (each with a remedy, see nonfinite_remedy) before a run whose steps stay non-finite stops with a message; 0 stops where the first rollback would be."""
+    nonfinite_remedy: Literal["auto", "lower_lr", "raise_precision"] = "auto"
+    """What a rollback changes: 'raise_precision' (fp16 -> bf16 -> fp32, then the learning rate), 'lower_lr', or 'auto' (precision while mixed precision is on, else the learning rate)."""
+    nonfinite_lr_factor: float = 0.5
+    """Learning-rate multiplier of each 'lower_lr' rollback (applied to the rest of the schedule)."""
     mixed_precision: MixedPrecision = "no"
     """'bf16' (CPU or recent GPU), 'fp16' (CUDA only) or 'no' (fp32)."""
     seed: int = 0
@@ -343,6 +351,8 @@ def _check_value(value: Any, tp: Any) -> tuple[bool, Any]:
                 return True, coerced
         return False, value
     if origin is Literal:
+        if value is False and "no" in typing.get_args(tp):
+            return True, "no"  # YAML 1.1 reads an unquoted `no` (mixed_precision=no) as false
         # type() equality keeps True from matching Literal[1, 3].
         return any(value == a and type(value) is type(a) for a in typing.get_args(tp)), value
     if tp is type(None):

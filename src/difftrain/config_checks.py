@@ -34,6 +34,12 @@ def check_config(cfg: RunConfig) -> list[str]:
     for a, b in (("checkpoint_every_steps", "checkpoint_every_epochs"), ("sample_every_steps", "sample_every_epochs")):
         if getattr(t, a) is not None and getattr(t, b) is not None:
             problems.append(f"'train.{a}' and 'train.{b}' are both set; set one and null the other")
+    if t.nonfinite_max_skips < 1:
+        problems.append(f"'train.nonfinite_max_skips' = {t.nonfinite_max_skips}: must be >= 1")
+    if t.nonfinite_max_rollbacks < 0:
+        problems.append(f"'train.nonfinite_max_rollbacks' = {t.nonfinite_max_rollbacks}: must be >= 0")
+    if not 0.0 < t.nonfinite_lr_factor < 1.0:
+        problems.append(f"'train.nonfinite_lr_factor' = {t.nonfinite_lr_factor}: must be in (0, 1)")
     if t.lr_warmup_steps < 0:
         problems.append(f"'train.lr_warmup_steps' = {t.lr_warmup_steps}: must be >= 0")
     if not 0.0 <= t.condition_dropout < 1.0:

@@ -140,3 +140,9 @@ def test_config_reference_doc_is_current(repo):
     result = subprocess.run([sys.executable, str(repo / "scripts" / "gen_config_docs.py"), "--check"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_unquoted_no_is_the_string_no_for_mixed_precision():
+    # YAML 1.1 reads `no` as false; `train.mixed_precision=no` on the command line must still work.
+    assert load_config("digits", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config("digits", ["train.mixed_precision='no'"]).train.mixed_precision == "no"

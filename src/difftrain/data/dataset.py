@@ -36,6 +36,8 @@ class ImageDataset:
     """(name, reason) of every item that could not be read or had no caption."""
     captions: Optional[list[str]] = None
     """One caption per image for text-conditioned models."""
+    names: Optional[list[str]] = None
+    """One name per image: its file path, or 'source[index]' for sources without files."""
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -45,10 +47,29 @@ class ImageDataset:
         return len(self.class_names)
 
 
-def _decode(source: ImageSource, index: int, cfg: DataConfig) -> np.ndarray:
+@dataclass
+class ImageFacts:
+    """What an image was before conversion (for `difftrain check`)."""
+
+    mode: str
+    size: tuple[int, int]
+    format: Optional[str]
+    transparency: bool
+
+
+def decode_item(source: ImageSource, index: int, cfg: DataConfig) -> tuple[np.ndarray, ImageFacts]:
+    """Read, convert, resize and crop item `index`: the one reader of training and `difftrain check`.
+
+    Raises whatever the decoder raises for an unreadable, truncated or non-image file.
+    """
     with source.open(index) as image:
         image.load()
-        return prepare_image(image, cfg.resolution, cfg.channels, cfg.center_crop)
+        facts = ImageFacts(image.mode, image.size, image.format, "transparency" in image.info)
+        return prepare_image(image, cfg.resolution, cfg.channels, cfg.center_crop), facts
+
+
+def _decode(source: ImageSource, index: int, cfg: DataConfig) -> np.ndarray:
+    return decode_item(source, index, cfg)[0]
 
 
 def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[Optional[str]]] = None) -> ImageDataset:
@@ -81,7 +102,8 @@ def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[
     if source.labels is not None:
         labels = torch.tensor([source.labels[i] for i in keep], dtype=torch.long)
     kept_captions = None if captions is None else [str(captions[i]) for i in keep]
-    return ImageDataset(images, labels, list(source.class_names), source.description, sorted(skipped), kept_captions)
+    return ImageDataset(images, labels, list(source.class_names), source.description, sorted(skipped), kept_captions,
+                        [source.names[i] for i in keep])
 
 
 def load_image_dataset(cfg: DataConfig, want_labels: bool, want_captions: bool = False) -> ImageDataset:
@@ -122,5 +144,6 @@ def load_dreambooth_dataset(cfg: DataConfig, class_dir: Optional[Path]) -> tuple
         description=f"{instance.description} + class images {class_dir}",
         skipped=instance.skipped + prior.skipped,
         captions=instance.captions + [str(cfg.class_prompt)] * len(prior),
+        names=(instance.names or []) + (prior.names or []),
     )
     return combined, len(instance)

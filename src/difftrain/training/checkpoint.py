@@ -18,6 +18,11 @@ from typing import Any, Callable, Optional
 
 logger = logging.getLogger(__name__)
 
+# Room left on top of a checkpoint's estimated size: file-system metadata, the progress file, and the
+# copy of the same step that a re-save keeps until the rename.
+_SPACE_MARGIN = 1.1
+_SPACE_SLACK_BYTES = 8 * 1024 * 1024
+
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 PROGRESS_FILE = "progress.json"
 
@@ -73,14 +78,19 @@ def write_checkpoint(checkpoints_dir: Path, step: int, save_state: Callable[[Pat
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_state(tmp)
-    progress_tmp = tmp / f".{PROGRESS_FILE}.tmp"
-    with open(progress_tmp, "w") as f:
-        json.dump(progress, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    progress_tmp.replace(tmp / PROGRESS_FILE)
-    _fsync_dir(tmp)
+    try:
+        save_state(tmp)
+        progress_tmp = tmp / f".{PROGRESS_FILE}.tmp"
+        with open(progress_tmp, "w") as f:
+            json.dump(progress, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        progress_tmp.replace(tmp / PROGRESS_FILE)
+        _fsync_dir(tmp)
+    except BaseException:
+        # A failed write (disk full, interrupt) must not leave a partial copy eating the space the next try needs.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         # Re-saving the same step (e.g. the final step after a resume): swap atomically-ish.
         old = checkpoints_dir / f".old-{checkpoint_name(step)}"
@@ -121,3 +131,62 @@ def remove_stale_temporaries(checkpoints_dir: Path) -> None:
         if entry.name.startswith((".tmp-", ".old-")):
             logger.warning("removing incomplete checkpoint %s left by an interrupted run", entry.name)
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def directory_bytes(path: Path) -> int:
+    """Total size of the files under `path`."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def estimate_checkpoint_bytes(checkpoints_dir: Path, state_bytes: int) -> int:
+    """Expected size of the next checkpoint: the newest complete one, or `state_bytes` before the first."""
+    latest = latest_checkpoint(checkpoints_dir)
+    return directory_bytes(latest) if latest is not None else state_bytes
+
+
+class DiskSpaceError(ValueError):
+    """Not enough free space for a write; raised before anything is written."""
+
+
+def ensure_free_space(directory: Path, needed_bytes: int, what: str) -> None:
+    """Raise DiskSpaceError when the file system of `directory` has less than `needed_bytes` (plus a margin) free."""
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    wanted = int(needed_bytes * _SPACE_MARGIN) + _SPACE_SLACK_BYTES
+    if free < wanted:
+        raise DiskSpaceError(
+            f"not enough disk space for {what} in {directory}: {free / 2**20:.1f} MiB free, about "
+            f"{wanted / 2**20:.1f} MiB needed (estimated from the previous checkpoint or the model and optimizer "
+            "size). Free some space (or lower train.checkpoints_total_limit) and run the same command again; "
+            "it resumes from the last complete checkpoint."
+        )
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Read every file of a checkpoint without executing anything; raise ValueError naming the first bad one.
+
+    Tensors come from safetensors and pickles only through `torch.load(weights_only=True)`, so a
+    truncated file or one holding arbitrary objects is refused before `accelerator.load_state` (which
+    reads custom state with weights_only=False) ever sees it.
+    """
+    import torch
+    from accelerate.utils import load as accelerate_load  # weights_only=True plus numpy's RNG types
+    from safetensors.torch import load_file
+
+    try:
+        progress = read_progress(checkpoint)
+        int(progress["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{checkpoint / PROGRESS_FILE}: unreadable ({type(exc).__name__}: {exc})") from exc
+    for path in sorted(checkpoint.rglob("*")):
+        if not path.is_file() or path.name == PROGRESS_FILE:
+            continue
+        try:
+            if path.suffix == ".safetensors":
+                load_file(path)
+            elif path.name.startswith("random_states"):
+                accelerate_load(path)
+            elif path.suffix in (".bin", ".pkl", ".pt", ".pth"):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # any reader failure means the file is not a usable checkpoint part
+            raise ValueError(f"{path}: cannot be read safely ({type(exc).__name__}: {str(exc)[:200]})") from exc

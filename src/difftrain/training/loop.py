@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 import difftrain
-from difftrain.config import ConfigError, RunConfig, config_from_dict, dump_config
+from difftrain.config import RunConfig, dump_config
 from difftrain.data.transforms import random_hflip, to_model_range
 from difftrain.diffusion.loss import denoising_loss, prior_preservation_loss, sample_noise
 from difftrain.models.conditioning import drop_captions
@@ -29,6 +29,8 @@ from difftrain.training.data_order import sample_indices, step_generator, stream
 from difftrain.training.export import RunSummary, export_pipeline, push_to_hub, write_model_card
 from difftrain.training.class_images import ensure_class_images
 from difftrain.training.export_latent import export_lora, export_stable_diffusion, write_latent_model_card
+from difftrain.training.numerics import NonFiniteGuard
+from difftrain.training.resume_check import check_before_resume, load_newest_checkpoint, trim_metrics
 from difftrain.training.setup import RunPlan, Trainables, build_trainables, make_accelerator, plan_run, precheck
 from difftrain.training.vae_train import train_vae, vae_is_complete
 
@@ -51,26 +53,6 @@ def prepare_output_dir(cfg: RunConfig) -> Path:
         )
     output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir
-
-
-def _log_config_changes(output_dir: Path, cfg: RunConfig) -> None:
-    saved_path = output_dir / "config.yaml"
-    if not saved_path.is_file():
-        return
-    import yaml
-
-    try:
-        saved = config_from_dict(yaml.safe_load(saved_path.read_text())).to_dict()
-    except (ConfigError, yaml.YAMLError) as exc:
-        logger.warning("could not read the previous %s: %s", saved_path, exc)
-        return
-    now = cfg.to_dict()
-    for section, values in now.items():
-        old = saved.get(section)
-        if isinstance(values, dict) and isinstance(old, dict):
-            for key, value in values.items():
-                if old.get(key) != value:
-                    logger.info("config change on resume: %s.%s: %r -> %r", section, key, old.get(key), value)
 
 
 # DreamBooth class images get their own shuffled stream, so instance and class batches are independent.
@@ -98,8 +80,24 @@ def model_inputs(plan: RunPlan, parts: Trainables, indices: torch.Tensor, genera
     return to_model_range(images)
 
 
-def train_step(plan: RunPlan, parts: Trainables, accelerator: Accelerator, step: int) -> torch.Tensor:
-    """One optimizer step (gradient_accumulation_steps micro-batches); returns the mean loss, on device."""
+def batch_files(plan: RunPlan, accelerator: Accelerator, step: int) -> list[str]:
+    """Names of the images of loop step `step` on this process (file paths where the source has them)."""
+    t = plan.cfg.train
+    names = plan.dataset.names
+    rows = []
+    for micro in range(t.gradient_accumulation_steps):
+        position = stream_position(step, micro, accelerator.process_index, t.gradient_accumulation_steps,
+                                   accelerator.num_processes, t.batch_size)
+        rows += batch_indices(plan, position).tolist()
+    return [names[r] if names else f"data set row {r}" for r in rows]
+
+
+def train_step(plan: RunPlan, parts: Trainables, accelerator: Accelerator, step: int,
+               guard: Optional[NonFiniteGuard] = None) -> torch.Tensor:
+    """One optimizer step (gradient_accumulation_steps micro-batches); returns the mean loss, on device.
+
+    With a `guard`, a step whose loss or gradient is not finite is not applied (see training/numerics.py).
+    """
     cfg, t = plan.cfg, plan.cfg.train
     dataset, device = plan.dataset, accelerator.device
     unet = parts.unet
@@ -110,6 +108,7 @@ def train_step(plan: RunPlan, parts: Trainables, accelerator: Accelerator, step:
         model.train()
     params = [p for model in trained for p in model.parameters() if p.requires_grad]
     total = torch.zeros((), device=device)
+    applied = True
     for micro in range(t.gradient_accumulation_steps):
         position = stream_position(step, micro, accelerator.process_index, t.gradient_accumulation_steps,
                                    accelerator.num_processes, t.batch_size)
@@ -131,7 +130,7 @@ def train_step(plan: RunPlan, parts: Trainables, accelerator: Accelerator, step:
         timesteps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
                                   generator=generator, device=device)
         with accelerator.accumulate(*trained):
-            with accelerator.autocast():
+            with (guard.autocast() if guard is not None else accelerator.autocast()):
                 if caption_ids is not None:
                     cond["encoder_hidden_states"] = parts.conditioner(caption_ids)
                 per_example = denoising_loss(
@@ -142,15 +141,24 @@ def train_step(plan: RunPlan, parts: Trainables, accelerator: Accelerator, step:
                 loss = prior_preservation_loss(per_example, t.prior_loss_weight)
             else:
                 loss = per_example.mean()
+            if guard is not None:
+                loss = guard.poison(step, loss)
             accelerator.backward(loss)
+            norm = None
             if accelerator.sync_gradients and t.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(params, t.max_grad_norm)
-            parts.optimizer.step()
-            parts.lr_scheduler.step()
+                norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+            if guard is not None and accelerator.sync_gradients:
+                applied = guard.check(total + loss.detach(), norm, params)
+            if applied:
+                parts.optimizer.step()
+                parts.lr_scheduler.step()
+                applied = not getattr(parts.optimizer, "step_was_skipped", False)
             parts.optimizer.zero_grad(set_to_none=True)
         total += loss.detach()
-    if parts.ema is not None:
+    if parts.ema is not None and applied:
         parts.ema.step(parts.ema_parameters(accelerator))
+    if guard is not None:
+        guard.last_applied = applied
     return total / t.gradient_accumulation_steps
 
 
@@ -218,7 +226,14 @@ def save_samples(plan: RunPlan, parts: Trainables, accelerator: Accelerator, out
     return path
 
 
-def save_training_state(plan: RunPlan, accelerator: Accelerator, output_dir: Path, step: int) -> None:
+def save_training_state(plan: RunPlan, accelerator: Accelerator, output_dir: Path, step: int,
+                        numerics: Optional[dict] = None, state_bytes: int = 0) -> None:
+    """Write checkpoints/step-N atomically, after checking there is room for it.
+
+    Args:
+        numerics: the non-finite policy's state (remedies taken), restored on resume.
+        state_bytes: size estimate of the first checkpoint (model, optimizer, EMA); later ones use the previous size.
+    """
     progress = {
         "step": step,
         "images_seen": step * plan.global_batch_size,
@@ -226,47 +241,39 @@ def save_training_state(plan: RunPlan, accelerator: Accelerator, output_dir: Pat
         "num_processes": accelerator.num_processes,
         "difftrain_version": difftrain.__version__,
         "config": plan.cfg.to_dict(),
+        "numerics": numerics or {},
     }
     checkpoints_dir = output_dir / "checkpoints"
     if accelerator.is_main_process:
+        needed = ckpt.estimate_checkpoint_bytes(checkpoints_dir, state_bytes)
+        ckpt.ensure_free_space(checkpoints_dir, needed, f"checkpoint {ckpt.checkpoint_name(step)}")
         path = ckpt.write_checkpoint(checkpoints_dir, step, lambda d: accelerator.save_state(str(d)), progress)
         ckpt.rotate_checkpoints(checkpoints_dir, plan.cfg.train.checkpoints_total_limit)
         logger.info("saved checkpoint %s", path)
     accelerator.wait_for_everyone()
 
 
-def resume(accelerator: Accelerator, output_dir: Path, partial: bool = False) -> int:
-    """Load the newest complete checkpoint, if any; returns the step to continue from.
+def resume(accelerator: Accelerator, output_dir: Path, partial: bool = False,
+           guard: Optional[NonFiniteGuard] = None) -> int:
+    """Load the newest checkpoint that reads back whole (older ones if it does not); returns the step to continue from.
 
     Args:
         partial: checkpoints hold only trained parameters (LoRA); the frozen base comes from the base model.
+        guard: receives the non-finite policy's state saved with the checkpoint.
     """
     checkpoints_dir = output_dir / "checkpoints"
     if accelerator.is_main_process:
         ckpt.remove_stale_temporaries(checkpoints_dir)
     accelerator.wait_for_everyone()
-    latest = ckpt.latest_checkpoint(checkpoints_dir)
+    _, latest = load_newest_checkpoint(accelerator, checkpoints_dir, partial)
     if latest is None:
         return 0
-    if partial:
-        accelerator.load_state(str(latest), strict=False)
-    else:
-        accelerator.load_state(str(latest))
-    step = int(ckpt.read_progress(latest)["step"])
+    progress = ckpt.read_progress(latest)
+    step = int(progress["step"])
+    if guard is not None:
+        guard.load_state(progress.get("numerics"))
     logger.info("resumed from %s (step %d)", latest, step)
     return step
-
-
-def _trim_metrics(metrics_path: Path, start: int) -> None:
-    """Drop rows logged after the checkpoint being resumed from: those steps are about to be redone."""
-    if not metrics_path.is_file():
-        return
-    lines = metrics_path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= start]
-    if len(kept) != len(lines):
-        tmp = metrics_path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(metrics_path)
 
 
 def _evaluate(plan: RunPlan, parts: Trainables, accelerator: Accelerator, evaluator, output_dir: Path,
@@ -316,6 +323,7 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
     """
     output_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, output_dir)  # writes nothing until trackers start
+    changes = check_before_resume(cfg, output_dir)  # refuses unsafe changes before anything is decoded or written
     handler = None
     try:
         if cfg.train.prior_preservation:
@@ -330,6 +338,8 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
             handler = _start_output_dir(cfg, accelerator, output_dir)
         if plan.latent and plan.vae is None:
             plan.vae = _from_scratch_vae(plan, accelerator, output_dir)
+        for key, old, new in changes:
+            logger.info("config change on resume: %s: %r -> %r", key, old, new)
         return _train(plan, accelerator, output_dir, stop_at_step)
     finally:
         accelerator.end_training()
@@ -364,12 +374,19 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
     cfg, t = plan.cfg, plan.cfg.train
     parts = build_trainables(plan, accelerator)
     if accelerator.is_main_process:
-        _log_config_changes(output_dir, cfg)
-        (output_dir / "config.yaml").write_text(dump_config(cfg))
+        tmp_config = output_dir / ".config.yaml.tmp"  # a kill mid-write must not leave a cut config.yaml
+        tmp_config.write_text(dump_config(cfg))
+        tmp_config.replace(output_dir / "config.yaml")
     accelerator.init_trackers("tensorboard")
-    start = resume(accelerator, output_dir, parts.partial_checkpoints)
+    trained_models = [parts.unet] + ([parts.text_encoder] if parts.conditioner is not None and parts.conditioner.trainable else [])
+    guard = NonFiniteGuard(t, accelerator, trained_models, lambda step: batch_files(plan, accelerator, step))
+    start = resume(accelerator, output_dir, parts.partial_checkpoints, guard)
+    logger.info("%s", guard.describe())
     num_params = sum(p.numel() for p in accelerator.unwrap_model(parts.unet).parameters())
     num_trained = sum(p.numel() for p in parts.ema_parameters(accelerator))
+    # Weights, two AdamW moments and the EMA copy of the trained parameters, plus the frozen rest.
+    state_bytes = sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1)
+                      for model in trained_models for p in model.parameters())
     logger.info(
         "data: %s, %d images (%d skipped); model: %.2fM parameters (%.2fM trained); global batch %d (%d x %d accumulation x %d processes); "
         "%d steps (%.1f epochs) from step %d; device %s, mixed precision %s",
@@ -381,10 +398,10 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
     progress = tqdm(total=plan.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process,
                     dynamic_ncols=True, mininterval=1.0)
     loss_sum = torch.zeros((), device=accelerator.device)
-    losses_since_log, last_loss = 0, None
+    losses_since_log, applied_since_log, last_loss = 0, 0, None
     metrics_path = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
-        _trim_metrics(metrics_path, start)
+        trim_metrics(metrics_path, start)
     evaluator = None
     if t.eval_every_steps and accelerator.is_main_process:
         from difftrain.training.evaluator import TrainingEvaluator
@@ -392,26 +409,43 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
         evaluator = TrainingEvaluator(plan, output_dir, accelerator.device)
     tick, train_start = time.perf_counter(), time.perf_counter()
     last_sample: Optional[Path] = None
-    for step in range(start, end):
-        loss_sum += train_step(plan, parts, accelerator, step)
+    step = start
+    while step < end:
+        loss = train_step(plan, parts, accelerator, step, guard)
+        if guard.after_step(step, guard.last_applied) == "rollback":
+            step = guard.rollback(step, lambda: load_newest_checkpoint(accelerator, output_dir / "checkpoints",
+                                                                       parts.partial_checkpoints),
+                                  parts.optimizer, parts.lr_scheduler)
+            if accelerator.is_main_process:
+                trim_metrics(metrics_path, step)
+            progress.n = step
+            loss_sum.zero_()
+            losses_since_log, applied_since_log, tick = 0, 0, time.perf_counter()
+            continue
+        if guard.last_applied:  # a skipped step's loss is not finite and would poison the logged mean
+            loss_sum += loss
+            applied_since_log += 1
         losses_since_log += 1
         done = step + 1
+        step += 1
         progress.update(1)
         if done % t.log_every_steps == 0 or done == end:
             # The only host sync of the loop: reading the loss at log intervals.
-            last_loss = (loss_sum / losses_since_log).item()
+            last_loss = (loss_sum / applied_since_log).item() if applied_since_log else float("nan")
             now = time.perf_counter()
             images_per_s = losses_since_log * plan.global_batch_size / max(now - tick, 1e-9)
             lr = parts.lr_scheduler.get_last_lr()[0]
             metrics = {"loss": last_loss, "lr": lr, "images_per_s": images_per_s,
                        "epoch": done * plan.global_batch_size / plan.num_train_images}
+            if guard.state.skipped_steps:
+                metrics["skipped_steps"] = guard.state.skipped_steps
             accelerator.log(metrics, step=done)
             progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
             if accelerator.is_main_process:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps({"step": done, **metrics}) + "\n")
             loss_sum.zero_()
-            losses_since_log, tick = 0, now
+            losses_since_log, applied_since_log, tick = 0, 0, now
         maintenance_start = time.perf_counter()
         if plan.sample_every_steps and done % plan.sample_every_steps == 0 and accelerator.is_main_process:
             last_sample = save_samples(plan, parts, accelerator, output_dir, done)
@@ -419,8 +453,10 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
             if evaluator is not None:
                 _evaluate(plan, parts, accelerator, evaluator, output_dir, done)
             accelerator.wait_for_everyone()
-        if (plan.checkpoint_every_steps and done % plan.checkpoint_every_steps == 0) or done == end:
-            save_training_state(plan, accelerator, output_dir, done)
+        # No periodic checkpoint inside a run of skipped steps, so a rollback goes back to before it.
+        periodic = plan.checkpoint_every_steps and done % plan.checkpoint_every_steps == 0 and not guard.consecutive
+        if periodic or done == end:
+            save_training_state(plan, accelerator, output_dir, done, guard.state_dict(), state_bytes)
         tick += time.perf_counter() - maintenance_start  # images/s counts training time only
     progress.close()
     if end < plan.max_steps:
