@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="preset name (see `difftrain presets`) or a YAML file")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, anywhere on the line")
     train.add_argument("--output-dir", help="run directory (overrides output_dir); an existing run resumes")
+    train.add_argument("--num-processes", type=int, default=None, metavar="N",
+                       help="train with N processes on this machine (torchrun; gloo on CPU, NCCL on GPUs); "
+                            "for several machines use accelerate launch, see docs/distributed.md")
 
     check = sub.add_parser("check", help="validate a config, scan its data for bad files, time one training step",
                            epilog=EPILOG)
@@ -86,11 +90,30 @@ def _load(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before importing torch/diffusers, so config errors come back at once
+    if args.num_processes is not None:
+        from difftrain.training.distributed import launch_local
+
+        return launch_local(args.num_processes, _without_num_processes(sys.argv[1:] if args.argv is None else args.argv))
     from difftrain.training.loop import train
 
     output_dir = train(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # the main process reports the run
     print(f"done: {output_dir} (samples in {output_dir / 'samples'}, model card {output_dir / 'README.md'})")
     return 0
+
+
+def _without_num_processes(argv: Sequence[str]) -> list[str]:
+    """The command line for each rank: the same one, minus the launch option."""
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--num-processes":
+            skip = True
+        elif not word.startswith("--num-processes="):
+            out.append(word)
+    return out
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -164,17 +187,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    args.argv = list(argv) if argv is not None else None
     _setup_logging()
     from difftrain.config import ConfigError
     from difftrain.errors import HubUploadError
 
+    # Under a launcher each rank prints its own error; the rank says which one failed.
+    rank = f" [rank {os.environ['RANK']}]" if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "RANK" in os.environ else ""
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
-        print(f"difftrain {args.command}: {exc}", file=sys.stderr)
+        print(f"difftrain {args.command}{rank}: {exc}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, FileExistsError, HubUploadError) as exc:
-        print(f"difftrain {args.command}: error: {exc}", file=sys.stderr)
+        print(f"difftrain {args.command}{rank}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is kept and the same command resumes", file=sys.stderr)

@@ -7,7 +7,13 @@ import itertools
 import pytest
 import torch
 
-from difftrain.training.data_order import epoch_permutation, sample_indices, step_generator, stream_position
+from difftrain.training.data_order import (
+    epoch_permutation,
+    micro_batch_generator,
+    sample_indices,
+    step_generator,
+    stream_position,
+)
 
 CPU = torch.device("cpu")
 
@@ -128,3 +134,23 @@ def test_step_generators_are_pairwise_distinct_over_a_grid():
     assert len(seen) == 2 * 4 * 3 * 2
     # Swapping two arguments does not give the same stream either.
     assert not torch.equal(_draws(step_generator(0, 1, 2, 0, CPU)), _draws(step_generator(0, 2, 1, 0, CPU)))
+
+
+def test_one_process_draws_are_unchanged_by_the_micro_batch_slots():
+    for micro in range(3):
+        assert torch.equal(_draws(micro_batch_generator(0, 7, micro, 0, 1, CPU)), _draws(step_generator(0, 7, micro, 0, CPU)))
+
+
+@pytest.mark.parametrize("world_size, accum", [(2, 1), (2, 3), (4, 2)])
+def test_n_ranks_draw_what_one_rank_with_n_times_the_accumulation_draws(world_size: int, accum: int):
+    # Same images (stream positions) and same random draws per micro-batch slot: the multi-process
+    # integration test compares 2 ranks against 1 rank with accumulation 2 on this basis.
+    batch = 4
+    for step in range(3):
+        for micro in range(accum):
+            for rank in range(world_size):
+                slot = micro * world_size + rank
+                assert stream_position(step, micro, rank, accum, world_size, batch) == \
+                    stream_position(step, slot, 0, accum * world_size, 1, batch)
+                assert torch.equal(_draws(micro_batch_generator(0, step, micro, rank, world_size, CPU)),
+                                   _draws(micro_batch_generator(0, step, slot, 0, 1, CPU)))

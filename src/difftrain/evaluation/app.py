@@ -75,29 +75,60 @@ def evaluate_run(
     use_inception: bool = True,
     out: Optional[Path] = None,
 ) -> dict:
-    """Generate `num_samples` images, score them, write the JSON report; returns it."""
+    """Generate `num_samples` images, score them, write the JSON report; returns it.
+
+    Under a launcher (`torchrun`, `accelerate launch`) every process samples its share of the seeds and
+    the main process scores them and writes the report; the others return an empty dict.
+    """
+    from difftrain.training.distributed import (
+        generate_sharded,
+        launched_world_size,
+        process_state,
+        quiet_other_ranks,
+    )
+
     cfg = load_run_config(run_dir)
     if num_samples < 2:
         raise ValueError(f"--num-samples {num_samples}: need at least 2")
     start = time.perf_counter()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ref = run_reference(cfg, reference, reference_split, num_reference, use_inception=use_inception, device=device)
+    state = process_state() if launched_world_size() > 1 else None
+    main = state is None or state.is_main_process
+    if state is not None:
+        quiet_other_ranks(state)
+    if device is None:
+        device = str(state.device) if state is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    # One process prepares (and caches) the reference set; the others only need its class names.
+    ref = run_reference(cfg, reference, reference_split, num_reference, use_inception=use_inception,
+                        device=device) if main else None
+    class_names = ref.class_names if ref is not None else None
+    if state is not None:
+        from accelerate.utils import broadcast_object_list
+
+        class_names = broadcast_object_list([class_names])[0]
 
     pipe = load_pipeline(run_dir, device=device)
     sched = scheduler_for(pipe, scheduler or cfg.sample.scheduler)
     steps = num_inference_steps or cfg.sample.num_inference_steps
     guidance = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
-    labels, prompts = conditioning_for(cfg, ref.class_names, num_samples)
-    seeds = [seed + i for i in range(num_samples)]
+    labels, prompts = conditioning_for(cfg, class_names, num_samples)
     logger.info("sampling %d images (%s, %d steps, guidance %.2f) on %s", num_samples, type(sched).__name__, steps,
                 guidance, device)
-    samples = generate_for_run(pipe, cfg, sched, seeds, labels, prompts, num_inference_steps=steps,
-                               guidance_scale=guidance, batch_size=batch_size, device=device)
+
+    def make(indices: list[int]) -> torch.Tensor:
+        return generate_for_run(pipe, cfg, sched, [seed + i for i in indices],
+                                [labels[i] for i in indices] if labels is not None else None,
+                                [prompts[i] for i in indices] if prompts is not None else None,
+                                num_inference_steps=steps, guidance_scale=guidance, batch_size=batch_size,
+                                device=device)
+
+    samples = generate_sharded(make, num_samples)
+    if not main:
+        return {}
     report = {
         "run": str(run_dir), "reference": ref.description, "scheduler": type(sched).__name__,
         "num_inference_steps": steps, "guidance_scale": guidance, "seed": seed,
-        **score_samples(ref, samples, labels),
     }
+    report.update(score_samples(ref, samples, labels))  # main process alone: metrics.py does not sync ranks
     report["seconds"] = round(time.perf_counter() - start, 1)
     out = out or run_dir / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)

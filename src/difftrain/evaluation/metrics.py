@@ -28,7 +28,9 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """FID between feature sets (N, D) and (M, D) (Gaussian fits, Fréchet distance)."""
     if real.shape[0] < 2 or fake.shape[0] < 2:
         raise ValueError(f"FID needs at least 2 samples per side (got {real.shape[0]} and {fake.shape[0]})")
-    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), reset_real_features=False)
+    # sync_on_compute=False: features are already gathered; scoring runs on one process of a launch.
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), reset_real_features=False,
+                                      sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     return float(metric.compute())
@@ -46,7 +48,8 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subset_size: int = 1
         raise ValueError(f"KID needs at least 2 samples per side (got {real.shape[0]} and {fake.shape[0]})")
     with warnings.catch_warnings():  # its "features are kept in memory" notice: they are ours already
         warnings.simplefilter("ignore", UserWarning)
-        metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=size, subsets=subsets)
+        metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=size, subsets=subsets,
+                                         sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng(devices=[]):  # its subsets come from the global RNG

@@ -65,21 +65,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(checkpoints_dir: Path, step: int, save_state: Callable[[Path], None], progress: dict[str, Any]) -> Path:
-    """Write a checkpoint atomically: save into a temp dir, add progress.json, then rename.
-
-    Args:
-        save_state: writes the training state into the given (existing, empty) directory.
-        progress: JSON-serialisable bookkeeping (step, images seen, config, version...).
-    """
+def begin_checkpoint(checkpoints_dir: Path, step: int) -> Path:
+    """Create the empty temporary directory a checkpoint is saved into."""
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    final = checkpoints_dir / checkpoint_name(step)
     tmp = checkpoints_dir / f".tmp-{checkpoint_name(step)}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def abandon_checkpoint(tmp: Path) -> None:
+    """Remove a temporary checkpoint whose write failed."""
+    # A failed write (disk full, interrupt) must not leave a partial copy eating the space the next try needs.
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finish_checkpoint(checkpoints_dir: Path, step: int, tmp: Path, progress: dict[str, Any]) -> Path:
+    """Add progress.json to a saved temporary checkpoint and rename it into place."""
+    final = checkpoints_dir / checkpoint_name(step)
     try:
-        save_state(tmp)
         progress_tmp = tmp / f".{PROGRESS_FILE}.tmp"
         with open(progress_tmp, "w") as f:
             json.dump(progress, f, indent=2)
@@ -88,8 +93,7 @@ def write_checkpoint(checkpoints_dir: Path, step: int, save_state: Callable[[Pat
         progress_tmp.replace(tmp / PROGRESS_FILE)
         _fsync_dir(tmp)
     except BaseException:
-        # A failed write (disk full, interrupt) must not leave a partial copy eating the space the next try needs.
-        shutil.rmtree(tmp, ignore_errors=True)
+        abandon_checkpoint(tmp)
         raise
     if final.exists():
         # Re-saving the same step (e.g. the final step after a resume): swap atomically-ish.
@@ -103,6 +107,22 @@ def write_checkpoint(checkpoints_dir: Path, step: int, save_state: Callable[[Pat
         tmp.replace(final)
     _fsync_dir(checkpoints_dir)
     return final
+
+
+def write_checkpoint(checkpoints_dir: Path, step: int, save_state: Callable[[Path], None], progress: dict[str, Any]) -> Path:
+    """Write a checkpoint atomically: save into a temp dir, add progress.json, then rename.
+
+    Args:
+        save_state: writes the training state into the given (existing, empty) directory.
+        progress: JSON-serialisable bookkeeping (step, images seen, config, version...).
+    """
+    tmp = begin_checkpoint(checkpoints_dir, step)
+    try:
+        save_state(tmp)
+    except BaseException:
+        abandon_checkpoint(tmp)
+        raise
+    return finish_checkpoint(checkpoints_dir, step, tmp, progress)
 
 
 def rotate_checkpoints(checkpoints_dir: Path, keep: Optional[int]) -> list[Path]:

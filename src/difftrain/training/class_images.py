@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from PIL import Image
@@ -30,22 +31,33 @@ def existing_class_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def ensure_class_images(cfg: RunConfig, device: torch.device) -> Path:
-    """Fill the class folder up to data.num_class_images; returns the folder."""
+def ensure_class_images(cfg: RunConfig, device: torch.device, rank: int = 0, world_size: int = 1,
+                        barrier: Optional[Callable[[], None]] = None) -> Path:
+    """Fill the class folder up to data.num_class_images; returns the folder.
+
+    With several processes every rank calls this: each generates every `world_size`-th missing image
+    (distinct files, so no two processes write one), and `barrier` runs after every rank has listed the
+    folder, so no rank counts another's new images as already there.
+    """
     from difftrain.pipeline import generate_from_text
     from difftrain.models.pretrained import resolve, stable_diffusion_pipeline_class
     from difftrain.sampling.schedulers import make_scheduler
 
     folder = class_dir_for(cfg)
     have = existing_class_images(folder)
+    if barrier is not None:
+        barrier()
     missing = cfg.data.num_class_images - len(have)
     if missing <= 0:
         logger.info("class images: %d in %s, none to generate", len(have), folder)
         return folder
     taken = {p.stem for p in have}
     indices = [i for i in range(cfg.data.num_class_images + len(have)) if f"class-{i:05d}" not in taken][:missing]
-    logger.info("class images: %d in %s; generating %d with %s for %r", len(have), folder, missing,
-                cfg.model.pretrained, cfg.data.class_prompt)
+    indices = indices[rank::world_size]  # the image's seed is its index, so the split does not change the images
+    logger.info("class images: %d in %s; generating %d with %s for %r (%d here, %d processes)", len(have), folder,
+                missing, cfg.model.pretrained, cfg.data.class_prompt, len(indices), world_size)
+    if not indices:
+        return folder
     pipe = stable_diffusion_pipeline_class().from_pretrained(resolve(cfg.model.pretrained), safety_checker=None,
                                                              requires_safety_checker=False)
     pipe.to(device)

@@ -1,8 +1,10 @@
 """Stateless data order and per-step randomness.
 
 Everything random in a training step (which images, flips, condition dropout, noise, timesteps) is a
-pure function of (seed, step, micro-step, rank). Resuming at step k therefore replays exactly what an
-uninterrupted run would have done, with no RNG state to save, and nothing depends on DataLoader
+pure function of (seed, step, micro-step, rank). Ranks and micro-steps are numbered as one global
+sequence of micro-batch slots, so the draws of a step depend on the global batch layout, not on how it
+is split across processes. Resuming at step k therefore replays exactly what an uninterrupted run would
+have done, with no RNG state to save, and nothing depends on DataLoader
 workers or iterator position.
 """
 
@@ -58,3 +60,15 @@ def stream_position(step: int, micro_step: int, rank: int, grad_accum: int, worl
 def step_generator(seed: int, step: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
     """A generator for the random draws of one micro-batch on one rank."""
     return torch.Generator(device=device).manual_seed(_mix(_STEP_STREAM, seed, step, micro_step, rank))
+
+
+def micro_batch_generator(seed: int, step: int, micro_step: int, rank: int, world_size: int,
+                          device: torch.device) -> torch.Generator:
+    """The generator of one micro-batch, keyed by its slot in the step's global order of micro-batches.
+
+    Slot `micro_step * world_size + rank` is the same slot `stream_position` reads images for, so N ranks
+    with accumulation A draw the same images, flips, noise and timesteps as 1 rank with accumulation N*A
+    (the multi-process test compares exactly that). With one process the slot is the micro-step and
+    rank 0, i.e. the single-process draws are unchanged.
+    """
+    return step_generator(seed, step, micro_step * world_size + rank, 0, device)

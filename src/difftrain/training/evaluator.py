@@ -13,6 +13,7 @@ import torch
 from difftrain.evaluation.evaluate import _test_split, conditioning_for, reference_from_dataset, score_samples
 from difftrain.pipeline import generate, generate_from_text
 from difftrain.sampling.schedulers import make_scheduler
+from difftrain.training.distributed import generate_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -22,34 +23,56 @@ HIGHER_IS_BETTER = {"accuracy"}
 
 
 class TrainingEvaluator:
-    def __init__(self, plan, output_dir: Path, device: torch.device):
+    """Every rank samples its share of the evaluation seeds; the main process (`scores=True`) scores them.
+
+    Only the scoring process builds the reference set, so its caches have one writer.
+    """
+
+    def __init__(self, plan, output_dir: Path, device: torch.device, scores: bool = True):
         cfg, t = plan.cfg, plan.cfg.train
         self.cfg = cfg
         labelled = plan.dataset.labels is not None
         test = _test_split(cfg.data, True) if labelled and cfg.data.instance_dir is None else None
-        self.ref = reference_from_dataset(plan.dataset, t.eval_num_reference, t.eval_inception, labelled, device, test)
+        self.ref = None
+        if scores:
+            self.ref = reference_from_dataset(plan.dataset, t.eval_num_reference, t.eval_inception, labelled, device,
+                                              test)
         self.best_dir = output_dir / "best"
         self.device = device
 
     @torch.no_grad()
-    def evaluate(self, plan, parts, unet) -> dict:
+    def evaluate(self, plan, parts, unet) -> Optional[dict]:
+        """Sample (sharded over the processes; every rank must call this) and score; None on non-scoring ranks."""
         cfg, s, n = self.cfg, self.cfg.sample, self.cfg.train.eval_num_samples
         captions = [c for c in plan.text.vocab if c] if plan.text is not None else ()
-        labels, prompts = conditioning_for(cfg, self.ref.class_names, n, captions)
-        seeds = [s.seed + _EVAL_SEED_OFFSET + i for i in range(n)]
+        # The reference set is built from plan.dataset, so its class names are the data set's on every rank.
+        class_names = self.ref.class_names if self.ref is not None else list(plan.dataset.class_names or [])
+        labels, prompts = conditioning_for(cfg, class_names, n, captions)
         scheduler = make_scheduler(s.scheduler, parts.noise_scheduler.config)
-        if plan.text is not None:
-            encoder = parts.text_encoder
-            was_training = encoder.training
+
+        def make(indices: list[int]) -> torch.Tensor:
+            seeds = [s.seed + _EVAL_SEED_OFFSET + i for i in indices]
+            if plan.text is not None:
+                return generate_from_text(unet, scheduler, plan.text.tokenizer, parts.text_encoder,
+                                          [prompts[i] for i in indices], seeds,
+                                          num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                                          batch_size=s.batch_size, vae=parts.latents.vae if parts.latents else None)
+            return generate(unet, scheduler, seeds, num_inference_steps=s.num_inference_steps,
+                            class_labels=[labels[i] for i in indices] if labels is not None else None,
+                            guidance_scale=s.guidance_scale, batch_size=s.batch_size)
+
+        encoder = parts.text_encoder if plan.text is not None else None
+        was_training = encoder.training if encoder is not None else False
+        if encoder is not None:
             encoder.eval()
-            samples = generate_from_text(unet, scheduler, plan.text.tokenizer, encoder, prompts, seeds,
-                                         num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-                                         batch_size=s.batch_size, vae=parts.latents.vae if parts.latents else None)
-            encoder.train(was_training)
-        else:
-            samples = generate(unet, scheduler, seeds, num_inference_steps=s.num_inference_steps,
-                               class_labels=labels, guidance_scale=s.guidance_scale, batch_size=s.batch_size)
-        report = score_samples(self.ref, samples, labels)
+        try:
+            samples = generate_sharded(make, n)
+        finally:
+            if encoder is not None:
+                encoder.train(was_training)
+        if self.ref is None:
+            return None
+        report = score_samples(self.ref, samples, labels)  # this process alone: metrics.py does not sync ranks
         report.pop("per_class_accuracy", None)
         return report
 

@@ -25,7 +25,8 @@ from difftrain.pipeline import generate, generate_from_text
 from difftrain.sampling.grid import make_grid, save_png_atomic
 from difftrain.sampling.schedulers import make_scheduler
 from difftrain.training import checkpoint as ckpt
-from difftrain.training.data_order import sample_indices, step_generator, stream_position
+from difftrain.training import distributed
+from difftrain.training.data_order import micro_batch_generator, sample_indices, stream_position
 from difftrain.training.export import RunSummary, export_pipeline, push_to_hub, write_model_card
 from difftrain.training.class_images import ensure_class_images
 from difftrain.training.export_latent import export_lora, export_stable_diffusion, write_latent_model_card
@@ -113,7 +114,8 @@ def train_step(plan: RunPlan, parts: Trainables, accelerator: Accelerator, step:
         position = stream_position(step, micro, accelerator.process_index, t.gradient_accumulation_steps,
                                    accelerator.num_processes, t.batch_size)
         indices = batch_indices(plan, position)
-        generator = step_generator(t.seed, step, micro, accelerator.process_index, device)
+        generator = micro_batch_generator(t.seed, step, micro, accelerator.process_index, accelerator.num_processes,
+                                          device)
         x0 = model_inputs(plan, parts, indices, generator, device)
         cond: dict = {}
         caption_ids = None
@@ -244,22 +246,20 @@ def save_training_state(plan: RunPlan, accelerator: Accelerator, output_dir: Pat
         "numerics": numerics or {},
     }
     checkpoints_dir = output_dir / "checkpoints"
-    if accelerator.is_main_process:
-        needed = ckpt.estimate_checkpoint_bytes(checkpoints_dir, state_bytes)
-        ckpt.ensure_free_space(checkpoints_dir, needed, f"checkpoint {ckpt.checkpoint_name(step)}")
-        path = ckpt.write_checkpoint(checkpoints_dir, step, lambda d: accelerator.save_state(str(d)), progress)
-        ckpt.rotate_checkpoints(checkpoints_dir, plan.cfg.train.checkpoints_total_limit)
-        logger.info("saved checkpoint %s", path)
-    accelerator.wait_for_everyone()
+    needed = ckpt.estimate_checkpoint_bytes(checkpoints_dir, state_bytes) if accelerator.is_main_process else 0
+    distributed.save_checkpoint(accelerator, checkpoints_dir, step, progress, needed,
+                                plan.cfg.train.checkpoints_total_limit)
 
 
 def resume(accelerator: Accelerator, output_dir: Path, partial: bool = False,
-           guard: Optional[NonFiniteGuard] = None) -> int:
+           guard: Optional[NonFiniteGuard] = None,
+           lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None) -> int:
     """Load the newest checkpoint that reads back whole (older ones if it does not); returns the step to continue from.
 
     Args:
         partial: checkpoints hold only trained parameters (LoRA); the frozen base comes from the base model.
         guard: receives the non-finite policy's state saved with the checkpoint.
+        lr_scheduler: moved to the current process count when the checkpoint was written by another.
     """
     checkpoints_dir = output_dir / "checkpoints"
     if accelerator.is_main_process:
@@ -272,6 +272,7 @@ def resume(accelerator: Accelerator, output_dir: Path, partial: bool = False,
     step = int(progress["step"])
     if guard is not None:
         guard.load_state(progress.get("numerics"))
+    distributed.note_process_count(progress, accelerator, lr_scheduler)
     logger.info("resumed from %s (step %d)", latest, step)
     return step
 
@@ -281,7 +282,9 @@ def _evaluate(plan: RunPlan, parts: Trainables, accelerator: Accelerator, evalua
     """Score EMA samples, log them, and keep the best export when they beat it."""
     start = time.perf_counter()
     with _EmaWeights(parts, accelerator) as unet:
-        report = evaluator.evaluate(plan, parts, unet)
+        report = evaluator.evaluate(plan, parts, unet)  # every rank samples a share; the main one scores
+        if report is None:
+            return
         numbers = {k: v for k, v in report.items() if isinstance(v, float)}
         accelerator.get_tracker("tensorboard", unwrap=False).log({f"eval/{k}": v for k, v in numbers.items()}, step=step)
         with open(output_dir / "metrics.jsonl", "a") as f:
@@ -330,8 +333,8 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
             # Class images must exist before the data is planned; check everything cheap first.
             precheck(cfg)
             handler = _start_output_dir(cfg, accelerator, output_dir)
-            if accelerator.is_main_process:
-                ensure_class_images(cfg, accelerator.device)
+            ensure_class_images(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes,
+                                accelerator.wait_for_everyone)
             accelerator.wait_for_everyone()
         plan = plan_run(cfg, world_size=accelerator.num_processes)
         if handler is None:
@@ -380,7 +383,7 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
     accelerator.init_trackers("tensorboard")
     trained_models = [parts.unet] + ([parts.text_encoder] if parts.conditioner is not None and parts.conditioner.trainable else [])
     guard = NonFiniteGuard(t, accelerator, trained_models, lambda step: batch_files(plan, accelerator, step))
-    start = resume(accelerator, output_dir, parts.partial_checkpoints, guard)
+    start = resume(accelerator, output_dir, parts.partial_checkpoints, guard, parts.lr_scheduler)
     logger.info("%s", guard.describe())
     num_params = sum(p.numel() for p in accelerator.unwrap_model(parts.unet).parameters())
     num_trained = sum(p.numel() for p in parts.ema_parameters(accelerator))
@@ -403,14 +406,15 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
     if accelerator.is_main_process:
         trim_metrics(metrics_path, start)
     evaluator = None
-    if t.eval_every_steps and accelerator.is_main_process:
+    if t.eval_every_steps:
         from difftrain.training.evaluator import TrainingEvaluator
 
-        evaluator = TrainingEvaluator(plan, output_dir, accelerator.device)
+        evaluator = TrainingEvaluator(plan, output_dir, accelerator.device, scores=accelerator.is_main_process)
     tick, train_start = time.perf_counter(), time.perf_counter()
     last_sample: Optional[Path] = None
     step = start
     while step < end:
+        distributed.fail_if_injected(accelerator.process_index, step + 1)
         loss = train_step(plan, parts, accelerator, step, guard)
         if guard.after_step(step, guard.last_applied) == "rollback":
             step = guard.rollback(step, lambda: load_newest_checkpoint(accelerator, output_dir / "checkpoints",
@@ -431,7 +435,8 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
         progress.update(1)
         if done % t.log_every_steps == 0 or done == end:
             # The only host sync of the loop: reading the loss at log intervals.
-            last_loss = (loss_sum / applied_since_log).item() if applied_since_log else float("nan")
+            last_loss = (distributed.global_mean(accelerator, loss_sum) / applied_since_log).item() \
+                if applied_since_log else float("nan")
             now = time.perf_counter()
             images_per_s = losses_since_log * plan.global_batch_size / max(now - tick, 1e-9)
             lr = parts.lr_scheduler.get_last_lr()[0]

@@ -40,6 +40,7 @@ from difftrain.models.text import (
 )
 from difftrain.models.unet import build_unet, check_unet_kwargs, unet_kwargs
 from difftrain.models.vae import downsample_factor, load_pretrained_vae
+from difftrain.training.distributed import accelerator_kwargs, check_supported, quiet_other_ranks
 from difftrain.training.latents import LatentEncoder
 
 logger = logging.getLogger(__name__)
@@ -209,12 +210,16 @@ def make_accelerator(cfg: RunConfig, output_dir: Path) -> Accelerator:
     # part (PartialState) is kept, so distributed launches are unaffected.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        **accelerator_kwargs(),
     )
+    check_supported(accelerator)
+    quiet_other_ranks(accelerator)
+    return accelerator
 
 
 @dataclass

@@ -1,0 +1,231 @@
+"""Multi-process training through accelerate: launch detection, collective checkpoints, the failure hook.
+
+accelerate owns the process group (DDP, FSDP, DeepSpeed); this module only fills the gaps difftrain
+hits around it:
+
+- torchrun (and `accelerate launch --multi_gpu`, which is torchrun) on a machine without CUDA: accelerate
+  starts a process group only for CPU when asked (`cpu=True`), so without this every rank trains alone.
+- `accelerate launch --cpu --num_processes N` starts one process (accelerate's multi-CPU path is mpirun
+  with a hostfile); the child cannot see N, so it is named in the log instead of failing silently.
+- `difftrain train --num-processes N`: a thin torchrun call on loopback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object
+
+from difftrain.training import checkpoint as ckpt
+
+logger = logging.getLogger(__name__)
+
+# Test hook, not a config key: the rank named here raises at the start of step DIFFTRAIN_FAIL_AT_STEP
+# (1-based, default 1), so tests can check that one failing rank ends the whole launch.
+FAIL_RANK_ENV = "DIFFTRAIN_FAIL_ON_RANK"
+FAIL_STEP_ENV = "DIFFTRAIN_FAIL_AT_STEP"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the DIFFTRAIN_FAIL_ON_RANK test hook."""
+
+
+def launched_world_size() -> int:
+    """Processes the launcher (torchrun, accelerate launch, mpirun) started, from its environment."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        value = os.environ.get(name)
+        if value and value.isdigit():
+            return int(value)
+    return 1
+
+
+def wants_cpu_process_group() -> bool:
+    """True when several processes were launched but accelerate would not join them into a group.
+
+    accelerate maps a torchrun launch to NCCL when CUDA is present and to nothing otherwise unless
+    told `cpu=True`; then it starts gloo (or MPI) itself.
+    """
+    return launched_world_size() > 1 and not torch.cuda.is_available()
+
+
+def accelerator_kwargs() -> dict[str, Any]:
+    """Extra Accelerator arguments for the current launch."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and launched_world_size() == 1 \
+            and os.environ.get("MASTER_PORT"):
+        # `accelerate launch --cpu --num_processes N` sets MASTER_PORT for N > 1 but starts one process.
+        logger.warning(
+            "accelerate launch --cpu started a single process (accelerate runs several CPU processes only "
+            "with --mpirun_hostfile). For N CPU processes use `accelerate launch --multi_gpu --num_processes N` "
+            "or `difftrain train --num-processes N`; see docs/distributed.md"
+        )
+    return {"cpu": True} if wants_cpu_process_group() else {}
+
+
+def check_supported(accelerator: Accelerator) -> None:
+    """Refuse engines difftrain's loop cannot drive yet, before anything is written."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError(
+            "accelerate distributed_type FSDP is not supported yet: sample grids, evaluation and the export run "
+            "the UNet on the main process alone, which an FSDP-sharded UNet cannot do (it would hang). Use DDP "
+            "(configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml); "
+            "see docs/distributed.md"
+        )
+
+
+def quiet_other_ranks(state: Accelerator | PartialState) -> None:
+    """Only the main process reports progress; other ranks still print warnings and errors."""
+    if not state.is_main_process:
+        logging.getLogger("difftrain").setLevel(logging.WARNING)
+
+
+def global_mean(accelerator: Accelerator, value: torch.Tensor) -> torch.Tensor:
+    """Mean of `value` over all processes (every rank must call it)."""
+    if accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(value.detach().clone(), reduction="mean")
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, progress: dict[str, Any],
+                    needed_bytes: int, keep: Optional[int]) -> None:
+    """Write checkpoints/step-N atomically with `save_state` called on every rank.
+
+    FSDP and DeepSpeed write shards from every rank and DDP writes one RNG file per rank, so all ranks
+    save into the main process's temporary directory; only the main process creates, completes,
+    renames and rotates it. Single-process runs take the same path as before.
+    """
+    if accelerator.is_main_process:
+        ckpt.ensure_free_space(checkpoints_dir, needed_bytes, f"checkpoint {ckpt.checkpoint_name(step)}")
+        ckpt.begin_checkpoint(checkpoints_dir, step)
+    accelerator.wait_for_everyone()
+    tmp = checkpoints_dir / f".tmp-{ckpt.checkpoint_name(step)}"
+    try:
+        accelerator.save_state(str(tmp))
+    except BaseException:
+        if accelerator.is_main_process:
+            ckpt.abandon_checkpoint(tmp)
+        raise
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        path = ckpt.finish_checkpoint(checkpoints_dir, step, tmp, progress)
+        ckpt.rotate_checkpoints(checkpoints_dir, keep)
+        logger.info("saved checkpoint %s", path)
+    accelerator.wait_for_everyone()
+
+
+def note_process_count(progress: dict[str, Any], accelerator: Accelerator, lr_scheduler: Any = None) -> None:
+    """Say what a resume on a different number of processes keeps and what it changes.
+
+    accelerate steps a prepared LR schedule once per process per optimizer step (setup.py scales the
+    schedule's lengths to match), so a schedule saved by N_old processes sits at step x N_old; it is
+    moved to step x N_new here, or the learning rate would jump.
+    """
+    saved = progress.get("num_processes")
+    if saved is None or int(saved) == accelerator.num_processes:
+        return
+    if lr_scheduler is not None:
+        _move_schedule(lr_scheduler, int(progress["step"]) * accelerator.num_processes)
+    logger.warning(
+        "resuming a checkpoint written by %s processes on %d: weights, optimizer, EMA and LR schedule load, but the "
+        "global batch is now batch_size x accumulation x %d, so the data order and per-step noise from here on "
+        "differ from a run that kept %s processes (not an exact resume)",
+        saved, accelerator.num_processes, accelerator.num_processes, saved,
+    )
+
+
+def _move_schedule(lr_scheduler: Any, position: int) -> None:
+    inner = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's AcceleratedScheduler wraps it
+    lambdas = getattr(inner, "lr_lambdas", None)
+    if lambdas is None:
+        logger.warning("LR schedule %s kept as saved (only LambdaLR schedules are moved)", type(inner).__name__)
+        return
+    inner.last_epoch = position
+    lrs = [base * fn(position) for base, fn in zip(inner.base_lrs, lambdas)]
+    for group, lr in zip(inner.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    inner._last_lr = lrs
+
+
+def process_state() -> PartialState:
+    """accelerate's process state, joining the launcher's process group (gloo on CPU) on first use.
+
+    For commands that need no Accelerator (`difftrain evaluate`); inside training the Accelerator has
+    already set it up and this returns the same state.
+    """
+    return PartialState(**accelerator_kwargs())
+
+
+def generate_sharded(generate_fn: Callable[[list[int]], torch.Tensor], count: int) -> torch.Tensor:
+    """Items 0..count-1 from every rank, in order: rank r makes items r, r+N, r+2N, ... with `generate_fn`.
+
+    Each item's seed is fixed by its index, so the result is the same for any number of processes.
+    Every rank must call it; every rank gets the whole (count, C, H, W) result.
+    """
+    state = PartialState()
+    if state.num_processes == 1:
+        return generate_fn(list(range(count)))
+    mine = list(range(state.process_index, count, state.num_processes))
+    images = generate_fn(mine).cpu() if mine else None
+    # CPU tensors in the pickles: gather_object sends objects, and CUDA tensors would land on rank 0's GPU.
+    pairs = gather_object([(index, images[k]) for k, index in enumerate(mine)])
+    pairs.sort(key=lambda pair: pair[0])
+    return torch.stack([image for _, image in pairs])
+
+
+def fail_if_injected(rank: int, step_number: int) -> None:
+    """Test hook: raise on rank DIFFTRAIN_FAIL_ON_RANK at step DIFFTRAIN_FAIL_AT_STEP (1-based)."""
+    spec = os.environ.get(FAIL_RANK_ENV, "")
+    if not spec:
+        return
+    try:
+        fail_rank, fail_step = int(spec), int(os.environ.get(FAIL_STEP_ENV, "1"))
+    except ValueError as exc:
+        raise ValueError(f"{FAIL_RANK_ENV}={spec!r} / {FAIL_STEP_ENV}={os.environ.get(FAIL_STEP_ENV)!r}: "
+                         "expected integers (a rank and a 1-based step)") from exc
+    if rank == fail_rank and step_number == fail_step:
+        raise InjectedFailure(f"injected failure on rank {rank} at step {step_number} ({FAIL_RANK_ENV})")
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch_local(num_processes: int, argv: Sequence[str]) -> int:
+    """Run `difftrain <argv>` as `num_processes` processes on this machine through torchrun; returns its exit code.
+
+    torchrun's own entry point is called in this process (as `accelerate launch` does), so the launch
+    is the one documented for torchrun: every rank ends when one fails, and each rank's error reaches stderr.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    if num_processes < 1:
+        raise ValueError(f"--num-processes {num_processes}: must be 1 or more")
+    if launched_world_size() > 1:
+        raise ValueError("--num-processes is for a plain `difftrain train`; this process was already started by a "
+                         f"launcher with {launched_world_size()} processes")
+    # The ranks inherit this environment. N processes x all cores each oversubscribes the CPU.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if not torch.cuda.is_available() and Path("/sys/class/net/lo").exists():
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: keep gloo's traffic on loopback
+    args = ["--nnodes", "1", "--nproc_per_node", str(num_processes), "--master_addr", "127.0.0.1",
+            "--master_port", str(free_loopback_port()), "-m", "difftrain", *argv]
+    logger.info("launching %d processes: torchrun %s", num_processes, " ".join(args))
+    try:
+        run(parse_args(args))
+    except ChildFailedError as exc:
+        # The failing rank printed its error already; torchrun's summary says which rank it was.
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
