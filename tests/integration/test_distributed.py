@@ -11,6 +11,7 @@ are unchanged because with one process the slot is the micro-step.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -78,6 +80,17 @@ def _accelerate_launch(cwd: Path, *args: str, env: dict | None = None) -> subpro
     return _run(cmd, cwd, _env(env))
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """In-process comparison runs use one thread like the ranks (_env): thread count changes the order of sums."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _all_rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -123,8 +136,9 @@ def test_two_processes_write_one_run_and_match_one_process_with_the_same_global_
     assert progress["num_processes"] == 2 and progress["images_seen"] == 32
     assert (run / "model_index.json").is_file() and not list(run.glob(".*tmp*"))
 
-    single = train(load_config(PRESET, [*PER_RANK, *EVAL, "train.gradient_accumulation_steps=2"],
-                               output_dir=str(tmp_path / "one")))
+    with _one_thread():
+        single = train(load_config(PRESET, [*PER_RANK, *EVAL, "train.gradient_accumulation_steps=2"],
+                                   output_dir=str(tmp_path / "one")))
     two, one = _rows(run), _rows(single)
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=FIRST_LOSS_REL)
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=LOSS_REL)
@@ -196,8 +210,9 @@ def test_evaluate_shards_its_seeds_over_two_processes(two_process_run: Path, tmp
     result = _run(cmd, tmp_path, _env())
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("classifier_fid") == 1  # one report, from the main process
-    one = evaluate_run(two_process_run, num_samples=9, num_reference=40, num_inference_steps=2, use_inception=False,
-                       out=tmp_path / "one.json")
+    with _one_thread():
+        one = evaluate_run(two_process_run, num_samples=9, num_reference=40, num_inference_steps=2,
+                           use_inception=False, out=tmp_path / "one.json")
     two = json.loads(out.read_text())
     assert two["num_samples"] == 9
     assert two["accuracy"] == one["accuracy"] and two["per_class_accuracy"] == one["per_class_accuracy"]
