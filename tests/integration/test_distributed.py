@@ -82,7 +82,12 @@ def _accelerate_launch(cwd: Path, *args: str, env: dict | None = None) -> subpro
 
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
-    """In-process comparison runs use one thread like the ranks (_env): thread count changes the order of sums."""
+    """In-process comparison runs use one thread like the ranks (_env): thread count changes the order of sums.
+
+    That matters more than it seems: an attention key bias gets a gradient that is zero up to rounding
+    (softmax ignores a shift of every key), and AdamW scales that rounding noise up to full-size updates,
+    so with 2 threads here `to_k.bias` ended ~1e-3 away from the 1-thread ranks.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
