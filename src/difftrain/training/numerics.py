@@ -80,10 +80,11 @@ class NumericsState:
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+    # PyTorch's total norm: multi-tensor (foreach) kernels on CUDA instead of a kernel per parameter.
+    return torch.nn.utils.get_total_norm(grads, foreach=None).float()
 
 
 class NonFiniteGuard:
@@ -140,16 +141,19 @@ class NonFiniteGuard:
 
     def check(self, loss_sum: torch.Tensor, grad_norm: Optional[torch.Tensor], params: list) -> bool:
         """True when the step may be applied: loss and gradient norm finite (one host sync)."""
-        norm = grad_norm if grad_norm is not None else _grad_norm(params)
-        finite = (torch.isfinite(loss_sum.detach().float()) & torch.isfinite(norm.to(loss_sum.device).float())).float()
+        norm = (grad_norm if grad_norm is not None else _grad_norm(params)).to(loss_sum.device).float()
+        loss = loss_sum.detach().float()
+        finite = (torch.isfinite(loss) & torch.isfinite(norm)).float()
         if self.accelerator.num_processes > 1:
             finite = self.accelerator.reduce(finite, reduction="mean")  # every rank must take the same decision
-        ok = bool(finite.item() == 1.0)
-        if not ok and self.accelerator.scaler is not None and bool(torch.isfinite(loss_sum).item()):
+        # One device-to-host read for the decision and the numbers an error message needs.
+        all_finite, loss_value, norm_value = torch.stack([finite, loss, norm]).tolist()
+        ok = all_finite == 1.0
+        if not ok and self.accelerator.scaler is not None and math.isfinite(loss_value):
             # fp16 gradient overflow with a finite loss is the GradScaler's business: it skips the update
             # and lowers its scale; counting it here would fight the scaler.
             return True
-        self._last_loss, self._last_norm = float(loss_sum.detach().float().item()), float(norm.float().item())
+        self._last_loss, self._last_norm = loss_value, norm_value
         return ok
 
     # -- after the step --------------------------------------------------------------------------

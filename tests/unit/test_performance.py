@@ -1,0 +1,89 @@
+"""Step-level speed choices keep the math: fused AdamW, foreach EMA, the one-read non-finite check;
+and the benchmark helpers that turn metrics.jsonl into images/s and training time."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers.training_utils import EMAModel
+
+from difftrain.training.numerics import _grad_norm
+from difftrain.training.setup import make_adamw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from common import steady_images_per_s, train_seconds_at  # noqa: E402
+
+
+def _params(seed: int) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*shape, generator=g)) for shape in ((4, 3), (7,), (2, 2, 3))]
+
+
+def test_fused_adamw_matches_the_reference_update():
+    fused, plain = _params(0), _params(0)
+    opt_fused = make_adamw([{"params": fused, "lr": 1e-2}], 1e-2, (0.9, 0.999), 1e-8, 0.01)
+    opt_plain = torch.optim.AdamW(plain, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, foreach=False)
+    assert opt_fused.defaults["fused"]
+    for step in range(5):
+        grads = _params(100 + step)
+        for p, q, g in zip(fused, plain, grads):
+            p.grad, q.grad = g.detach().clone(), g.detach().clone()
+        opt_fused.step()
+        opt_plain.step()
+    for p, q in zip(fused, plain):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_foreach_ema_matches_per_tensor_ema():
+    params = _params(1)
+    a = EMAModel(params, decay=0.9, foreach=True)
+    b = EMAModel(params, decay=0.9, foreach=False)
+    for step in range(3):
+        with torch.no_grad():
+            for p, g in zip(params, _params(200 + step)):
+                p.add_(g)
+        a.step(params)
+        b.step(params)
+    for x, y in zip(a.shadow_params, b.shadow_params):
+        torch.testing.assert_close(x, y)
+
+
+def test_grad_norm_is_the_global_l2_norm_and_sees_non_finite_gradients():
+    params = _params(2)
+    for p, g in zip(params, _params(3)):
+        p.grad = g.detach()
+    expected = torch.cat([p.grad.flatten() for p in params]).norm()
+    torch.testing.assert_close(_grad_norm(params), expected)
+    params[1].grad[0] = float("nan")
+    assert not torch.isfinite(_grad_norm(params))
+    assert _grad_norm([torch.nn.Parameter(torch.zeros(2))]) == 0
+
+
+def test_benchmark_time_and_throughput_from_metrics_rows():
+    # Steps 1-2 at 10 img/s (warm-up), then 3 steps at 20 and 40 img/s, batch 10: 1 s per warm-up step.
+    rows = [{"step": 2, "images_per_s": 10.0}, {"step": 3, "images_per_s": 20.0}, {"step": 4, "images_per_s": 40.0}]
+    assert train_seconds_at(rows, 10) == pytest.approx({2: 2.0, 3: 2.5, 4: 2.75})
+    # Harmonic mean: 20 images in 0.5 + 0.25 s.
+    assert steady_images_per_s(rows, skip_steps=2) == pytest.approx(20 / 0.75)
+    with pytest.raises(ValueError, match="warm-up"):
+        steady_images_per_s(rows, skip_steps=4)
+
+
+def test_seed_baseline_mnist_item_is_torchvision_to_tensor_and_normalize(tmp_path: Path):
+    import gzip
+
+    from baselines.seed002_mnist_text import MNIST
+
+    images = np.arange(2 * 28 * 28, dtype=np.uint32).reshape(2, 28, 28).astype(np.uint8)
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + b"".join(int(v).to_bytes(4, "big") for v in (2, 28, 28)) + images.tobytes())
+    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + (2).to_bytes(4, "big") + bytes([3, 7]))
+    data = MNIST(tmp_path)
+    x, label = data[1]
+    assert label == 7 and x.shape == (1, 28, 28)
+    torch.testing.assert_close(x[0], torch.from_numpy(images[1]).float() / 255 * 2 - 1)
