@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +43,21 @@ def difftrain_cmd(*args: str, num_processes: int = 1) -> list[str]:
     return cmd
 
 
+def run_difftrain(preset: str, out: Path, overrides: Sequence[str], num_processes: int = 1) -> dict:
+    """Train `preset` into a fresh `out`; the child's usage, its metrics rows and its global batch size
+    (read back from the config.yaml the run saved, so overrides and presets cannot disagree with it)."""
+    import yaml
+
+    if out.exists():
+        shutil.rmtree(out)
+    usage = run_child(difftrain_cmd(preset, "--output-dir", str(out), *overrides, num_processes=num_processes),
+                      out.with_suffix(".log"))
+    rows, evals = read_metrics(out)
+    train = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    global_batch = train["batch_size"] * train["gradient_accumulation_steps"] * num_processes
+    return {**usage, "rows": rows, "evals": evals, "global_batch": global_batch}
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training log rows, evaluation rows) of a difftrain run's metrics.jsonl."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -65,6 +81,14 @@ def steady_images_per_s(train_rows: list[dict], skip_steps: int) -> float:
         raise ValueError(f"no logged steps after the {skip_steps} warm-up steps")
     seconds = sum(1 / r["images_per_s"] for r in rows)  # per image, one logged interval each
     return len(rows) / seconds
+
+
+def images_per_s_after(step_seconds: Sequence[float], batch_size: int, skip_steps: int) -> float:
+    """Images/s of a baseline loop from its per-step seconds, after `skip_steps` warm-up steps."""
+    seconds = step_seconds[skip_steps:]
+    if not seconds:
+        raise ValueError(f"no steps after the {skip_steps} warm-up steps")
+    return batch_size * len(seconds) / sum(seconds)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:

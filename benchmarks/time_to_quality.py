@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCHMARKS, difftrain_cmd, markdown_table, read_metrics, run_child, train_seconds_at  # noqa: E402
+from common import BENCHMARKS, markdown_table, run_child, run_difftrain, train_seconds_at  # noqa: E402
 from machine import describe_machine  # noqa: E402
 
 PRESET = "mnist-text"
@@ -40,21 +39,15 @@ def preset_config(mnist: Path):
     return load_config(PRESET, [f"data.path={mnist}"])
 
 
-def run_difftrain(args) -> list[dict]:
-    out = args.work_dir / "ttq-difftrain"
-    if out.exists():
-        shutil.rmtree(out)
-    usage = run_child(difftrain_cmd(PRESET, "--output-dir", str(out), f"data.path={args.mnist}",
-                                    f"train.max_steps={args.difftrain_steps}", "train.log_every_steps=5",
-                                    f"train.eval_every_steps={args.eval_every_steps}",
-                                    f"train.eval_num_samples={args.num_samples}", "train.eval_inception=false",
-                                    "train.sample_every_steps=null", "train.checkpoint_every_steps=null"),
-                      out.with_suffix(".log"))
-    rows, evals = read_metrics(out)
-    seconds = train_seconds_at(rows, 64)
+def train_difftrain(args) -> list[dict]:
+    run = run_difftrain(PRESET, args.work_dir / "ttq-difftrain", [
+        f"data.path={args.mnist}", f"train.max_steps={args.difftrain_steps}", "train.log_every_steps=5",
+        f"train.eval_every_steps={args.eval_every_steps}", f"train.eval_num_samples={args.num_samples}",
+        "train.eval_inception=false", "train.sample_every_steps=null", "train.checkpoint_every_steps=null"])
+    seconds = train_seconds_at(run["rows"], run["global_batch"])
     points = [{"step": e["step"], "train_seconds": seconds[e["step"]], "accuracy": e["eval"]["accuracy"],
-               "classifier_fid": e["eval"]["classifier_fid"]} for e in evals]
-    print(f"difftrain: {usage['wall_seconds']:.0f} s wall in all, peak RSS {usage['peak_rss_mib']:.0f} MiB", flush=True)
+               "classifier_fid": e["eval"]["classifier_fid"]} for e in run["evals"]]
+    print(f"difftrain: {run['wall_seconds']:.0f} s wall in all, peak RSS {run['peak_rss_mib']:.0f} MiB", flush=True)
     return points
 
 
@@ -108,7 +101,7 @@ def main() -> None:
           "MNIST test images", flush=True)
     labels, prompts = conditioning_for(cfg, ref.class_names, args.num_samples)
 
-    ours = run_difftrain(args)
+    ours = train_difftrain(args)
     seed = run_seed(args, ref, labels, prompts)
     summary = {"seed": seed, "difftrain": ours}
     (args.work_dir / "time_to_quality.json").write_text(json.dumps(summary, indent=1))

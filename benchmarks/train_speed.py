@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCHMARKS, difftrain_cmd, markdown_table, read_metrics, run_child, steady_images_per_s  # noqa: E402
+from common import (BENCHMARKS, images_per_s_after, markdown_table, run_child, run_difftrain,  # noqa: E402
+                    steady_images_per_s)
 from machine import describe_machine  # noqa: E402
 
 NO_MAINTENANCE = ["train.sample_every_steps=null", "train.checkpoint_every_steps=null", "train.log_every_steps=1",
@@ -39,20 +40,13 @@ def seed002(args, clip: Path) -> dict:
                        str(args.mnist), "--work-dir", str(out), "--clip", str(clip),
                        "--max-steps", str(args.warmup_steps + args.steps)], out.with_suffix(".log"))
     stats = json.loads((out / "seed002" / "stats.json").read_text())
-    seconds = stats["step_seconds"][args.warmup_steps:]
-    return {**usage, "images_per_s": 512 * len(seconds) / sum(seconds)}
+    return {**usage, "images_per_s": images_per_s_after(stats["step_seconds"], stats["batch_size"], args.warmup_steps)}
 
 
 def difftrain_run(args, name: str, overrides: list[str], num_processes: int = 1, preset: str = "mnist-text") -> dict:
-    out = args.work_dir / name
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    usage = run_child(difftrain_cmd(preset, "--output-dir", str(out), *overrides, *NO_MAINTENANCE,
-                                    num_processes=num_processes), out.with_suffix(".log"))
-    rows, _ = read_metrics(out)
-    return {**usage, "images_per_s": steady_images_per_s(rows, args.warmup_steps)}
+    run = run_difftrain(preset, args.work_dir / name, [*overrides, *NO_MAINTENANCE], num_processes)
+    return {"wall_seconds": run["wall_seconds"], "peak_rss_mib": run["peak_rss_mib"],
+            "images_per_s": steady_images_per_s(run["rows"], args.warmup_steps)}
 
 
 def mnist_text(args) -> list[tuple[str, dict]]:
@@ -91,9 +85,10 @@ def butterflies(args) -> list[tuple[str, dict]]:
                        str(args.images), "--out", str(out), "--max-steps", str(args.warmup_steps + args.steps)],
                       out.with_suffix(".log"))
     stats = json.loads((out / "stats.json").read_text())
-    seconds = stats["step_seconds"][args.warmup_steps:]
     results = [("seed 000 loop (B=16, %s)" % stats["mixed_precision"],
-                {**usage, "images_per_s": 16 * len(seconds) / sum(seconds), "flops_per_image": stats.get("flops_per_image")})]
+                {**usage, "images_per_s": images_per_s_after(stats["step_seconds"], stats["batch_size"],
+                                                             args.warmup_steps),
+                 "flops_per_image": stats.get("flops_per_image")})]
     common = [f"data.path={args.images}", f"train.max_steps={args.warmup_steps + args.steps}"]
     precisions = ["fp16", "bf16"] if torch.cuda.is_available() else ["no"]
     for precision in precisions:

@@ -15,7 +15,7 @@ from difftrain.training.numerics import _grad_norm
 from difftrain.training.setup import make_adamw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from common import steady_images_per_s, train_seconds_at  # noqa: E402
+from common import images_per_s_after, steady_images_per_s, train_seconds_at  # noqa: E402
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:
@@ -71,6 +71,10 @@ def test_benchmark_time_and_throughput_from_metrics_rows():
     assert steady_images_per_s(rows, skip_steps=2) == pytest.approx(20 / 0.75)
     with pytest.raises(ValueError, match="warm-up"):
         steady_images_per_s(rows, skip_steps=4)
+    # A baseline's own step times: the first (warm-up) step is left out.
+    assert images_per_s_after([9.0, 1.0, 3.0], batch_size=8, skip_steps=1) == pytest.approx(16 / 4)
+    with pytest.raises(ValueError, match="warm-up"):
+        images_per_s_after([1.0], batch_size=8, skip_steps=1)
 
 
 def test_seed_baseline_mnist_item_is_torchvision_to_tensor_and_normalize(tmp_path: Path):
