@@ -19,7 +19,7 @@ from difftrain.sampling.schedulers import SCHEDULERS, make_scheduler
 # `out.abs().sum()` and `out.mean()` in test_sampler_golden_values.
 GOLDEN = {
     "ddpm": (87.4994, 0.093763),
-    "ddim": (107.5837, 0.003783),
+    "ddim": (4235.5991, -0.792133),
     "dpm++": (9386.6455, -1.845312),
     "unipc": (9247.0146, -1.813703),
     "euler": (10410.0967, -2.081921),
@@ -50,6 +50,9 @@ def test_schedulers_keep_the_training_schedule():
         sched = make_scheduler(name, base)
         assert sched.config.prediction_type == "v_prediction", name
         assert sched.config.num_train_timesteps == 1000
+    # DDIM steps without x0 clipping (see make_scheduler); the other samplers keep the training config.
+    assert make_scheduler("ddim", _base_config()).config.clip_sample is False
+    assert make_scheduler("ddpm", _base_config()).config.clip_sample is True
     assert type(make_scheduler("DPMPP", base)).__name__ == "DPMSolverMultistepScheduler"
     with pytest.raises(ValueError, match="'plms'.*ddpm"):
         make_scheduler("plms", base)
