@@ -21,13 +21,13 @@ What is different, because this machine is offline (the seed downloads both):
   cannot be downloaded either). Both give one token per caption word plus begin/end tokens, padded to 8.
 
 Nothing here imports difftrain's training code; `make_offline_clip` uses difftrain's word-level
-tokenizer builder only to produce the tokenizer files.
+tokenizer builder only to produce the tokenizer files, and the IDX files are read once with
+difftrain's `read_idx` (outside the timed loop).
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import resource
 import time
@@ -38,17 +38,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from difftrain.data.sources import read_idx
+
 TOKENIZER_MAX_LENGTH = 8
 CAPTION = "A handwritten digit {}"
-
-
-def read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 class MNIST(torch.utils.data.Dataset):

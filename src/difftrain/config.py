@@ -281,6 +281,12 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def uses_labels(self) -> bool:
+        """Whether the data's labels are used: class conditioning, or captions made from labels."""
+        m = self.model
+        return m.conditioning == "class" or (m.conditioning == "text" and bool(self.data.caption_template))
+
 
 class ConfigError(ValueError):
     """All problems found in a configuration, one per line."""

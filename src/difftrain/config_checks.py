@@ -85,8 +85,7 @@ def check_config(cfg: RunConfig) -> list[str]:
             problems.append(f"'train.keep_best_by' = {t.keep_best_by!r} needs 'train.eval_every_steps'")
         if t.keep_best_by in ("fid", "kid") and not t.eval_inception:
             problems.append(f"'train.keep_best_by' = {t.keep_best_by!r} needs 'train.eval_inception' = true")
-        if t.keep_best_by in ("accuracy", "classifier_fid") and not (
-                m.conditioning == "class" or (m.conditioning == "text" and d.caption_template)):
+        if t.keep_best_by in ("accuracy", "classifier_fid") and not cfg.uses_labels:
             problems.append(f"'train.keep_best_by' = {t.keep_best_by!r} needs labelled data (a class-conditional "
                             "model, or a text model with data.caption_template)")
     problems.extend(_latent_and_finetune_problems(cfg, positive))

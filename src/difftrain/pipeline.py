@@ -128,6 +128,42 @@ def generate_from_text(
                          vae=vae)
 
 
+def generate_conditioned(
+    unet: torch.nn.Module,
+    scheduler: SchedulerMixin,
+    seeds: Sequence[int],
+    *,
+    num_inference_steps: int,
+    labels: Optional[Sequence[int]] = None,
+    prompts: Optional[Sequence[str]] = None,
+    tokenizer=None,
+    text_encoder: Optional[torch.nn.Module] = None,
+    vae: Optional[torch.nn.Module] = None,
+    negative_prompt: str = "",
+    guidance_scale: float = 1.0,
+    batch_size: int = 64,
+    device: Union[torch.device, str, None] = None,
+) -> torch.Tensor:
+    """`generate_from_text` when a text encoder is given (prompts required), else `generate` (labels optional).
+
+    The text encoder runs in eval mode for the call and gets its previous mode back, so this can be
+    called on the models being trained.
+    """
+    if text_encoder is None:
+        return generate(unet, scheduler, seeds, num_inference_steps=num_inference_steps, class_labels=labels,
+                        guidance_scale=guidance_scale, batch_size=batch_size, device=device)
+    if prompts is None or tokenizer is None:
+        raise ValueError("a text-conditioned model needs prompts and its tokenizer to sample")
+    was_training = text_encoder.training
+    text_encoder.eval()
+    try:
+        return generate_from_text(unet, scheduler, tokenizer, text_encoder, prompts, seeds,
+                                  num_inference_steps=num_inference_steps, negative_prompt=negative_prompt,
+                                  guidance_scale=guidance_scale, batch_size=batch_size, device=device, vae=vae)
+    finally:
+        text_encoder.train(was_training)
+
+
 class ClassConditionalPipeline(DiffusionPipeline):
     """UNet2DModel with a class embedding (last row = null class) and classifier-free guidance.
 

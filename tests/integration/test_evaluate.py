@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from difftrain.config import DataConfig, load_config
 from difftrain.data.dataset import load_image_dataset

@@ -130,3 +130,32 @@ def test_trained_encoder_runs_once_per_distinct_caption():
     assert seen == [10]
     assert states.shape == (512, 8, 16) and states.requires_grad
     torch.testing.assert_close(states[13], states[3])
+
+
+def test_generate_conditioned_samples_text_in_eval_mode_and_restores_the_mode():
+    """The sampling entry point of previews, evaluation and `difftrain evaluate`, on the pooled-text UNet
+    that the mnist-text preset uses (addition_embed_type "text")."""
+    from diffusers import UNet2DConditionModel
+
+    from difftrain.pipeline import generate_conditioned, generate_from_text
+    from difftrain.sampling.schedulers import make_scheduler
+
+    tokenizer, encoder = _encoder()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                attention_head_dim=4, cross_attention_dim=16, addition_embed_type="text",
+                                addition_embed_type_num_heads=2).eval()
+    sched = make_scheduler("dpm++", build_noise_scheduler(DiffusionConfig()).config)
+    prompts = [CAPTIONS[3], CAPTIONS[7]]
+    encoder.train()  # as during training: dropout on
+    images = generate_conditioned(unet, sched, [0, 1], num_inference_steps=3, prompts=prompts, tokenizer=tokenizer,
+                                  text_encoder=encoder, guidance_scale=2.0)
+    assert encoder.training
+    assert images.shape == (2, 1, 8, 8) and images.dtype == torch.uint8
+    expected = generate_from_text(unet, sched, tokenizer, encoder.eval(), prompts, [0, 1], num_inference_steps=3,
+                                  guidance_scale=2.0)
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="needs prompts"):
+        generate_conditioned(unet, sched, [0], num_inference_steps=3, tokenizer=tokenizer, text_encoder=encoder)

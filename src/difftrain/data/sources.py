@@ -68,7 +68,8 @@ def _find_idx_file(folder: Path, stem: str) -> Optional[Path]:
     return None
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
+    """The array in an IDX file (MNIST's format; raw or .gz) of unsigned bytes."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         data = f.read()
@@ -96,7 +97,7 @@ def mnist_source(folder: Path, split: str) -> ImageSource:
     if image_path is None or label_path is None:
         missing = image_stem if image_path is None else label_stem
         raise FileNotFoundError(f"MNIST folder {folder} has no {missing}[.gz] for split {split!r}")
-    images, labels = _read_idx(image_path), _read_idx(label_path)
+    images, labels = read_idx(image_path), read_idx(label_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"{image_path} / {label_path}: shapes {images.shape} and {labels.shape} do not match")
     return ImageSource(

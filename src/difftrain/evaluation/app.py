@@ -20,7 +20,7 @@ from difftrain.evaluation.evaluate import (
     prepare_reference,
     score_samples,
 )
-from difftrain.pipeline import generate, generate_from_text, load_pipeline, scheduler_for
+from difftrain.pipeline import generate_conditioned, load_pipeline, scheduler_for
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +29,12 @@ def generate_for_run(pipe, cfg: RunConfig, scheduler, seeds: list[int], labels: 
                      prompts: Optional[list[str]], *, num_inference_steps: int, guidance_scale: float,
                      batch_size: int = 64, device: Optional[str] = None) -> torch.Tensor:
     """Samples of a loaded run for the labels/prompts of `conditioning_for`: uint8 (N, C, H, W)."""
-    if cfg.model.conditioning == "text":
-        assert prompts is not None, "conditioning_for gives every text run its prompts"
-        return generate_from_text(pipe.unet, scheduler, pipe.tokenizer, pipe.text_encoder, prompts, seeds,
-                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                  batch_size=batch_size, device=device, vae=getattr(pipe, "vae", None))
-    return generate(pipe.unet, scheduler, seeds, num_inference_steps=num_inference_steps, class_labels=labels,
-                    guidance_scale=guidance_scale, batch_size=batch_size, device=device)
+    text = cfg.model.conditioning == "text"
+    return generate_conditioned(pipe.unet, scheduler, seeds, num_inference_steps=num_inference_steps, labels=labels,
+                                prompts=prompts, tokenizer=pipe.tokenizer if text else None,
+                                text_encoder=pipe.text_encoder if text else None,
+                                vae=getattr(pipe, "vae", None) if text else None, guidance_scale=guidance_scale,
+                                batch_size=batch_size, device=device)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -55,8 +54,7 @@ def run_reference(cfg: RunConfig, reference: Optional[str] = None, reference_spl
     path = reference or cfg.data.instance_dir or cfg.data.path
     data = dataclasses.replace(cfg.data, path=path, split=reference_split or cfg.data.split, max_images=None,
                                source="auto" if reference else cfg.data.source)
-    labelled = cfg.model.conditioning == "class" or (cfg.model.conditioning == "text" and bool(cfg.data.caption_template))
-    return prepare_reference(data, num_reference, labelled, use_inception=use_inception, device=device)
+    return prepare_reference(data, num_reference, cfg.uses_labels, use_inception=use_inception, device=device)
 
 
 def evaluate_run(

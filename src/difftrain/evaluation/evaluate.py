@@ -77,7 +77,7 @@ def _cached_reference_features(model: InceptionFeatures, images: torch.Tensor) -
     return features
 
 
-def _test_split(data: DataConfig, want_labels: bool) -> Optional[ImageDataset]:
+def held_out_test_split(data: DataConfig, want_labels: bool) -> Optional[ImageDataset]:
     """MNIST's own test split for the classifier's accuracy; other sources hold out 10% instead."""
     from difftrain.data.sources import is_mnist_folder
 
@@ -91,7 +91,7 @@ def prepare_reference(data: DataConfig, num_reference: int, labelled: bool, use_
                       use_classifier: bool = True, device: torch.device | str = "cpu") -> ReferenceSet:
     """Load reference data (anything data.path accepts) and prepare it with `reference_from_dataset`."""
     dataset = load_image_dataset(data, want_labels=labelled)
-    test = _test_split(data, labelled) if labelled and use_classifier else None
+    test = held_out_test_split(data, labelled) if labelled and use_classifier else None
     return reference_from_dataset(dataset, num_reference, use_inception, use_classifier, device, test)
 
 

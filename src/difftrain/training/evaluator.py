@@ -10,8 +10,8 @@ from typing import Optional
 
 import torch
 
-from difftrain.evaluation.evaluate import _test_split, conditioning_for, reference_from_dataset, score_samples
-from difftrain.pipeline import generate, generate_from_text
+from difftrain.evaluation.evaluate import conditioning_for, held_out_test_split, reference_from_dataset, score_samples
+from difftrain.pipeline import generate_conditioned
 from difftrain.sampling.schedulers import make_scheduler
 from difftrain.training.distributed import generate_sharded
 
@@ -32,7 +32,7 @@ class TrainingEvaluator:
         cfg, t = plan.cfg, plan.cfg.train
         self.cfg = cfg
         labelled = plan.dataset.labels is not None
-        test = _test_split(cfg.data, True) if labelled and cfg.data.instance_dir is None else None
+        test = held_out_test_split(cfg.data, True) if labelled and cfg.data.instance_dir is None else None
         self.ref = None
         if scores:
             self.ref = reference_from_dataset(plan.dataset, t.eval_num_reference, t.eval_inception, labelled, device,
@@ -50,26 +50,19 @@ class TrainingEvaluator:
         labels, prompts = conditioning_for(cfg, class_names, n, captions)
         scheduler = make_scheduler(s.scheduler, parts.noise_scheduler.config)
 
-        def make(indices: list[int]) -> torch.Tensor:
-            seeds = [s.seed + _EVAL_SEED_OFFSET + i for i in indices]
-            if plan.text is not None:
-                return generate_from_text(unet, scheduler, plan.text.tokenizer, parts.text_encoder,
-                                          [prompts[i] for i in indices], seeds,
-                                          num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-                                          batch_size=s.batch_size, vae=parts.latents.vae if parts.latents else None)
-            return generate(unet, scheduler, seeds, num_inference_steps=s.num_inference_steps,
-                            class_labels=[labels[i] for i in indices] if labels is not None else None,
-                            guidance_scale=s.guidance_scale, batch_size=s.batch_size)
+        text = plan.text is not None
 
-        encoder = parts.text_encoder if plan.text is not None else None
-        was_training = encoder.training if encoder is not None else False
-        if encoder is not None:
-            encoder.eval()
-        try:
-            samples = generate_sharded(make, n)
-        finally:
-            if encoder is not None:
-                encoder.train(was_training)
+        def make(indices: list[int]) -> torch.Tensor:
+            return generate_conditioned(
+                unet, scheduler, [s.seed + _EVAL_SEED_OFFSET + i for i in indices],
+                num_inference_steps=s.num_inference_steps,
+                labels=[labels[i] for i in indices] if labels is not None else None,
+                prompts=[prompts[i] for i in indices] if prompts is not None else None,
+                tokenizer=plan.text.tokenizer if text else None, text_encoder=parts.text_encoder if text else None,
+                vae=parts.latents.vae if text and parts.latents else None, guidance_scale=s.guidance_scale,
+                batch_size=s.batch_size)
+
+        samples = generate_sharded(make, n)
         if self.ref is None:
             return None
         report = score_samples(self.ref, samples, labels)  # this process alone: metrics.py does not sync ranks

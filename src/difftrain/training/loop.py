@@ -21,7 +21,7 @@ from difftrain.config import RunConfig, dump_config
 from difftrain.data.transforms import random_hflip, to_model_range
 from difftrain.diffusion.loss import denoising_loss, prior_preservation_loss, sample_noise
 from difftrain.models.conditioning import drop_captions
-from difftrain.pipeline import generate, generate_from_text
+from difftrain.pipeline import generate_conditioned
 from difftrain.sampling.grid import make_grid, save_png_atomic
 from difftrain.sampling.schedulers import make_scheduler
 from difftrain.training import checkpoint as ckpt
@@ -188,30 +188,27 @@ class _EmaWeights:
 def preview_grid(plan: RunPlan, parts: Trainables, unet, noise_config) -> tuple[torch.Tensor, int, Optional[list[str]]]:
     """Samples from fixed seeds: one row per class (conditional) or a square grid."""
     s = plan.cfg.sample
-    scheduler = make_scheduler(s.scheduler, noise_config)
-    if plan.text is not None:
-        prompts = list(s.prompts) or plan.text.vocab[:-1][:10]
-        rows = [p for p in prompts for _ in range(s.images_per_class)]
-        seeds = [s.seed + i for i in range(len(rows))]
-        encoder = parts.text_encoder
-        was_training = encoder.training
-        encoder.eval()
-        vae = parts.latents.vae if parts.latents is not None else None
-        images = generate_from_text(unet, scheduler, plan.text.tokenizer, encoder, rows, seeds,
-                                    num_inference_steps=s.num_inference_steps, negative_prompt=s.negative_prompt,
-                                    guidance_scale=s.guidance_scale, batch_size=s.batch_size, vae=vae)
-        encoder.train(was_training)
-        return images, s.images_per_class, prompts
-    if plan.num_classes:
+    text = plan.text is not None
+    labels = prompts = names = None
+    if text:
+        names = list(s.prompts) or plan.text.vocab[:-1][:10]
+        prompts = [p for p in names for _ in range(s.images_per_class)]
+        count, per_row = len(prompts), s.images_per_class
+    elif plan.num_classes:
         classes = list(range(min(plan.num_classes, 16)))
         labels = [c for c in classes for _ in range(s.images_per_class)]
-        seeds = [s.seed + i for i in range(len(labels))]
-        images = generate(unet, scheduler, seeds, num_inference_steps=s.num_inference_steps, class_labels=labels,
-                          guidance_scale=s.guidance_scale, batch_size=s.batch_size)
-        return images, s.images_per_class, [plan.dataset.class_names[c] for c in classes]
-    seeds = [s.seed + i for i in range(s.num_images)]
-    images = generate(unet, scheduler, seeds, num_inference_steps=s.num_inference_steps, batch_size=s.batch_size)
-    return images, max(1, int(round(len(seeds) ** 0.5))), None
+        names = [plan.dataset.class_names[c] for c in classes]
+        count, per_row = len(labels), s.images_per_class
+    else:
+        count = s.num_images
+        per_row = max(1, int(round(count ** 0.5)))
+    images = generate_conditioned(
+        unet, make_scheduler(s.scheduler, noise_config), [s.seed + i for i in range(count)],
+        num_inference_steps=s.num_inference_steps, labels=labels, prompts=prompts,
+        tokenizer=plan.text.tokenizer if text else None, text_encoder=parts.text_encoder if text else None,
+        vae=parts.latents.vae if text and parts.latents else None, negative_prompt=s.negative_prompt,
+        guidance_scale=s.guidance_scale, batch_size=s.batch_size)
+    return images, per_row, names
 
 
 def save_samples(plan: RunPlan, parts: Trainables, accelerator: Accelerator, output_dir: Path, step: int) -> Path:

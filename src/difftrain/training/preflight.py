@@ -93,7 +93,7 @@ def run_check(cfg: RunConfig, with_step: bool = True, show_all: bool = False, ou
     except ValueError as exc:
         findings.append(Finding(cfg.output_dir, "error", "resume refused", str(exc)))
     m = cfg.model
-    keep_labels = m.conditioning == "class" or (m.conditioning == "text" and cfg.data.caption_template is not None)
+    keep_labels = cfg.uses_labels
     data_cfg = cfg.data
     if cfg.data.instance_dir is not None:
         data_cfg = dataclasses.replace(cfg.data, path=cfg.data.instance_dir, source="folder", max_images=None)
