@@ -19,7 +19,7 @@ import yaml
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
-MixedPrecision = Literal["no", "fp16", "bf16"]
+MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 SchedulerName = Literal["ddpm", "ddim", "dpm++", "unipc", "euler", "euler-a", "heun"]
 
 
@@ -197,8 +197,8 @@ class TrainConfig:
     """What a rollback changes: 'raise_precision' (fp16 -> bf16 -> fp32, then the learning rate), 'lower_lr', or 'auto' (precision while mixed precision is on, else the learning rate)."""
     nonfinite_lr_factor: float = 0.5
     """Learning-rate multiplier of each 'lower_lr' rollback (applied to the rest of the schedule)."""
-    mixed_precision: MixedPrecision = "no"
-    """'bf16' (CPU or recent GPU), 'fp16' (CUDA only) or 'no' (fp32)."""
+    mixed_precision: MixedPrecision = "auto"
+    """'auto' (fp32 or mixed precision, whichever a short probe of this model on this device finds faster; see docs/performance.md), 'bf16' (CPU or recent GPU), 'fp16' (CUDA only) or 'no' (fp32)."""
     seed: int = 0
     """Seeds weight init, data order, flips, noise and timesteps (each step is a pure function of seed and step)."""
     use_ema: bool = True

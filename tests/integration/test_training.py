@@ -80,3 +80,16 @@ def test_class_conditional_training_from_a_saved_datasets_folder(tmp_path: Path)
     index = json.loads((run / "model_index.json").read_text())
     assert index["class_names"] == ["cat", "dog", "owl"]
     assert json.loads((run / "unet" / "config.json").read_text())["num_class_embeds"] == 4
+
+
+def test_default_is_auto_and_a_finished_run_saves_the_resolved_value(tmp_path: Path):
+    import yaml
+
+    from difftrain.config import TrainConfig
+    from difftrain.training.precision import precision_candidates
+
+    assert TrainConfig().mixed_precision == "auto"
+    run = train(load_config("tiny/digits-class", ["train.max_steps=1", "sample.num_inference_steps=1"],
+                            output_dir=str(tmp_path / "run")))
+    saved = yaml.safe_load((run / "config.yaml").read_text())["train"]["mixed_precision"]
+    assert saved in precision_candidates(torch.device("cpu"))  # the choice, never "auto"

@@ -31,7 +31,9 @@ from difftrain.training.export import RunSummary, export_pipeline, push_to_hub, 
 from difftrain.training.class_images import ensure_class_images
 from difftrain.training.export_latent import export_lora, export_stable_diffusion, write_latent_model_card
 from difftrain.training.numerics import NonFiniteGuard
-from difftrain.training.resume_check import check_before_resume, load_newest_checkpoint, trim_metrics
+from difftrain.training.precision import resolve_plan_precision
+from difftrain.training.resume_check import (check_before_resume, keep_resolved_precision, load_newest_checkpoint,
+                                             trim_metrics)
 from difftrain.training.setup import RunPlan, Trainables, build_trainables, make_accelerator, plan_run, precheck
 from difftrain.training.vae_train import train_vae, vae_is_complete
 
@@ -322,6 +324,7 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
         stop_at_step: stop after this step without exporting, as if interrupted (used by resume tests).
     """
     output_dir = Path(cfg.output_dir)
+    cfg = keep_resolved_precision(cfg, output_dir)
     accelerator = make_accelerator(cfg, output_dir)  # writes nothing until trackers start
     changes = check_before_resume(cfg, output_dir)  # refuses unsafe changes before anything is decoded or written
     handler = None
@@ -340,6 +343,8 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
             plan.vae = _from_scratch_vae(plan, accelerator, output_dir)
         for key, old, new in changes:
             logger.info("config change on resume: %s: %r -> %r", key, old, new)
+        if cfg.train.mixed_precision == "auto":
+            plan, accelerator = resolve_plan_precision(plan, accelerator, lambda c: make_accelerator(c, output_dir))
         return _train(plan, accelerator, output_dir, stop_at_step)
     finally:
         accelerator.end_training()

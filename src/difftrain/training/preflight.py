@@ -49,6 +49,10 @@ def measure_step(cfg: RunConfig) -> StepReport:
                 plan = plan_run(cfg, world_size=accelerator.num_processes)
             finally:
                 data_logger.setLevel(level)
+            if cfg.train.mixed_precision == "auto":  # time the precision the run would use
+                from difftrain.training.precision import resolve_plan_precision
+
+                plan, accelerator = resolve_plan_precision(plan, accelerator, lambda c: make_accelerator(c, Path(tmp)))
             if plan.latent and plan.vae is None:
                 raise ValueError("this latent run trains its VAE first (no vae.pretrained); check times the UNet "
                                  "step only with a VAE: run `difftrain train-vae` and pass vae.pretrained=DIR")

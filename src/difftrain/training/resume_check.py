@@ -7,6 +7,7 @@ against the state actually being resumed, not against `config.yaml` (which a cra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -80,28 +81,50 @@ def check_before_resume(cfg: RunConfig, output_dir: Path) -> list[tuple[str, Any
     Writes nothing. With no checkpoint yet nothing can be corrupted, so changes against config.yaml are
     returned to be logged but never refused.
     """
+    saved, path = _checkpoint_config(output_dir)
+    if saved is not None:
+        return check_resume_config(saved, cfg, path)
+    saved = _yaml_config(output_dir)
+    return config_changes(saved, cfg) if saved is not None else []
+
+
+def _checkpoint_config(output_dir: Path) -> tuple[Optional[dict], Optional[Path]]:
+    """The config saved in the newest checkpoint whose progress file reads back."""
     for _, path in reversed(ckpt.list_checkpoints(output_dir / "checkpoints")):
         try:
             saved = ckpt.read_progress(path).get("config")
         except (OSError, ValueError):
             continue  # a damaged checkpoint is reported when it is loaded; the one before it decides
         if isinstance(saved, dict):
-            return check_resume_config(saved, cfg, path)
-    return _yaml_changes(output_dir, cfg)
+            return saved, path
+    return None, None
 
 
-def _yaml_changes(output_dir: Path, cfg: RunConfig) -> list[tuple[str, Any, Any]]:
+def _yaml_config(output_dir: Path) -> Optional[dict]:
     saved_path = output_dir / "config.yaml"
     if not saved_path.is_file():
-        return []
+        return None
     import yaml
 
     try:
         saved = yaml.safe_load(saved_path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         logger.warning("could not read the previous %s: %s", saved_path, exc)
-        return []
-    return config_changes(saved, cfg) if isinstance(saved, dict) else []
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def keep_resolved_precision(cfg: RunConfig, output_dir: Path) -> RunConfig:
+    """With `train.mixed_precision: auto`, a run being resumed keeps the precision it resolved to."""
+    if cfg.train.mixed_precision != "auto":
+        return cfg
+    saved = _checkpoint_config(output_dir)[0] or _yaml_config(output_dir) or {}
+    previous = (saved.get("train") or {}).get("mixed_precision")
+    if previous in (None, "auto"):
+        return cfg
+    previous = "no" if previous is False else previous  # YAML 1.1 reads a bare `no` as false
+    logger.info("mixed precision auto: keeping %r, which this run resolved to before", previous)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=previous))
 
 
 def load_newest_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, partial: bool = False,

@@ -211,7 +211,8 @@ def make_accelerator(cfg: RunConfig, output_dir: Path) -> Accelerator:
     AcceleratorState._reset_state()
     GradientState._reset_state()
     accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+        # "auto" starts in fp32; training.precision resolves it once the model is planned.
+        mixed_precision="no" if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),

@@ -1,0 +1,188 @@
+"""`train.mixed_precision: auto`: the faster of fp32 and mixed precision for this model on this device.
+
+Measured, not guessed: a few forward/backward steps of the run's own UNet at its micro-batch, once per
+(device, library versions, model, batch), cached under the difftrain cache directory. Only devices
+with native low-precision math are probed (CUDA GPUs; CPUs whose oneDNN reports bf16 support). On
+other CPUs bf16 is emulated and was 6x slower than fp32 on the 2-core AVX2 machine of
+docs/performance.md, so "auto" is fp32 there without a probe. A resumed run keeps the precision it
+started with (the resolved value is saved in config.yaml and every checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PROBE_WARMUP_STEPS = 2
+PROBE_TIMED_STEPS = 3
+# Mixed precision changes the numerics (and fp16 needs loss scaling): take it only for a clear gain.
+MIN_SPEEDUP = 1.10
+
+
+def speed_cache_dir() -> Path:
+    return Path(os.environ.get("DIFFTRAIN_CACHE", Path.home() / ".cache" / "difftrain")) / "speed"
+
+
+def precision_candidates(device: torch.device) -> list[str]:
+    """fp32 ('no') and the one mixed precision worth timing on `device`, if any."""
+    if device.type == "cuda":
+        return ["no", "bf16" if torch.cuda.is_bf16_supported() else "fp16"]
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return ["no", "bf16"]
+    return ["no"]
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def probe_inputs(unet: torch.nn.Module, batch_size: int, text_length: Optional[int],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Random inputs of the training step's shapes for `unet` (noisy sample, timesteps, conditioning)."""
+    c = unet.config
+    g = torch.Generator().manual_seed(0)
+    size = c.sample_size if isinstance(c.sample_size, int) else tuple(c.sample_size)
+    hw = (size, size) if isinstance(size, int) else size
+    x = torch.randn(batch_size, c.in_channels, *hw, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch_size,), generator=g).to(device)
+    cond: dict[str, torch.Tensor] = {}
+    if text_length is not None:
+        cond["encoder_hidden_states"] = torch.randn(batch_size, text_length, c.cross_attention_dim, generator=g).to(device)
+    if getattr(c, "num_class_embeds", None):
+        cond["class_labels"] = torch.zeros(batch_size, dtype=torch.long, device=device)
+    return x, t, cond
+
+
+def time_step_ms(unet: torch.nn.Module, inputs: tuple, device: torch.device, precision: str,
+                 warmup_steps: int = PROBE_WARMUP_STEPS, timed_steps: int = PROBE_TIMED_STEPS) -> float:
+    """Median milliseconds of one forward + backward of `unet` under `precision`'s autocast."""
+    x, t, cond = inputs
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = unet(x, t, **cond).sample
+        out.float().square().mean().backward()
+        unet.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup_steps):
+        step()
+    times = []
+    for _ in range(timed_steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def choose_precision(ms_per_step: dict[str, float]) -> str:
+    """fp32 unless a mixed precision is at least MIN_SPEEDUP times faster."""
+    best = min(ms_per_step, key=ms_per_step.get)
+    return best if best == "no" or ms_per_step["no"] >= MIN_SPEEDUP * ms_per_step[best] else "no"
+
+
+def probe_key(unet: torch.nn.Module, device: torch.device, batch_size: int, text_length: Optional[int],
+              candidates: list[str]) -> str:
+    import diffusers
+
+    described = {"device": device_name(device), "torch": torch.__version__, "diffusers": diffusers.__version__,
+                 "unet": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
+                 "batch_size": batch_size, "text_length": text_length, "candidates": candidates}
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def measure_precision(build_unet: Callable[[], torch.nn.Module], device: torch.device, batch_size: int,
+                      text_length: Optional[int], candidates: list[str]) -> dict[str, Any]:
+    """The cached probe result for this model/device/batch, or a fresh probe (then cached)."""
+    unet = build_unet().to(device).train()
+    key = probe_key(unet, device, batch_size, text_length, candidates)
+    path = speed_cache_dir() / f"{key}.json"
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("choice") in candidates:
+                return {**cached, "source": f"cache {path}"}
+        except (OSError, ValueError):
+            logger.warning("ignoring an unreadable precision probe cache %s", path)
+    inputs = probe_inputs(unet, batch_size, text_length, device)
+    ms = {p: time_step_ms(unet, inputs, device, p) for p in candidates}
+    del unet, inputs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    result = {"choice": choose_precision(ms), "ms_per_step": ms, "device": device_name(device),
+              "batch_size": batch_size}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    return {**result, "source": "probe"}
+
+
+def resolve_auto_precision(build_unet: Callable[[], torch.nn.Module], device: torch.device, batch_size: int,
+                           text_length: Optional[int], is_main_process: bool,
+                           share: Callable[[list], list]) -> str:
+    """The concrete precision for "auto". The main process decides; `share` hands its answer to all ranks."""
+    candidates = precision_candidates(device)
+    decided = ["no"]
+    if len(candidates) == 1:
+        if is_main_process:
+            logger.info("mixed precision auto -> no: %s has no native low-precision math to gain from "
+                        "(docs/performance.md)", device_name(device))
+    elif is_main_process:
+        result = measure_precision(build_unet, device, batch_size, text_length, candidates)
+        times = ", ".join(f"{p} {ms:.1f} ms" for p, ms in result["ms_per_step"].items())
+        logger.info("mixed precision auto -> %s (forward+backward per step at batch %d: %s; %s)", result["choice"],
+                    batch_size, times, result["source"])
+        decided = [result["choice"]]
+    return share(decided)[0]
+
+
+def resolve_plan_precision(plan, accelerator, make_accelerator: Callable) -> tuple[Any, Any]:
+    """The plan with "auto" replaced by the measured choice (so config.yaml and checkpoints save the
+    choice), and an accelerator for it: a fresh one from `make_accelerator(cfg)` when it is not fp32,
+    since accelerate fixes the precision when it is created (no trackers have started yet)."""
+    from accelerate.utils import broadcast_object_list
+
+    from difftrain.models.pretrained import load_base_unet
+    from difftrain.models.unet import build_unet
+
+    cfg = plan.cfg
+
+    def build() -> torch.nn.Module:
+        return build_unet(plan.unet_kwargs, cfg.model.conditioning) if plan.base is None else load_base_unet(plan.base)
+
+    def share(values: list) -> list:
+        return broadcast_object_list(values) if accelerator.num_processes > 1 else values
+
+    text_length = plan.text.max_length if plan.text is not None else None
+    choice = resolve_auto_precision(build, accelerator.device, cfg.train.batch_size, text_length,
+                                    accelerator.is_main_process, share)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=choice))
+    plan = dataclasses.replace(plan, cfg=cfg)
+    return plan, (make_accelerator(cfg) if choice != "no" else accelerator)

@@ -1,0 +1,83 @@
+"""`train.mixed_precision: auto`: the probe, its cache, the choice rule, and resumed runs keeping their choice."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from difftrain.config import RunConfig, TrainConfig, dump_config, load_config
+from difftrain.training import precision
+from difftrain.training.resume_check import keep_resolved_precision
+
+
+def _tiny_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=3)
+
+
+def test_choice_needs_a_clear_gain():
+    assert precision.choose_precision({"no": 100.0, "bf16": 95.0}) == "no"  # 5%: not worth the numerics
+    assert precision.choose_precision({"no": 100.0, "bf16": 50.0}) == "bf16"
+    assert precision.choose_precision({"no": 50.0, "bf16": 300.0}) == "no"
+    assert precision.choose_precision({"no": 10.0}) == "no"
+
+
+def test_cpu_candidates_follow_native_bf16_support():
+    expected = ["no", "bf16"] if precision.cpu_has_native_bf16() else ["no"]
+    assert precision.precision_candidates(torch.device("cpu")) == expected
+
+
+def test_probe_times_each_candidate_once_then_reads_the_cache():
+    built = []
+
+    def build():
+        built.append(1)
+        return _tiny_unet()
+
+    cpu = torch.device("cpu")
+    first = precision.measure_precision(build, cpu, 4, None, ["no", "bf16"])  # bf16 autocast also runs on CPU
+    assert first["source"] == "probe" and set(first["ms_per_step"]) == {"no", "bf16"}
+    assert first["choice"] == precision.choose_precision(first["ms_per_step"])
+    second = precision.measure_precision(build, cpu, 4, None, ["no", "bf16"])
+    assert second["source"].startswith("cache ") and second["choice"] == first["choice"]
+    assert second["ms_per_step"] == first["ms_per_step"]
+    other_batch = precision.measure_precision(build, cpu, 2, None, ["no", "bf16"])
+    assert other_batch["source"] == "probe"  # the key includes the micro-batch
+
+
+def test_probe_inputs_match_the_model_conditioning():
+    x, t, cond = precision.probe_inputs(_tiny_unet(), 3, None, torch.device("cpu"))
+    assert x.shape == (3, 1, 8, 8) and t.shape == (3,) and cond["class_labels"].shape == (3,)
+
+
+def test_auto_resolves_without_a_probe_where_there_is_nothing_to_gain():
+    shared = []
+
+    def share(values):
+        shared.append(values)
+        return values
+
+    choice = precision.resolve_auto_precision(_tiny_unet, torch.device("cpu"), 4, None, True, share)
+    assert choice in precision.precision_candidates(torch.device("cpu")) and shared  # every rank takes part
+
+
+def test_resumed_auto_run_keeps_its_resolved_precision(tmp_path: Path):
+    auto = RunConfig(output_dir=str(tmp_path), train=TrainConfig(mixed_precision="auto"))
+    assert keep_resolved_precision(auto, tmp_path) is auto  # nothing saved yet: resolve afresh
+    saved = dataclasses.replace(auto, train=dataclasses.replace(auto.train, mixed_precision="bf16"))
+    (tmp_path / "config.yaml").write_text(dump_config(saved))
+    assert keep_resolved_precision(auto, tmp_path).train.mixed_precision == "bf16"
+    forced = load_config("tiny/digits-class", ["train.mixed_precision='no'"])
+    assert keep_resolved_precision(forced, tmp_path).train.mixed_precision == "no"  # an explicit value wins
+
+
+@pytest.mark.parametrize("value", ["auto", "no", "bf16"])
+def test_config_accepts_precision_values(value):
+    assert load_config("tiny/digits-class", [f"train.mixed_precision={value}"]).train.mixed_precision == value
+
