@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine  # noqa: E402
 
@@ -42,8 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_run_config(args.run_dir)
-    labelled = cfg.model.conditioning == "class" or bool(cfg.data.caption_template)
-    use_inception = args.inception or not labelled
+    use_inception = args.inception or not cfg.uses_labels
     ref = run_reference(cfg, num_reference=2000, use_inception=use_inception)
     metric = "fid" if use_inception else "classifier_fid"
     pipe = load_pipeline(args.run_dir, device="cpu")
@@ -72,7 +69,8 @@ def main() -> None:
           f"{args.num_samples} samples per point, guidance {guidance}, metric {metric}"
           + (f" (reference classifier test accuracy {ref.classifier.test_accuracy:.4f})" if ref.classifier else ""))
     print(f"machine: {describe_machine()}\n")
-    header = f"| scheduler | steps | {metric} | vs DDPM-{args.reference_steps} | accuracy | ms/image |"
+    versus = f"vs DDPM-{args.reference_steps}" if args.reference_steps else "vs reference (none run)"
+    header = f"| scheduler | steps | {metric} | {versus} | accuracy | ms/image |"
     print(header + "\n|---|---|---|---|---|---|")
     for r in results:
         ratio = f"{r[metric] / baseline[metric]:.2f}x" if baseline else "-"

@@ -103,17 +103,22 @@ def main() -> None:
 
     ours = train_difftrain(args)
     seed = run_seed(args, ref, labels, prompts)
-    summary = {"seed": seed, "difftrain": ours}
+    summary = {"seed": seed, "difftrain": ours, "num_samples": args.num_samples, "num_classes": len(ref.class_names)}
     (args.work_dir / "time_to_quality.json").write_text(json.dumps(summary, indent=1))
-    summarize(seed, ours)
+    summarize(seed, ours, args.num_samples, len(ref.class_names))
 
 
 # metric -> True when higher is better
 METRICS = {"accuracy": True, "classifier_fid": False}
 
 
-def summarize(seed: list[dict], ours: list[dict]) -> None:
-    """Print both curves, and for each metric when difftrain first matched the seed's best value."""
+def summarize(seed: list[dict], ours: list[dict], num_samples: int = 100, num_classes: int = 10) -> None:
+    """Print both curves, and for each metric when difftrain first matched the seed's best value.
+
+    An accuracy within two standard errors of chance (1 / num_classes over num_samples samples) is not
+    evidence of conditioning, so matching it says nothing; that case is flagged, and the first
+    evaluation clearly above chance is printed instead.
+    """
     print(markdown_table(["run", "step", "train minutes", "accuracy", "classifier FID"],
                          [[f"seed 002 (DDPM 50, guidance {p['guidance']:g})", p["step"], p["train_seconds"] / 60,
                            p["accuracy"], p["classifier_fid"]] for p in seed]
@@ -132,6 +137,17 @@ def summarize(seed: list[dict], ours: list[dict]) -> None:
         print(f"{metric}: the seed's best is {best:.3f} after {seed_seconds / 60:.1f} min; difftrain matched it at step "
               f"{first['step']} after {first['train_seconds'] / 60:.1f} min{note}: "
               f"{seed_seconds / first['train_seconds']:.1f}x sooner")
+    chance = 1 / num_classes
+    noise_bar = chance + 2 * (chance * (1 - chance) / num_samples) ** 0.5
+    seed_accuracy = max(p["accuracy"] for p in seed)
+    if seed_accuracy < noise_bar:
+        above = [p for p in ours if p["accuracy"] >= noise_bar]
+        where = (f"difftrain is first above it at step {above[0]['step']} after {above[0]['train_seconds'] / 60:.1f} min "
+                 f"({seed_seconds / above[0]['train_seconds']:.1f}x sooner than the seed's budget)" if above
+                 else "difftrain never is")
+        print(f"caution: the seed's best accuracy {seed_accuracy:.3f} is within noise of chance ({chance:.2f}; "
+              f"chance + 2 standard errors at {num_samples} samples = {noise_bar:.3f}), so matching it means nothing; "
+              + where)
     fifth = [p for p in ours if p["train_seconds"] <= seed_seconds / 5]
     if fifth:
         p = fifth[-1]
@@ -142,7 +158,7 @@ def summarize(seed: list[dict], ours: list[dict]) -> None:
 def main_or_summary() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--summarize":
         saved = json.loads(Path(sys.argv[2]).read_text())
-        summarize(saved["seed"], saved["difftrain"])
+        summarize(saved["seed"], saved["difftrain"], saved.get("num_samples", 100), saved.get("num_classes", 10))
     else:
         main()
 

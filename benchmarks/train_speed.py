@@ -71,7 +71,7 @@ def mnist_text(args) -> list[tuple[str, dict]]:
                     difftrain_run(args, "difftrain-seed-arch-2p-acc", seed_arch + [
                         "train.batch_size=128", "train.gradient_accumulation_steps=2"], 2)))
     preset_steps = args.warmup_steps + 8 * args.steps
-    results.append(("difftrain mnist-text preset (own model, B=64)",
+    results.append(("difftrain mnist-text preset (its own model and batch)",
                     difftrain_run(args, "difftrain-preset", [f"data.path={args.mnist}",
                                                              f"train.max_steps={preset_steps}"])))
     return results

@@ -91,3 +91,20 @@ def test_seed_baseline_mnist_item_is_torchvision_to_tensor_and_normalize(tmp_pat
     x, label = data[1]
     assert label == 7 and x.shape == (1, 28, 28)
     torch.testing.assert_close(x[0], torch.from_numpy(images[1]).float() / 255 * 2 - 1)
+
+
+def test_time_to_quality_flags_a_seed_accuracy_at_chance(capsys):
+    from time_to_quality import summarize
+
+    seed = [{"step": 30, "train_seconds": 1200.0, "guidance": 1.0, "accuracy": 0.12, "classifier_fid": 20.0}]
+    ours = [{"step": s, "train_seconds": 6.0 * s, "accuracy": a, "classifier_fid": f}
+            for s, a, f in [(25, 0.13, 30.0), (100, 0.15, 10.0), (200, 0.30, 4.0)]]
+    summarize(seed, ours, num_samples=100, num_classes=10)
+    out = capsys.readouterr().out
+    # 0.12 < 0.10 + 2 * sqrt(0.1 * 0.9 / 100) = 0.16: matching it at step 25 is flagged as meaningless,
+    # and the first evaluation above that bar (step 200, 1200 s / 1200 s = 1.0x) is named instead.
+    assert "matched it at step 25" in out and "within noise of chance" in out
+    assert "first above it at step 200 after 20.0 min (1.0x sooner" in out
+    seed[0]["accuracy"] = 0.5
+    summarize(seed, ours, num_samples=100, num_classes=10)
+    assert "within noise of chance" not in capsys.readouterr().out
