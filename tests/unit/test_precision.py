@@ -41,13 +41,15 @@ def test_probe_times_each_candidate_once_then_reads_the_cache():
         return _tiny_unet()
 
     cpu = torch.device("cpu")
-    first = precision.measure_precision(build, cpu, 4, None, ["no", "bf16"])  # bf16 autocast also runs on CPU
+    config = dict(_tiny_unet().config)
+    first = precision.measure_precision(build, config, cpu, 4, None, ["no", "bf16"])  # bf16 autocast runs on CPU
     assert first["source"] == "probe" and set(first["ms_per_step"]) == {"no", "bf16"}
     assert first["choice"] == precision.choose_precision(first["ms_per_step"])
-    second = precision.measure_precision(build, cpu, 4, None, ["no", "bf16"])
+    second = precision.measure_precision(build, config, cpu, 4, None, ["no", "bf16"])
     assert second["source"].startswith("cache ") and second["choice"] == first["choice"]
     assert second["ms_per_step"] == first["ms_per_step"]
-    other_batch = precision.measure_precision(build, cpu, 2, None, ["no", "bf16"])
+    assert len(built) == 1  # a cache hit builds no model
+    other_batch = precision.measure_precision(build, config, cpu, 2, None, ["no", "bf16"])
     assert other_batch["source"] == "probe"  # the key includes the micro-batch
 
 
@@ -63,7 +65,8 @@ def test_auto_resolves_without_a_probe_where_there_is_nothing_to_gain():
         shared.append(values)
         return values
 
-    choice = precision.resolve_auto_precision(_tiny_unet, torch.device("cpu"), 4, None, True, share)
+    choice = precision.resolve_auto_precision(_tiny_unet, dict(_tiny_unet().config), torch.device("cpu"), 4, None,
+                                              True, share)
     assert choice in precision.precision_candidates(torch.device("cpu")) and shared  # every rank takes part
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from difftrain.cache import cache_root
 from difftrain.data.transforms import to_model_range
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ DEFAULT_STEPS = 1500
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DIFFTRAIN_CACHE", Path.home() / ".cache" / "difftrain")) / "classifiers"
+    return cache_root() / "classifiers"
 
 
 class ReferenceClassifier(torch.nn.Module):

@@ -20,7 +20,8 @@ import torch
 
 from difftrain.config import DataConfig, RunConfig
 from difftrain.data.dataset import ImageDataset, load_image_dataset
-from difftrain.evaluation.classifier import TrainedClassifier, cache_dir, get_classifier
+from difftrain.cache import cache_root
+from difftrain.evaluation.classifier import TrainedClassifier, get_classifier
 from difftrain.evaluation.inception import InceptionFeatures, InceptionUnavailable
 from difftrain.evaluation.metrics import frechet_distance, kernel_distance
 
@@ -62,7 +63,7 @@ def _inception_features(model: InceptionFeatures, images: torch.Tensor, batch_si
 
 def _cached_reference_features(model: InceptionFeatures, images: torch.Tensor) -> torch.Tensor:
     """Inception features of reference images, cached per exact image set (so per data set and resolution)."""
-    path = cache_dir().parent / "reference" / f"{_images_key(images, model.source)}.pt"
+    path = cache_root() / "reference" / f"{_images_key(images, model.source)}.pt"
     if path.is_file():
         logger.info("reference Inception features from cache %s", path)
         return torch.load(path, weights_only=True)

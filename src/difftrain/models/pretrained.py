@@ -58,6 +58,11 @@ def load_base_unet(path: str) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(resolve(path), subfolder="unet")
 
 
+def load_base_unet_config(path: str) -> dict:
+    """The base model's UNet config (its config.json) without loading weights."""
+    return UNet2DConditionModel.load_config(resolve(path), subfolder="unet")
+
+
 def load_base_noise_scheduler(path: str) -> DDPMScheduler:
     """The base model's training schedule (betas, prediction type) as a DDPMScheduler."""
     config = DDPMScheduler.load_config(resolve(path), subfolder="scheduler")

@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from difftrain.cache import cache_root
+
 logger = logging.getLogger(__name__)
 
 PROBE_WARMUP_STEPS = 2
@@ -31,7 +33,7 @@ MIN_SPEEDUP = 1.10
 
 
 def speed_cache_dir() -> Path:
-    return Path(os.environ.get("DIFFTRAIN_CACHE", Path.home() / ".cache" / "difftrain")) / "speed"
+    return cache_root() / "speed"
 
 
 def precision_candidates(device: torch.device) -> list[str]:
@@ -107,21 +109,23 @@ def choose_precision(ms_per_step: dict[str, float]) -> str:
     return best if best == "no" or ms_per_step["no"] >= MIN_SPEEDUP * ms_per_step[best] else "no"
 
 
-def probe_key(unet: torch.nn.Module, device: torch.device, batch_size: int, text_length: Optional[int],
+def probe_key(unet_config: dict, device: torch.device, batch_size: int, text_length: Optional[int],
               candidates: list[str]) -> str:
     import diffusers
 
     described = {"device": device_name(device), "torch": torch.__version__, "diffusers": diffusers.__version__,
-                 "unet": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
+                 "unet": {k: v for k, v in unet_config.items() if not k.startswith("_")},
                  "batch_size": batch_size, "text_length": text_length, "candidates": candidates}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def measure_precision(build_unet: Callable[[], torch.nn.Module], device: torch.device, batch_size: int,
-                      text_length: Optional[int], candidates: list[str]) -> dict[str, Any]:
-    """The cached probe result for this model/device/batch, or a fresh probe (then cached)."""
-    unet = build_unet().to(device).train()
-    key = probe_key(unet, device, batch_size, text_length, candidates)
+def measure_precision(build_unet: Callable[[], torch.nn.Module], unet_config: dict, device: torch.device,
+                      batch_size: int, text_length: Optional[int], candidates: list[str]) -> dict[str, Any]:
+    """The cached probe result for this model/device/batch, or a fresh probe (then cached).
+
+    `unet_config` describes the model for the cache key, so a cache hit builds (or loads) nothing.
+    """
+    key = probe_key(unet_config, device, batch_size, text_length, candidates)
     path = speed_cache_dir() / f"{key}.json"
     if path.is_file():
         try:
@@ -130,6 +134,7 @@ def measure_precision(build_unet: Callable[[], torch.nn.Module], device: torch.d
                 return {**cached, "source": f"cache {path}"}
         except (OSError, ValueError):
             logger.warning("ignoring an unreadable precision probe cache %s", path)
+    unet = build_unet().to(device).train()
     inputs = probe_inputs(unet, batch_size, text_length, device)
     ms = {p: time_step_ms(unet, inputs, device, p) for p in candidates}
     del unet, inputs
@@ -144,8 +149,8 @@ def measure_precision(build_unet: Callable[[], torch.nn.Module], device: torch.d
     return {**result, "source": "probe"}
 
 
-def resolve_auto_precision(build_unet: Callable[[], torch.nn.Module], device: torch.device, batch_size: int,
-                           text_length: Optional[int], is_main_process: bool,
+def resolve_auto_precision(build_unet: Callable[[], torch.nn.Module], unet_config: dict, device: torch.device,
+                           batch_size: int, text_length: Optional[int], is_main_process: bool,
                            share: Callable[[list], list]) -> str:
     """The concrete precision for "auto". The main process decides; `share` hands its answer to all ranks."""
     candidates = precision_candidates(device)
@@ -155,7 +160,7 @@ def resolve_auto_precision(build_unet: Callable[[], torch.nn.Module], device: to
             logger.info("mixed precision auto -> no: %s has no native low-precision math to gain from "
                         "(docs/performance.md)", device_name(device))
     elif is_main_process:
-        result = measure_precision(build_unet, device, batch_size, text_length, candidates)
+        result = measure_precision(build_unet, unet_config, device, batch_size, text_length, candidates)
         times = ", ".join(f"{p} {ms:.1f} ms" for p, ms in result["ms_per_step"].items())
         logger.info("mixed precision auto -> %s (forward+backward per step at batch %d: %s; %s)", result["choice"],
                     batch_size, times, result["source"])
@@ -169,7 +174,7 @@ def resolve_plan_precision(plan, accelerator, make_accelerator: Callable) -> tup
     since accelerate fixes the precision when it is created (no trackers have started yet)."""
     from accelerate.utils import broadcast_object_list
 
-    from difftrain.models.pretrained import load_base_unet
+    from difftrain.models.pretrained import load_base_unet, load_base_unet_config
     from difftrain.models.unet import build_unet
 
     cfg = plan.cfg
@@ -177,11 +182,14 @@ def resolve_plan_precision(plan, accelerator, make_accelerator: Callable) -> tup
     def build() -> torch.nn.Module:
         return build_unet(plan.unet_kwargs, cfg.model.conditioning) if plan.base is None else load_base_unet(plan.base)
 
+    unet_config = ({"conditioning": cfg.model.conditioning, **plan.unet_kwargs} if plan.base is None
+                   else dict(load_base_unet_config(plan.base)))
+
     def share(values: list) -> list:
         return broadcast_object_list(values) if accelerator.num_processes > 1 else values
 
     text_length = plan.text.max_length if plan.text is not None else None
-    choice = resolve_auto_precision(build, accelerator.device, cfg.train.batch_size, text_length,
+    choice = resolve_auto_precision(build, unet_config, accelerator.device, cfg.train.batch_size, text_length,
                                     accelerator.is_main_process, share)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=choice))
     plan = dataclasses.replace(plan, cfg=cfg)
