@@ -199,6 +199,10 @@ class TrainConfig:
     """Learning-rate multiplier of each 'lower_lr' rollback (applied to the rest of the schedule)."""
     mixed_precision: MixedPrecision = "auto"
     """'auto' (fp32 or mixed precision, whichever a short probe of this model on this device finds faster; see docs/performance.md), 'bf16' (CPU or recent GPU), 'fp16' (CUDA only) or 'no' (fp32)."""
+    channels_last: bool = False
+    """Keep the UNet's weights and activations in channels_last memory format (faster convolutions on recent GPUs with mixed precision; see docs/performance.md)."""
+    compile: bool = False
+    """torch.compile the UNet in place (fuses the normalisation and activation kernels; the first steps wait for compilation, minutes for a large UNet)."""
     seed: int = 0
     """Seeds weight init, data order, flips, noise and timesteps (each step is a pure function of seed and step)."""
     use_ema: bool = True

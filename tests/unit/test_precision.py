@@ -84,3 +84,16 @@ def test_resumed_auto_run_keeps_its_resolved_precision(tmp_path: Path):
 def test_config_accepts_precision_values(value):
     assert load_config("tiny/digits-class", [f"train.mixed_precision={value}"]).train.mixed_precision == value
 
+
+
+def test_loaded_ema_state_follows_the_device_of_the_weights():
+    # accelerate loads checkpoints on the CPU; the EMA of a GPU run must stay on the GPU after a resume
+    # (seen on an H100: the first EMA update after resuming mixed cuda and cpu tensors). The meta device
+    # stands in for the GPU here.
+    from difftrain.training.setup import DeviceEMAModel
+
+    weights = [torch.nn.Parameter(torch.zeros(3, device="meta"))]
+    ema = DeviceEMAModel(weights, decay=0.9)
+    saved = DeviceEMAModel([torch.nn.Parameter(torch.ones(3))], decay=0.9).state_dict()
+    ema.load_state_dict(saved)
+    assert all(p.device.type == "meta" for p in ema.shadow_params)

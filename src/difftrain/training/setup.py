@@ -223,6 +223,20 @@ def make_accelerator(cfg: RunConfig, output_dir: Path) -> Accelerator:
     return accelerator
 
 
+class DeviceEMAModel(EMAModel):
+    """diffusers' EMAModel whose loaded state stays on the device of the weights it shadows.
+
+    accelerate loads checkpoints on the CPU, and EMAModel.load_state_dict adopts those tensors as they
+    are, so a run resumed (or rolled back) on a GPU would update CUDA weights into CPU shadows.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        device = self.shadow_params[0].device if self.shadow_params else None
+        super().load_state_dict(state_dict)
+        if device is not None:
+            self.to(device)
+
+
 @dataclass
 class Trainables:
     unet: torch.nn.Module
@@ -274,6 +288,8 @@ def build_trainables(plan: RunPlan, accelerator: Accelerator) -> Trainables:
     # Weights are initialised from the run seed, so two runs of one config start identically.
     torch.manual_seed(t.seed)
     unet = _build_unet(plan, accelerator)
+    if t.channels_last:
+        unet.to(memory_format=torch.channels_last)
     param_groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": t.learning_rate}]
     text = plan.text
     text_encoder = None
@@ -308,6 +324,9 @@ def build_trainables(plan: RunPlan, accelerator: Accelerator) -> Trainables:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
         if text_encoder is not None:
             text_encoder.to(accelerator.device)
+    if t.compile:
+        # In place, so parameter names, checkpoints, the EMA and the export see the plain module.
+        accelerator.unwrap_model(unet).compile()
     conditioner = None
     if text is not None:
         conditioner = TextConditioner(text.tokenizer, text_encoder, text.vocab, text.max_length,
@@ -321,7 +340,7 @@ def build_trainables(plan: RunPlan, accelerator: Accelerator) -> Trainables:
                        partial_checkpoints=partial)
     if t.use_ema:
         # foreach: one multi-tensor update instead of one per parameter (benchmarks/step_components.py).
-        parts.ema = EMAModel(parts.ema_parameters(accelerator), decay=t.ema_decay, use_ema_warmup=t.ema_warmup,
+        parts.ema = DeviceEMAModel(parts.ema_parameters(accelerator), decay=t.ema_decay, use_ema_warmup=t.ema_warmup,
                              foreach=True)
         parts.ema.to(accelerator.device)
         accelerator.register_for_checkpointing(parts.ema)
