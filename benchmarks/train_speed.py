@@ -89,12 +89,21 @@ def butterflies(args) -> list[tuple[str, dict]]:
                 {**usage, "images_per_s": images_per_s_after(stats["step_seconds"], stats["batch_size"],
                                                              args.warmup_steps),
                  "flops_per_image": stats.get("flops_per_image")})]
-    common = [f"data.path={args.images}", f"train.max_steps={args.warmup_steps + args.steps}"]
+    common = [f"data.path={args.images}", f"train.max_steps={args.warmup_steps + args.steps}", "train.num_epochs=null",
+              "sample.num_inference_steps=50"]  # the end-of-run grid is not timed; keep its wall time short
     precisions = ["fp16", "bf16"] if torch.cuda.is_available() else ["no"]
-    for precision in precisions:
-        results.append((f"difftrain butterflies preset (B=16, {precision})",
-                        {**difftrain_run(args, f"difftrain-butterflies-{precision}",
-                                         common + [f"train.mixed_precision={precision}"], preset="butterflies"),
+    runs = [(16, precision, []) for precision in precisions]
+    # Larger micro-batches (the seed's recipe is batch 16; a GPU is only busy with more), in the
+    # device's fastest precision, with any extra overrides given (e.g. train.compile=true).
+    runs += [(batch, precisions[-1], []) for batch in args.batch_sizes if batch != 16]
+    runs += [(max(args.batch_sizes), precisions[-1], args.extra)] if args.extra else []
+    for batch, precision, extra in runs:
+        label = ", ".join([f"B={batch}", precision, *extra])
+        name = "-".join(["difftrain-butterflies", str(batch), precision, *(e.split("=")[0] for e in extra)])
+        results.append((f"difftrain butterflies preset ({label})",
+                        {**difftrain_run(args, name, common + [f"train.mixed_precision={precision}",
+                                                               f"train.batch_size={batch}", *extra],
+                                         preset="butterflies"),
                          "flops_per_image": stats.get("flops_per_image")}))
     return results
 
@@ -107,6 +116,10 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/difftrain-bench"))
     parser.add_argument("--steps", type=int, default=4, help="timed steps per side, after the warm-up")
     parser.add_argument("--warmup-steps", type=int, default=1)
+    parser.add_argument("--batch-sizes", type=lambda v: [int(b) for b in v.split(",")], default=[16],
+                        help="butterflies: difftrain's micro-batch sizes (the seed always uses 16)")
+    parser.add_argument("--extra", action="append", default=[],
+                        help="butterflies: an override for one more difftrain run at the largest batch size (repeatable)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense peak in the training precision, for model FLOPs utilisation")
     args = parser.parse_args()

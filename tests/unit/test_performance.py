@@ -108,3 +108,19 @@ def test_time_to_quality_flags_a_seed_accuracy_at_chance(capsys):
     seed[0]["accuracy"] = 0.5
     summarize(seed, ours, num_samples=100, num_classes=10)
     assert "within noise of chance" not in capsys.readouterr().out
+
+
+def test_unet_step_variants_times_a_preset_unet_and_rejects_unknown_variants():
+    from unet_step_variants import flops_per_image, time_variant
+
+    tiny = ["model.size=custom", "model.unet.block_out_channels=[8,16]", "model.unet.layers_per_block=1",
+            "model.unet.down_block_types=[DownBlock2D,DownBlock2D]", "model.unet.up_block_types=[UpBlock2D,UpBlock2D]",
+            "model.unet.norm_num_groups=4"]
+    cpu = torch.device("cpu")
+    result = time_variant("digits", tiny, "fp32+cl", 4, cpu, warmup_steps=1, steps=2)
+    assert result["batch_size"] == 4 and result["images_per_s"] > 0 and result["peak_device_mib"] is None
+    from unet_step_variants import build
+
+    assert flops_per_image(build("digits", tiny), cpu) > 0
+    with pytest.raises(ValueError, match="fp8"):
+        time_variant("digits", tiny, "fp8", 4, cpu, warmup_steps=1, steps=1)

@@ -1,0 +1,179 @@
+"""One training step of a preset's UNet (noise, forward, MSE, backward, fused AdamW) under the speed
+settings the issue asks about, side by side in one process: precision (fp32 with TF32 off, TF32, fp16,
+bf16 autocast), channels_last memory format (+cl), torch.compile (+compile), cuDNN autotuning (+bench),
+and the micro-batch size.
+
+    python benchmarks/unet_step_variants.py butterflies --batch-sizes 16,128 \
+        --variants fp32,tf32,fp16,bf16,bf16+cl,bf16+cl+compile --peak-tflops 989
+
+Each variant builds a fresh UNet from the preset's config (the run seed's weights), runs
+`--warmup-steps` steps (compilation happens there), then times `--steps` steps with the device
+synchronised, and prints images/s, its ratio to the first variant at the same batch, and model FLOPs
+utilisation (torch.utils.flop_counter's forward + backward FLOPs per image times images/s over
+`--peak-tflops`). Data loading is not part of it: this is the model's own ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table  # noqa: E402
+from machine import describe_machine  # noqa: E402
+
+PRECISIONS = {"fp32": None, "tf32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build(preset: str, overrides: list[str]) -> torch.nn.Module:
+    from difftrain.config import load_config
+    from difftrain.models.unet import build_unet, unet_kwargs
+
+    cfg = load_config(preset, overrides)
+    if cfg.model.conditioning not in ("none", "class"):
+        raise ValueError(f"preset {preset!r}: only unconditional and class-conditioned UNets are timed here")
+    torch.manual_seed(cfg.train.seed)
+    kwargs = unet_kwargs(cfg.model, cfg.data.resolution, cfg.data.channels, num_classes=10)
+    return build_unet(kwargs, cfg.model.conditioning)
+
+
+def flops_per_image(unet: torch.nn.Module, device: torch.device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c = unet.config
+    x = torch.randn(1, c.in_channels, c.sample_size, c.sample_size, device=device)
+    extra = {"class_labels": torch.zeros(1, dtype=torch.long, device=device)} if c.num_class_embeds else {}
+    with FlopCounterMode(display=False) as counter:
+        unet(x, torch.tensor([500], device=device), **extra).sample.float().square().mean().backward()
+    unet.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variant(preset: str, overrides: list[str], variant: str, batch_size: int, device: torch.device,
+                 warmup_steps: int, steps: int, profile: bool = False) -> dict:
+    parts = variant.split("+")
+    precision, flags = parts[0], set(parts[1:])
+    if precision not in PRECISIONS or not flags <= {"cl", "compile", "bench"}:
+        raise ValueError(f"variant {variant!r}: expected one of {sorted(PRECISIONS)} then optional +cl, +compile, +bench")
+    torch.backends.cudnn.benchmark = "bench" in flags
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    unet = build(preset, overrides).to(device)
+    memory_format = torch.channels_last if "cl" in flags else torch.contiguous_format
+    unet.to(memory_format=memory_format)
+    unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
+    forward = torch.compile(unet) if "compile" in flags else unet
+    c = unet.config
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = (torch.rand(batch_size, c.in_channels, c.sample_size, c.sample_size, generator=g, device=device) * 2 - 1)
+    x0 = x0.contiguous(memory_format=memory_format)
+    extra = {"class_labels": torch.zeros(batch_size, dtype=torch.long, device=device)} if c.num_class_embeds else {}
+    dtype = PRECISIONS[precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    alphas = torch.linspace(0.9999, 0.02, 1000, device=device)
+
+    def step() -> torch.Tensor:
+        noise = torch.randn(x0.shape, generator=g, device=device).contiguous(memory_format=memory_format)
+        t = torch.randint(0, 1000, (batch_size,), generator=g, device=device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = torch.nn.functional.mse_loss(forward(noisy, t, **extra).sample.float(), noise)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    start = time.perf_counter()
+    for _ in range(warmup_steps):
+        step()
+    sync(device)
+    warmup_seconds = time.perf_counter() - start
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            step()
+            sync(device)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"profile of one step, {variant} at batch {batch_size}:")
+        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+    seconds = []
+    for _ in range(steps):
+        tick = time.perf_counter()
+        loss = step()
+        sync(device)
+        seconds.append(time.perf_counter() - tick)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"variant {variant} at batch {batch_size}: loss {loss.item()} is not finite")
+    peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    median = statistics.median(seconds)
+    result = {"variant": variant, "batch_size": batch_size, "images_per_s": batch_size / median,
+              "median_step_ms": 1e3 * median, "warmup_seconds": warmup_seconds, "peak_device_mib": peak_mib}
+    return result
+
+
+def release(device: torch.device) -> None:
+    """Free what the last variant held (called once its model and optimizer are out of scope)."""
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("preset", help="a difftrain preset whose UNet is timed, e.g. butterflies")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides (model.unet..., data.resolution)")
+    parser.add_argument("--variants", default="fp32,bf16,bf16+cl")
+    parser.add_argument("--batch-sizes", default="16")
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak in the variant's precision (bf16/fp16), for MFU")
+    parser.add_argument("--profile", default="", help="comma-separated variants to print a torch.profiler table of")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"Machine: {describe_machine()}; torch {torch.__version__}", flush=True)
+    flops = flops_per_image(build(args.preset, args.overrides).to(device), device)
+    print(f"forward + backward FLOPs per image: {flops / 1e9:.2f} G", flush=True)
+    results = []
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        for variant in args.variants.split(","):
+            r = time_variant(args.preset, args.overrides, variant, batch_size, device, args.warmup_steps, args.steps,
+                             profile=variant in args.profile.split(","))
+            release(device)
+            r["mfu"] = flops * r["images_per_s"] / (args.peak_tflops * 1e12) if args.peak_tflops else None
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps({"flops_per_image": flops, "results": results}, indent=1))
+    header = ["batch", "variant", "images/s", "vs first", "step ms", "warm-up s", "peak device MiB", "MFU"]
+    rows = []
+    for r in results:
+        first = next(f for f in results if f["batch_size"] == r["batch_size"])
+        rows.append([r["batch_size"], r["variant"], r["images_per_s"], f"{r['images_per_s'] / first['images_per_s']:.2f}x",
+                     r["median_step_ms"], r["warmup_seconds"],
+                     "-" if r["peak_device_mib"] is None else f"{r['peak_device_mib']:.0f}",
+                     "-" if r["mfu"] is None else f"{r['mfu']:.1%}"])
+    print(markdown_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()
