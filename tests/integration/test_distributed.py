@@ -45,7 +45,9 @@ LOSS_REL, WEIGHT_ATOL = 1e-5, 1e-6
 
 def _env(extra: dict | None = None) -> dict:
     # Two ranks on a 2-core machine: one thread each, or they oversubscribe the cores ~10x.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(extra or {})}
+    # No GPUs: these tests check the CPU (gloo) path, which is the same on a machine with one.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "CUDA_VISIBLE_DEVICES": "", **(extra or {})}
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:

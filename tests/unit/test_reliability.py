@@ -182,3 +182,14 @@ def test_nonfinite_policy_keys_are_validated():
     assert "'train.nonfinite_max_rollbacks' = -1: must be >= 0" in problems
     assert "'train.nonfinite_lr_factor' = 1.5: must be in (0, 1)" in problems
     assert "'train.nonfinite_remedy' = 'pray'" in problems
+
+
+def test_more_processes_than_gpus_is_refused_before_launching(monkeypatch: pytest.MonkeyPatch):
+    # Seen on a one-GPU machine: two ranks both asked NCCL for a GPU. The CPU test machine has none,
+    # so the GPU count is patched; nothing is launched either way.
+    from difftrain.training import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"--num-processes 2: this machine has 1 CUDA GPU\(s\).*CUDA_VISIBLE_DEVICES="):
+        distributed.launch_local(2, ["train", "digits"])

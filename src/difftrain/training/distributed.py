@@ -215,6 +215,12 @@ def launch_local(num_processes: int, argv: Sequence[str]) -> int:
     if launched_world_size() > 1:
         raise ValueError("--num-processes is for a plain `difftrain train`; this process was already started by a "
                          f"launcher with {launched_world_size()} processes")
+    if torch.cuda.is_available() and num_processes > torch.cuda.device_count():
+        # Otherwise every extra rank would ask NCCL for a GPU that is not there (or share one), and fail obscurely.
+        count = torch.cuda.device_count()
+        raise ValueError(f"--num-processes {num_processes}: this machine has {count} CUDA GPU(s) and each process "
+                         f"needs its own; use --num-processes {count} or fewer, or hide the GPUs "
+                         f"(CUDA_VISIBLE_DEVICES=) to run {num_processes} CPU processes")
     # The ranks inherit this environment. N processes x all cores each oversubscribes the CPU.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not torch.cuda.is_available() and Path("/sys/class/net/lo").exists():
