@@ -140,3 +140,17 @@ def test_make_grid_layout_and_upscaling():
     assert labelled.size[0] > make_grid(images, ncols=2).size[0]
     with pytest.raises(ValueError, match="uint8"):
         make_grid(images.float(), ncols=2)
+
+
+def test_a_schedule_that_repeats_its_first_timestep_runs_every_step():
+    # Karras sigmas on the cosine schedule map the first several sigmas to timestep 998; diffusers then
+    # started one step late and indexed past its sigmas (IndexError) unless told where sampling begins.
+    from diffusers import DPMSolverMultistepScheduler
+
+    base = build_noise_scheduler(DiffusionConfig(beta_schedule="squaredcos_cap_v2")).config
+    scheduler = DPMSolverMultistepScheduler.from_config(base, use_karras_sigmas=True)
+    scheduler.set_timesteps(20)
+    assert scheduler.timesteps[0] == scheduler.timesteps[1]  # the case this guards
+    steps = []
+    out = sample(_dummy, scheduler, (1, 8, 8), [0], num_inference_steps=20, callback=lambda s: steps.append(s["i"]))
+    assert steps == list(range(20)) and torch.isfinite(out).all()

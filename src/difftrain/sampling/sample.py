@@ -49,6 +49,11 @@ def sample(
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in chunk]
         x = randn_tensor((len(chunk), *shape), generator=generators, device=device)
         scheduler.set_timesteps(num_inference_steps, device=device)
+        if hasattr(scheduler, "set_begin_index"):
+            # Sampling always starts at the first timestep. Without this, diffusers locates the start by
+            # value and, when the schedule repeats its first timestep (Karras sigmas on a cosine schedule),
+            # starts one step late and indexes past the end of its sigmas.
+            scheduler.set_begin_index(0)
         x = x * scheduler.init_noise_sigma
         c = None if cond is None else cond[start : start + len(chunk)]
         nc = None if null_cond is None else null_cond[start : start + len(chunk)]
