@@ -340,8 +340,8 @@ def build_trainables(plan: RunPlan, accelerator: Accelerator) -> Trainables:
                        partial_checkpoints=partial)
     if t.use_ema:
         # foreach: one multi-tensor update instead of one per parameter (benchmarks/step_components.py).
-        parts.ema = DeviceEMAModel(parts.ema_parameters(accelerator), decay=t.ema_decay, use_ema_warmup=t.ema_warmup,
-                             foreach=True)
+        parts.ema = DeviceEMAModel(parts.ema_parameters(accelerator), decay=t.ema_decay,
+                                   use_ema_warmup=t.ema_warmup, foreach=True)
         parts.ema.to(accelerator.device)
         accelerator.register_for_checkpointing(parts.ema)
     if plan.latent:
