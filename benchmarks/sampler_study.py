@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--reference-steps", type=int, default=1000, help="DDPM baseline steps (0: none)")
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--inception", action="store_true", help="Inception FID even for labelled runs (slow on CPU)")
+    parser.add_argument("--seed-offset", type=int, default=0,
+                        help="first seed (seeds OFFSET..OFFSET+N-1): a second draw shows the metric's own noise")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -46,7 +48,7 @@ def main() -> None:
     pipe = load_pipeline(args.run_dir, device="cpu")
     guidance = cfg.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
     labels, prompts = conditioning_for(cfg, ref.class_names, args.num_samples)
-    seeds = list(range(args.num_samples))
+    seeds = list(range(args.seed_offset, args.seed_offset + args.num_samples))
 
     points = [(name, int(n)) for name in args.schedulers.split(",") for n in args.steps.split(",")]
     if args.reference_steps:
@@ -66,7 +68,7 @@ def main() -> None:
 
     baseline = next((r for r in results if r["scheduler"] == "ddpm" and r["steps"] == args.reference_steps), None)
     print(f"\nrun: {args.run_dir} ({cfg.model.conditioning}-conditional, {cfg.data.resolution} px), "
-          f"{args.num_samples} samples per point, guidance {guidance}, metric {metric}"
+          f"{args.num_samples} samples per point (seeds {seeds[0]}-{seeds[-1]}), guidance {guidance}, metric {metric}"
           + (f" (reference classifier test accuracy {ref.classifier.test_accuracy:.4f})" if ref.classifier else ""))
     print(f"machine: {describe_machine()}\n")
     versus = f"vs DDPM-{args.reference_steps}" if args.reference_steps else "vs reference (none run)"
@@ -78,7 +80,7 @@ def main() -> None:
         print(f"| {r['scheduler']} | {r['steps']} | {r[metric]:.3f} | {ratio} | {acc} | {r['ms_per_image']:.1f} |")
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"sampler_study_{args.run_dir.name}"
+    stem = f"sampler_study_{args.run_dir.name}" + (f"_seeds{args.seed_offset}" if args.seed_offset else "")
     (args.out_dir / f"{stem}.json").write_text(json.dumps({"run": str(args.run_dir), "metric": metric,
                                                             "results": results}, indent=2) + "\n")
     import matplotlib

@@ -20,7 +20,7 @@ from difftrain.sampling.schedulers import SCHEDULERS, make_scheduler
 GOLDEN = {
     "ddpm": (87.4994, 0.093763),
     "ddim": (4235.5991, -0.792133),
-    "dpm++": (9386.6455, -1.845312),
+    "dpm++": (9309.8906, -1.824737),  # log-SNR-uniform steps (make_scheduler)
     "unipc": (9247.0146, -1.813703),
     "euler": (10410.0967, -2.081921),
     "euler-a": (8834.6895, -0.652902),
@@ -54,6 +54,7 @@ def test_schedulers_keep_the_training_schedule():
     assert make_scheduler("ddim", _base_config()).config.clip_sample is False
     assert make_scheduler("ddpm", _base_config()).config.clip_sample is True
     assert type(make_scheduler("DPMPP", base)).__name__ == "DPMSolverMultistepScheduler"
+    assert make_scheduler("dpm++", base).config.use_lu_lambdas is True
     with pytest.raises(ValueError, match="'plms'.*ddpm"):
         make_scheduler("plms", base)
 

@@ -38,4 +38,9 @@ def make_scheduler(name: str, base_config: Any) -> SchedulerMixin:
         # and the mismatch compounds with the number of steps (measured on the digits preset, 50
         # steps: classifier FID 8.06 clipped vs 1.17 unclipped; BENCHMARKS.md, sampler study).
         return DDIMScheduler.from_config(base_config, clip_sample=False)
+    if key == "dpm++":
+        # Steps uniform in log-SNR (the spacing of Lu et al.'s DPM-Solver) rather than in t. Measured on the
+        # digits preset, 20 steps, two draws of 300 seeds: classifier FID 0.665 / 0.658 against 0.704 /
+        # 0.714 with diffusers' default spacing, and 0.629 / 0.706 for DDPM at 1,000 steps (BENCHMARKS.md).
+        return DPMSolverMultistepScheduler.from_config(base_config, use_lu_lambdas=True)
     return SCHEDULERS[key].from_config(base_config)
