@@ -96,3 +96,19 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
     return "\n".join(lines)
+
+
+def flops_per_image(unet) -> float:
+    """Forward plus backward FLOPs of one image through a diffusers UNet2DModel (torch.utils.flop_counter),
+    with the input shape (and a class label, for a class-conditioned UNet) taken from its config."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c = unet.config
+    device = next(unet.parameters()).device
+    x = torch.randn(1, c.in_channels, c.sample_size, c.sample_size, device=device)
+    extra = {"class_labels": torch.zeros(1, dtype=torch.long, device=device)} if c.num_class_embeds else {}
+    with FlopCounterMode(display=False) as counter:
+        unet(x, torch.tensor([500], device=device), **extra).sample.float().square().mean().backward()
+    unet.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table  # noqa: E402
+from common import flops_per_image, markdown_table  # noqa: E402
 from machine import describe_machine  # noqa: E402
 
 PRECISIONS = {"fp32": None, "tf32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,20 +39,9 @@ def build(preset: str, overrides: list[str]) -> torch.nn.Module:
     if cfg.model.conditioning not in ("none", "class"):
         raise ValueError(f"preset {preset!r}: only unconditional and class-conditioned UNets are timed here")
     torch.manual_seed(cfg.train.seed)
-    kwargs = unet_kwargs(cfg.model, cfg.data.resolution, cfg.data.channels, num_classes=10)
+    # The class count only sizes the label embedding; 10 stands in where the data would tell.
+    kwargs = unet_kwargs(cfg.model, cfg.data.resolution, cfg.data.channels, num_classes=cfg.model.num_classes or 10)
     return build_unet(kwargs, cfg.model.conditioning)
-
-
-def flops_per_image(unet: torch.nn.Module, device: torch.device) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    c = unet.config
-    x = torch.randn(1, c.in_channels, c.sample_size, c.sample_size, device=device)
-    extra = {"class_labels": torch.zeros(1, dtype=torch.long, device=device)} if c.num_class_embeds else {}
-    with FlopCounterMode(display=False) as counter:
-        unet(x, torch.tensor([500], device=device), **extra).sample.float().square().mean().backward()
-    unet.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
 
 
 def sync(device: torch.device) -> None:
@@ -151,7 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"Machine: {describe_machine()}; torch {torch.__version__}", flush=True)
-    flops = flops_per_image(build(args.preset, args.overrides).to(device), device)
+    flops = flops_per_image(build(args.preset, args.overrides).to(device))
     print(f"forward + backward FLOPs per image: {flops / 1e9:.2f} G", flush=True)
     results = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:

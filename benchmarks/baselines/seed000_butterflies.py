@@ -19,12 +19,16 @@ import argparse
 import json
 import random
 import resource
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import flops_per_image  # noqa: E402  (instrumentation, not part of the seed's loop)
 
 IMAGE_SIZE = 128
 BATCH_SIZE = 16
@@ -51,19 +55,6 @@ def build_unet():
         down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
     )
-
-
-def flops_per_image(model) -> float:
-    """Forward plus backward FLOPs of one 128 px image (torch.utils.flop_counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    device = next(model.parameters()).device
-    x = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
-    t = torch.tensor([500], device=device)
-    with FlopCounterMode(display=False) as counter:
-        model(x, t, return_dict=False)[0].float().square().mean().backward()
-    model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
 
 
 def train(images: Path, out: Path, max_steps: int, num_epochs: int = 50, seed: int = 0) -> dict:

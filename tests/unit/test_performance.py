@@ -111,7 +111,8 @@ def test_time_to_quality_flags_a_seed_accuracy_at_chance(capsys):
 
 
 def test_unet_step_variants_times_a_preset_unet_and_rejects_unknown_variants():
-    from unet_step_variants import flops_per_image, time_variant
+    from common import flops_per_image
+    from unet_step_variants import time_variant
 
     tiny = ["model.size=custom", "model.unet.block_out_channels=[8,16]", "model.unet.layers_per_block=1",
             "model.unet.down_block_types=[DownBlock2D,DownBlock2D]", "model.unet.up_block_types=[UpBlock2D,UpBlock2D]",
@@ -121,6 +122,6 @@ def test_unet_step_variants_times_a_preset_unet_and_rejects_unknown_variants():
     assert result["batch_size"] == 4 and result["images_per_s"] > 0 and result["peak_device_mib"] is None
     from unet_step_variants import build
 
-    assert flops_per_image(build("digits", tiny), cpu) > 0
+    assert flops_per_image(build("digits", tiny)) > 0
     with pytest.raises(ValueError, match="fp8"):
         time_variant("digits", tiny, "fp8", 4, cpu, warmup_steps=1, steps=1)
