@@ -21,19 +21,31 @@ def run_child(argv: Sequence[str], log_path: Path, env: Optional[dict] = None) -
 
     Raises RuntimeError with the log's tail when the child fails, so a broken side is never reported as slow.
     """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    return run_children([argv], [log_path], env)[0]
+
+
+def run_children(argvs: Sequence[Sequence[str]], log_paths: Sequence[Path], env: Optional[dict] = None) -> list[dict]:
+    """Run several children at the same time (each with its own log) and wait for all of them; each one's
+    wall seconds and peak RSS as in `run_child`. Raises RuntimeError if any fails."""
     start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, **(env or {})})
+    procs = {}
+    for argv, log_path in zip(argvs, log_paths, strict=True):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                    env={**os.environ, **(env or {})})
+        procs[proc.pid] = (list(argv), log_path)
+    results = {}
+    while len(results) < len(procs):
         # wait4 gives this child's own resource use (ru_maxrss folds in the children it waited for).
-        _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"{' '.join(argv)} exited with {code}; last lines of {log_path}:\n{tail}")
-    return {"wall_seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
+        pid, status, usage = os.wait4(-1, 0)
+        if pid in procs:
+            results[pid] = (time.perf_counter() - start, os.waitstatus_to_exitcode(status), usage)
+    for pid, (argv, log_path) in procs.items():
+        if results[pid][1] != 0:
+            tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
+            raise RuntimeError(f"{' '.join(argv)} exited with {results[pid][1]}; last lines of {log_path}:\n{tail}")
+    return [{"wall_seconds": results[pid][0], "peak_rss_mib": results[pid][2].ru_maxrss / 1024} for pid in procs]
 
 
 def difftrain_cmd(*args: str, num_processes: int = 1) -> list[str]:
@@ -98,16 +110,32 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def flops_per_image(unet) -> float:
-    """Forward plus backward FLOPs of one image through a diffusers UNet2DModel (torch.utils.flop_counter),
-    with the input shape (and a class label, for a class-conditioned UNet) taken from its config."""
+def conditioning_inputs(unet, batch_size: int, text_tokens: int = 0, generator=None) -> dict:
+    """The UNet's conditioning keyword arguments for a batch: class 0 for a class-conditioned UNet, random
+    encoder states of `text_tokens` tokens for a cross-attending one."""
+    import torch
+
+    c = unet.config
+    device = next(unet.parameters()).device
+    extra = {}
+    if getattr(c, "num_class_embeds", None):
+        extra["class_labels"] = torch.zeros(batch_size, dtype=torch.long, device=device)
+    if text_tokens:
+        extra["encoder_hidden_states"] = torch.randn(batch_size, text_tokens, c.cross_attention_dim,
+                                                     generator=generator, device=device)
+    return extra
+
+
+def flops_per_image(unet, text_tokens: int = 0) -> float:
+    """Forward plus backward FLOPs of one image through a diffusers UNet (torch.utils.flop_counter), with
+    the input shape and conditioning (class label, or `text_tokens` caption tokens) taken from its config."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     c = unet.config
     device = next(unet.parameters()).device
     x = torch.randn(1, c.in_channels, c.sample_size, c.sample_size, device=device)
-    extra = {"class_labels": torch.zeros(1, dtype=torch.long, device=device)} if c.num_class_embeds else {}
+    extra = conditioning_inputs(unet, 1, text_tokens)
     with FlopCounterMode(display=False) as counter:
         unet(x, torch.tensor([500], device=device), **extra).sample.float().square().mean().backward()
     unet.zero_grad(set_to_none=True)

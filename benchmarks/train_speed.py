@@ -5,8 +5,10 @@
 
 mnist-text: seed 002's loop (benchmarks/baselines/seed002_mnist_text.py) against difftrain on the
 seed's own architecture (the same UNet2DConditionModel, the same CLIP-B/32-sized random text encoder,
-batch 512): in one process, and as two processes of one thread each (`--num-processes 2`). Also
-difftrain's mnist-text preset on its own model for reference.
+batch 512): in one process, and as two processes of one thread each (`--num-processes 2`). Then the
+ceiling of that layout: the seed architecture's UNet step alone (unet_step_variants.py, no data, no
+text encoder, no gradient sync) in two one-thread processes side by side. Also difftrain's mnist-text
+preset on its own model for reference.
 
 butterflies: seed 000's loop (benchmarks/baselines/seed000_butterflies.py) against difftrain's
 butterflies preset (the same 113.7M-parameter UNet2DModel at 128 px, batch 16) on the same images.
@@ -26,8 +28,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BENCHMARKS, images_per_s_after, markdown_table, run_child, run_difftrain,  # noqa: E402
-                    steady_images_per_s)
+from common import (BENCHMARKS, images_per_s_after, markdown_table, run_child, run_children,  # noqa: E402
+                    run_difftrain, steady_images_per_s)
 from machine import describe_machine  # noqa: E402
 
 NO_MAINTENANCE = ["train.sample_every_steps=null", "train.checkpoint_every_steps=null", "train.log_every_steps=1",
@@ -49,6 +51,22 @@ def difftrain_run(args, name: str, overrides: list[str], num_processes: int = 1,
             "images_per_s": steady_images_per_s(run["rows"], args.warmup_steps)}
 
 
+def unet_step_alone(args, overrides: list[str], num_processes: int, batch_size: int = 128) -> dict:
+    """The ceiling of a layout: `num_processes` one-thread copies of unet_step_variants.py timing the
+    UNet's fp32 step side by side (what the CPU gives with nothing but the model to run); images/s summed."""
+    argvs, logs, outs = [], [], []
+    for rank in range(num_processes):
+        outs.append(args.work_dir / f"unet-step-alone-{rank}.json")
+        logs.append(outs[-1].with_suffix(".log"))
+        argvs.append([sys.executable, str(BENCHMARKS / "unet_step_variants.py"), "mnist-text", *overrides,
+                      "--variants", "fp32", "--batch-sizes", str(batch_size), "--threads", "1",
+                      "--warmup-steps", str(args.warmup_steps), "--steps", str(args.steps), "--json", str(outs[-1])])
+    usages = run_children(argvs, logs)
+    per_process = [json.loads(out.read_text())["results"][0]["images_per_s"] for out in outs]
+    return {"wall_seconds": max(u["wall_seconds"] for u in usages), "peak_rss_mib": max(u["peak_rss_mib"] for u in usages),
+            "images_per_s": sum(per_process), "images_per_s_per_process": per_process}
+
+
 def mnist_text(args) -> list[tuple[str, dict]]:
     from baselines.seed002_mnist_text import make_offline_clip
 
@@ -58,6 +76,8 @@ def mnist_text(args) -> list[tuple[str, dict]]:
                  "model.unet.block_out_channels=[32,64,64,32]", "model.unet.layers_per_block=2",
                  "model.unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D,CrossAttnDownBlock2D,DownBlock2D]",
                  "model.unet.up_block_types=[UpBlock2D,CrossAttnUpBlock2D,CrossAttnUpBlock2D,UpBlock2D]",
+                 # The preset also pools the caption into the time embedding; the seed's UNet does not.
+                 "model.unet.addition_embed_type=null",
                  "diffusion.prediction_type=epsilon", "diffusion.snr_gamma=null", f"train.max_steps={steps}"]
     results = [("seed 002 loop (B=512)", seed002(args, clip))]
     results.append(("difftrain, seed architecture, B=512, 1 process",
@@ -70,6 +90,8 @@ def mnist_text(args) -> list[tuple[str, dict]]:
     results.append(("difftrain, seed architecture, B=512 as 2 processes x 1 thread x 2 x 128 accumulation",
                     difftrain_run(args, "difftrain-seed-arch-2p-acc", seed_arch + [
                         "train.batch_size=128", "train.gradient_accumulation_steps=2"], 2)))
+    results.append(("UNet step alone at the seed architecture (no data, text encoder or gradient sync), "
+                    "2 processes x 1 thread x B=128", unet_step_alone(args, seed_arch, num_processes=2)))
     preset_steps = args.warmup_steps + 8 * args.steps
     results.append(("difftrain mnist-text preset (its own model and batch)",
                     difftrain_run(args, "difftrain-preset", [f"data.path={args.mnist}",

@@ -6,6 +6,11 @@ and the micro-batch size.
     python benchmarks/unet_step_variants.py butterflies --batch-sizes 16,128 \
         --variants fp32,tf32,fp16,bf16,bf16+cl,bf16+cl+compile --peak-tflops 989
 
+Text-conditioned presets get random encoder states of the text encoder's width and the configured
+caption length (the text encoder itself is not timed: difftrain runs a frozen one once per caption).
+On a CPU, `--threads` sets torch's thread count (one thread per process is how difftrain's fastest
+CPU layout runs, see BENCHMARKS.md).
+
 Each variant builds a fresh UNet from the preset's config (the run seed's weights), runs
 `--warmup-steps` steps (compilation happens there), then times `--steps` steps with the device
 synchronised, and prints images/s, its ratio to the first variant at the same batch, and model FLOPs
@@ -25,23 +30,39 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import flops_per_image, markdown_table  # noqa: E402
+from common import conditioning_inputs, flops_per_image, markdown_table  # noqa: E402
 from machine import describe_machine  # noqa: E402
 
 PRECISIONS = {"fp32": None, "tf32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def build(preset: str, overrides: list[str]) -> torch.nn.Module:
+def text_width(cfg) -> int:
+    """The width of the encoder states the UNet cross-attends to: the pretrained encoder's, or the
+    from-scratch encoder's configured hidden size."""
+    if cfg.text_encoder.pretrained is None:
+        return cfg.text_encoder.hidden_size
+    from difftrain.models.text import load_pretrained_text_encoder, text_hidden_size
+
+    return text_hidden_size(load_pretrained_text_encoder(cfg.text_encoder.pretrained)[1])
+
+
+def build(preset: str, overrides: list[str]) -> tuple[torch.nn.Module, object, int]:
+    """The preset's UNet (the run seed's weights), its training noise scheduler, and the number of caption
+    tokens it cross-attends to (0 for a UNet without text)."""
     from difftrain.config import load_config
+    from difftrain.diffusion.schedule import build_noise_scheduler
     from difftrain.models.unet import build_unet, unet_kwargs
 
     cfg = load_config(preset, overrides)
-    if cfg.model.conditioning not in ("none", "class"):
-        raise ValueError(f"preset {preset!r}: only unconditional and class-conditioned UNets are timed here")
+    if cfg.model.space != "pixel" or cfg.model.pretrained is not None:
+        raise ValueError(f"preset {preset!r}: only pixel-space UNets trained from scratch are timed here")
+    cross_dim = text_width(cfg) if cfg.model.conditioning == "text" else None
     torch.manual_seed(cfg.train.seed)
     # The class count only sizes the label embedding; 10 stands in where the data would tell.
-    kwargs = unet_kwargs(cfg.model, cfg.data.resolution, cfg.data.channels, num_classes=cfg.model.num_classes or 10)
-    return build_unet(kwargs, cfg.model.conditioning)
+    kwargs = unet_kwargs(cfg.model, cfg.data.resolution, cfg.data.channels, num_classes=cfg.model.num_classes or 10,
+                         cross_attention_dim=cross_dim)
+    text_tokens = cfg.text_encoder.max_length if cross_dim else 0
+    return build_unet(kwargs, cfg.model.conditioning), build_noise_scheduler(cfg.diffusion), text_tokens
 
 
 def sync(device: torch.device) -> None:
@@ -58,7 +79,8 @@ def time_variant(preset: str, overrides: list[str], variant: str, batch_size: in
     torch.backends.cudnn.benchmark = "bench" in flags
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    unet = build(preset, overrides).to(device)
+    unet, noise_scheduler, text_tokens = build(preset, overrides)
+    unet.to(device)
     memory_format = torch.channels_last if "cl" in flags else torch.contiguous_format
     unet.to(memory_format=memory_format)
     unet.train()
@@ -68,16 +90,15 @@ def time_variant(preset: str, overrides: list[str], variant: str, batch_size: in
     g = torch.Generator(device=device).manual_seed(0)
     x0 = (torch.rand(batch_size, c.in_channels, c.sample_size, c.sample_size, generator=g, device=device) * 2 - 1)
     x0 = x0.contiguous(memory_format=memory_format)
-    extra = {"class_labels": torch.zeros(batch_size, dtype=torch.long, device=device)} if c.num_class_embeds else {}
+    extra = conditioning_inputs(unet, batch_size, text_tokens, generator=g)
     dtype = PRECISIONS[precision]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    alphas = torch.linspace(0.9999, 0.02, 1000, device=device)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
 
     def step() -> torch.Tensor:
         noise = torch.randn(x0.shape, generator=g, device=device).contiguous(memory_format=memory_format)
-        t = torch.randint(0, 1000, (batch_size,), generator=g, device=device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        t = torch.randint(0, num_timesteps, (batch_size,), generator=g, device=device)
+        noisy = noise_scheduler.add_noise(x0, noise, t)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = torch.nn.functional.mse_loss(forward(noisy, t, **extra).sample.float(), noise)
         scaler.scale(loss).backward()
@@ -137,10 +158,14 @@ def main() -> None:
                         help="the device's dense peak in the variant's precision (bf16/fp16), for MFU")
     parser.add_argument("--profile", default="", help="comma-separated variants to print a torch.profiler table of")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"Machine: {describe_machine()}; torch {torch.__version__}", flush=True)
-    flops = flops_per_image(build(args.preset, args.overrides).to(device))
+    print(f"Machine: {describe_machine()}", flush=True)
+    unet, _, text_tokens = build(args.preset, args.overrides)
+    flops = flops_per_image(unet.to(device), text_tokens)
     print(f"forward + backward FLOPs per image: {flops / 1e9:.2f} G", flush=True)
     results = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
