@@ -508,6 +508,19 @@ def config_from_dict(values: dict) -> RunConfig:
     return cfg
 
 
+def section_from_dict(name: str, values: Any) -> Any:
+    """One top-level section (e.g. "train") of a saved config as the schema reads it, without the
+    cross-field checks of a whole config; ConfigError names any key or value it does not allow."""
+    hints = typing.get_type_hints(RunConfig)
+    if name not in hints or not dataclasses.is_dataclass(hints[name]):
+        raise ValueError(f"{name!r} is not a config section (sections: {', '.join(hints)})")
+    problems: list[str] = []
+    section = _build(hints[name], _fix_yaml_floats(values), f"{name}.", problems)
+    if problems:
+        raise ConfigError(problems)
+    return section
+
+
 def validate(cfg: RunConfig) -> list[str]:
     """Cross-field checks; returns every problem found (empty list when valid)."""
     from difftrain.config_checks import check_config

@@ -16,6 +16,7 @@ from difftrain.config import (
     load_config,
     parse_overrides,
     presets_dir,
+    section_from_dict,
 )
 
 
@@ -146,3 +147,13 @@ def test_unquoted_no_is_the_string_no_for_mixed_precision():
     # YAML 1.1 reads `no` as false; `train.mixed_precision=no` on the command line must still work.
     assert load_config("digits", ["train.mixed_precision=no"]).train.mixed_precision == "no"
     assert load_config("digits", ["train.mixed_precision='no'"]).train.mixed_precision == "no"
+
+
+def test_one_section_of_a_saved_config_is_read_by_the_schema_alone():
+    # A saved train section without max_steps is fine on its own (that check spans the whole config).
+    train = section_from_dict("train", yaml.safe_load("mixed_precision: no\nbatch_size: 4"))
+    assert train.mixed_precision == "no" and train.batch_size == 4
+    with pytest.raises(ConfigError, match="train.batch_sise"):
+        section_from_dict("train", {"batch_sise": 4})
+    with pytest.raises(ValueError, match="'trian' is not a config section"):
+        section_from_dict("trian", {})

@@ -11,7 +11,7 @@ from diffusers import UNet2DModel
 
 from difftrain.config import RunConfig, TrainConfig, dump_config, load_config
 from difftrain.training import precision
-from difftrain.training.resume_check import keep_resolved_precision
+from difftrain.training.resume_check import keep_resolved_precision, read_saved_config
 
 
 def _tiny_unet() -> UNet2DModel:
@@ -78,6 +78,12 @@ def test_resumed_auto_run_keeps_its_resolved_precision(tmp_path: Path):
     assert keep_resolved_precision(auto, tmp_path).train.mixed_precision == "bf16"
     forced = load_config("tiny/digits-class", ["train.mixed_precision='no'"])
     assert keep_resolved_precision(forced, tmp_path).train.mixed_precision == "no"  # an explicit value wins
+    # A run that resolved to fp32 saved `mixed_precision: no`, which YAML 1.1 reads back as false.
+    (tmp_path / "config.yaml").write_text(dump_config(saved).replace("mixed_precision: bf16", "mixed_precision: no"))
+    assert keep_resolved_precision(auto, tmp_path).train.mixed_precision == "no"
+    # The saved config is read once by train() and handed to both checks; reading it here gives the same.
+    read = read_saved_config(tmp_path)
+    assert read.checkpoint is None and keep_resolved_precision(auto, tmp_path, read).train.mixed_precision == "no"
 
 
 @pytest.mark.parametrize("value", ["auto", "no", "bf16"])

@@ -33,7 +33,7 @@ from difftrain.training.export_latent import export_lora, export_stable_diffusio
 from difftrain.training.numerics import NonFiniteGuard
 from difftrain.training.precision import resolve_plan_precision
 from difftrain.training.resume_check import (check_before_resume, keep_resolved_precision, load_newest_checkpoint,
-                                             trim_metrics)
+                                             read_saved_config, trim_metrics)
 from difftrain.training.setup import RunPlan, Trainables, build_trainables, make_accelerator, plan_run, precheck
 from difftrain.training.vae_train import train_vae, vae_is_complete
 
@@ -324,9 +324,11 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
         stop_at_step: stop after this step without exporting, as if interrupted (used by resume tests).
     """
     output_dir = Path(cfg.output_dir)
-    cfg = keep_resolved_precision(cfg, output_dir)
+    saved = read_saved_config(output_dir)
+    cfg = keep_resolved_precision(cfg, output_dir, saved)
     accelerator = make_accelerator(cfg, output_dir)  # writes nothing until trackers start
-    changes = check_before_resume(cfg, output_dir)  # refuses unsafe changes before anything is decoded or written
+    # Refuses unsafe changes before anything is decoded or written.
+    changes = check_before_resume(cfg, output_dir, saved)
     handler = None
     try:
         if cfg.train.prior_preservation:

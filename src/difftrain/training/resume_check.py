@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from accelerate import Accelerator
 
-from difftrain.config import ConfigError, RunConfig, config_from_dict
+from difftrain.config import ConfigError, RunConfig, config_from_dict, section_from_dict
 from difftrain.training import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
@@ -75,17 +75,36 @@ def check_resume_config(saved: dict, now: RunConfig, where: Path) -> list[tuple[
     return changes
 
 
-def check_before_resume(cfg: RunConfig, output_dir: Path) -> list[tuple[str, Any, Any]]:
+@dataclasses.dataclass(frozen=True)
+class SavedConfig:
+    """The config a run in an output directory was last trained with, read once before resuming."""
+
+    values: Optional[dict]  # None: a fresh output directory (or nothing readable in it)
+    checkpoint: Optional[Path]  # the checkpoint it came from; None when it came from config.yaml
+
+
+def read_saved_config(output_dir: Path) -> SavedConfig:
+    """The config in the newest checkpoint whose progress file reads back, else config.yaml's."""
+    values, path = _checkpoint_config(output_dir)
+    if values is not None:
+        return SavedConfig(values, path)
+    return SavedConfig(_yaml_config(output_dir), None)
+
+
+def check_before_resume(cfg: RunConfig, output_dir: Path, saved: Optional[SavedConfig] = None,
+                        ) -> list[tuple[str, Any, Any]]:
     """Refuse unsafe config changes against the newest checkpoint; return every change for the run log.
 
     Writes nothing. With no checkpoint yet nothing can be corrupted, so changes against config.yaml are
-    returned to be logged but never refused.
+    returned to be logged but never refused. `saved` is what `read_saved_config(output_dir)` returned
+    (read here when not given).
     """
-    saved, path = _checkpoint_config(output_dir)
-    if saved is not None:
-        return check_resume_config(saved, cfg, path)
-    saved = _yaml_config(output_dir)
-    return config_changes(saved, cfg) if saved is not None else []
+    saved = saved if saved is not None else read_saved_config(output_dir)
+    if saved.values is None:
+        return []
+    if saved.checkpoint is not None:
+        return check_resume_config(saved.values, cfg, saved.checkpoint)
+    return config_changes(saved.values, cfg)
 
 
 def _checkpoint_config(output_dir: Path) -> tuple[Optional[dict], Optional[Path]]:
@@ -114,15 +133,24 @@ def _yaml_config(output_dir: Path) -> Optional[dict]:
     return saved if isinstance(saved, dict) else None
 
 
-def keep_resolved_precision(cfg: RunConfig, output_dir: Path) -> RunConfig:
-    """With `train.mixed_precision: auto`, a run being resumed keeps the precision it resolved to."""
+def keep_resolved_precision(cfg: RunConfig, output_dir: Path, saved: Optional[SavedConfig] = None) -> RunConfig:
+    """With `train.mixed_precision: auto`, a run being resumed keeps the precision it resolved to.
+
+    `saved` is what `read_saved_config(output_dir)` returned (read here when not given).
+    """
     if cfg.train.mixed_precision != "auto":
         return cfg
-    saved = _checkpoint_config(output_dir)[0] or _yaml_config(output_dir) or {}
-    previous = (saved.get("train") or {}).get("mixed_precision")
-    if previous in (None, "auto"):
+    saved = saved if saved is not None else read_saved_config(output_dir)
+    if saved.values is None:
         return cfg
-    previous = "no" if previous is False else previous  # YAML 1.1 reads a bare `no` as false
+    try:
+        # The schema reads the value as a new config would (e.g. YAML's bare `no`, which loads as false).
+        previous = section_from_dict("train", saved.values.get("train")).mixed_precision
+    except ConfigError as exc:
+        logger.warning("mixed precision auto: the saved config does not validate (%s); resolving afresh", exc)
+        return cfg
+    if previous == "auto":
+        return cfg
     logger.info("mixed precision auto: keeping %r, which this run resolved to before", previous)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=previous))
 
