@@ -4,7 +4,8 @@
         --difftrain-steps 300 --eval-every-steps 25 --num-samples 100 --work-dir /tmp/bench
 
 1. difftrain's mnist-text preset trains `--difftrain-steps` steps and scores EMA samples every
-   `--eval-every-steps` (its in-training evaluation: DPM++ 20 steps, guidance 3).
+   `--eval-every-steps` (its in-training evaluation, sampled with the preset's `sample` settings:
+   DPM++ 20 steps, guidance 3).
 2. seed 002's loop (benchmarks/baselines/seed002_mnist_text.py) trains for `--seed-minutes` of
    wall-clock; its UNet is then sampled the seed's way (DDPM 50 steps, guidance 8, and without
    guidance) for the same prompts.
@@ -39,7 +40,15 @@ def preset_config(mnist: Path):
     return load_config(PRESET, [f"data.path={mnist}"])
 
 
-def train_difftrain(args) -> list[dict]:
+def sampler_label(sample: dict) -> str:
+    """How difftrain's evaluation samples, from the run's saved `sample` config, e.g. "dpm++ 20, guidance 3"."""
+    return f"{sample['scheduler']} {sample['num_inference_steps']}, guidance {sample['guidance_scale']:g}"
+
+
+def train_difftrain(args) -> tuple[list[dict], str]:
+    """The preset's evaluation points (step, training seconds, accuracy, classifier FID) and how it sampled."""
+    import yaml
+
     run = run_difftrain(PRESET, args.work_dir / "ttq-difftrain", [
         f"data.path={args.mnist}", f"train.max_steps={args.difftrain_steps}", "train.log_every_steps=5",
         f"train.eval_every_steps={args.eval_every_steps}", f"train.eval_num_samples={args.num_samples}",
@@ -48,7 +57,8 @@ def train_difftrain(args) -> list[dict]:
     points = [{"step": e["step"], "train_seconds": seconds[e["step"]], "accuracy": e["eval"]["accuracy"],
                "classifier_fid": e["eval"]["classifier_fid"]} for e in run["evals"]]
     print(f"difftrain: {run['wall_seconds']:.0f} s wall in all, peak RSS {run['peak_rss_mib']:.0f} MiB", flush=True)
-    return points
+    sample = yaml.safe_load((args.work_dir / "ttq-difftrain" / "config.yaml").read_text())["sample"]
+    return points, sampler_label(sample)
 
 
 def run_seed(args, ref, labels, prompts) -> list[dict]:
@@ -101,19 +111,24 @@ def main() -> None:
           "MNIST test images", flush=True)
     labels, prompts = conditioning_for(cfg, ref.class_names, args.num_samples)
 
-    ours = train_difftrain(args)
+    ours, sampler = train_difftrain(args)
     seed = run_seed(args, ref, labels, prompts)
-    summary = {"seed": seed, "difftrain": ours, "num_samples": args.num_samples, "num_classes": len(ref.class_names)}
+    summary = {"seed": seed, "difftrain": ours, "num_samples": args.num_samples, "num_classes": len(ref.class_names),
+               "difftrain_sampler": sampler}
     (args.work_dir / "time_to_quality.json").write_text(json.dumps(summary, indent=1))
-    summarize(seed, ours, args.num_samples, len(ref.class_names))
+    summarize(seed, ours, args.num_samples, len(ref.class_names), sampler)
 
 
 # metric -> True when higher is better
 METRICS = {"accuracy": True, "classifier_fid": False}
 
 
-def summarize(seed: list[dict], ours: list[dict], num_samples: int = 100, num_classes: int = 10) -> None:
+def summarize(seed: list[dict], ours: list[dict], num_samples: int = 100, num_classes: int = 10,
+              sampler: str = "dpm++ 20, guidance 3") -> None:
     """Print both curves, and for each metric when difftrain first matched the seed's best value.
+
+    `sampler` labels difftrain's rows (results saved before it was recorded were all sampled with the
+    preset's DPM++ 20 steps at guidance 3, the default).
 
     An accuracy within two standard errors of chance (1 / num_classes over num_samples samples) is not
     evidence of conditioning, so matching it says nothing; that case is flagged, and the first
@@ -122,7 +137,7 @@ def summarize(seed: list[dict], ours: list[dict], num_samples: int = 100, num_cl
     print(markdown_table(["run", "step", "train minutes", "accuracy", "classifier FID"],
                          [[f"seed 002 (DDPM 50, guidance {p['guidance']:g})", p["step"], p["train_seconds"] / 60,
                            p["accuracy"], p["classifier_fid"]] for p in seed]
-                         + [["difftrain mnist-text (DPM++ 20, guidance 3)", p["step"], p["train_seconds"] / 60,
+                         + [[f"difftrain mnist-text ({sampler})", p["step"], p["train_seconds"] / 60,
                              p["accuracy"], p["classifier_fid"]] for p in ours]))
     seed_seconds = max(p["train_seconds"] for p in seed)
     for metric, higher in METRICS.items():
@@ -158,7 +173,8 @@ def summarize(seed: list[dict], ours: list[dict], num_samples: int = 100, num_cl
 def main_or_summary() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--summarize":
         saved = json.loads(Path(sys.argv[2]).read_text())
-        summarize(saved["seed"], saved["difftrain"], saved.get("num_samples", 100), saved.get("num_classes", 10))
+        summarize(saved["seed"], saved["difftrain"], saved.get("num_samples", 100), saved.get("num_classes", 10),
+                  saved.get("difftrain_sampler", "dpm++ 20, guidance 3"))
     else:
         main()
 

@@ -122,6 +122,48 @@ def test_unet_step_variants_times_a_preset_unet_and_rejects_unknown_variants():
     assert result["batch_size"] == 4 and result["images_per_s"] > 0 and result["peak_device_mib"] is None
     from unet_step_variants import build
 
-    assert flops_per_image(build("digits", tiny)) > 0
+    unet, noise_scheduler, text_tokens = build("digits", tiny)
+    assert flops_per_image(unet) > 0 and text_tokens == 0
+    assert noise_scheduler.config.beta_schedule == "squaredcos_cap_v2"  # the preset's, not a stand-in
     with pytest.raises(ValueError, match="fp8"):
         time_variant("digits", tiny, "fp8", 4, cpu, warmup_steps=1, steps=1)
+
+
+def test_unet_step_variants_feeds_a_text_unet_encoder_states_of_the_encoders_width():
+    from common import flops_per_image
+    from unet_step_variants import build, time_variant
+
+    tiny = ["text_encoder.hidden_size=16", "text_encoder.max_length=5"]
+    unet, _, text_tokens = build("digits-text", tiny)
+    assert text_tokens == 5 and unet.config.cross_attention_dim == 16
+    # Cross-attention over 5 tokens costs more than over 1: the caption length is part of the count.
+    assert flops_per_image(unet, text_tokens) > flops_per_image(unet, 1)
+    result = time_variant("digits-text", tiny, "fp32", 2, torch.device("cpu"), warmup_steps=1, steps=1)
+    assert result["images_per_s"] > 0
+
+
+def test_run_children_runs_side_by_side_and_names_the_one_that_failed(tmp_path: Path):
+    from common import run_children
+
+    # Each child announces itself and waits for the other: run one after the other, the first would time out.
+    meet = ("import sys, time, pathlib; d = pathlib.Path(sys.argv[1]); (d / sys.argv[2]).touch(); "
+            "end = time.time() + 60\nwhile not (d / sys.argv[3]).exists():\n    time.sleep(0.05)\n"
+            "    if time.time() > end: sys.exit(4)")
+    pair = [[sys.executable, "-c", meet, str(tmp_path), me, other] for me, other in (("a", "b"), ("b", "a"))]
+    usages = run_children(pair, [tmp_path / "a.log", tmp_path / "b.log"])
+    assert len(usages) == 2 and all(u["peak_rss_mib"] > 0 and u["wall_seconds"] > 0 for u in usages)
+    ok = [sys.executable, "-c", "pass"]
+    bad = [sys.executable, "-c", "print('broken side'); raise SystemExit(3)"]
+    with pytest.raises(RuntimeError, match="exited with 3(.|\n)*broken side"):
+        run_children([ok, bad], [tmp_path / "c.log", tmp_path / "d.log"])
+
+
+def test_time_to_quality_labels_difftrain_with_the_runs_sampler(capsys):
+    from time_to_quality import sampler_label, summarize
+
+    label = sampler_label({"scheduler": "unipc", "num_inference_steps": 10, "guidance_scale": 2.5})
+    assert label == "unipc 10, guidance 2.5"
+    seed = [{"step": 30, "train_seconds": 60.0, "guidance": 8.0, "accuracy": 0.5, "classifier_fid": 20.0}]
+    ours = [{"step": 25, "train_seconds": 6.0, "accuracy": 0.6, "classifier_fid": 10.0}]
+    summarize(seed, ours, sampler=label)
+    assert "difftrain mnist-text (unipc 10, guidance 2.5)" in capsys.readouterr().out
