@@ -295,5 +295,8 @@ def load_pipeline(path: Union[str, Path], device: Union[str, torch.device, None]
 
 
 def scheduler_for(pipe: DiffusionPipeline, name: Optional[str]) -> SchedulerMixin:
-    """The pipeline's own scheduler, or a scheduler of kind `name` on the same training schedule."""
-    return pipe.scheduler if name is None else make_scheduler(name, pipe.scheduler.config)
+    """The pipeline's own scheduler, or a scheduler of kind `name` on the same training schedule (clipping
+    x0 to [-1, 1] where it can only for pipelines without a VAE, i.e. pixel models)."""
+    if name is None:
+        return pipe.scheduler
+    return make_scheduler(name, pipe.scheduler.config, clip_x0=getattr(pipe, "vae", None) is None)

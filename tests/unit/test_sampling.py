@@ -20,8 +20,8 @@ from difftrain.sampling.schedulers import SCHEDULERS, make_scheduler
 GOLDEN = {
     "ddpm": (87.4994, 0.093763),
     "ddim": (4235.5991, -0.792133),
-    "dpm++": (9309.8906, -1.824737),  # log-SNR-uniform steps (make_scheduler)
-    "unipc": (9247.0146, -1.813703),
+    "dpm++": (127.5600, -0.017061),  # log-SNR-uniform steps, x0 clipped to [-1, 1] (make_scheduler)
+    "unipc": (127.5218, -0.017333),  # x0 clipped to [-1, 1]
     "euler": (10410.0967, -2.081921),
     "euler-a": (8834.6895, -0.652902),
     "heun": (8523.1436, -1.641214),
@@ -42,6 +42,26 @@ def test_sampler_golden_values(name):
     total, mean = GOLDEN[name]
     assert out.abs().sum().item() == pytest.approx(total, rel=1e-4)
     assert out.mean().item() == pytest.approx(mean, rel=1e-3, abs=1e-5)
+
+
+def test_pixel_samplers_clip_x0_and_change_nothing_else():
+    # Without clipping, DPM++ and UniPC give exactly what they gave before clipping was added (those were
+    # the golden values then); with it the dummy's runaway samples end inside [-1, 1].
+    unclipped = {"dpm++": (9309.8906, -1.824737), "unipc": (9247.0146, -1.813703)}
+    for name, (total, mean) in unclipped.items():
+        out = sample(_dummy, make_scheduler(name, _base_config(), clip_x0=False), (1, 8, 8), [0, 1],
+                     num_inference_steps=10)
+        assert out.abs().sum().item() == pytest.approx(total, rel=1e-4)
+        assert out.mean().item() == pytest.approx(mean, rel=1e-3, abs=1e-5)
+        clipped = sample(_dummy, make_scheduler(name, _base_config()), (1, 8, 8), [0, 1], num_inference_steps=10)
+        assert clipped.abs().max().item() <= 1.0 + 1e-6
+    # Latent schedules (clip_sample=False) are never clipped: latents have no fixed range.
+    latent = build_noise_scheduler(DiffusionConfig(), latent=True).config
+    for name in ("ddpm", "dpm++", "unipc"):
+        sched = make_scheduler(name, latent)
+        assert not (sched.config.get("thresholding") or sched.config.get("clip_sample")), name
+    assert make_scheduler("dpm++", _base_config()).config.thresholding is True
+    assert make_scheduler("dpm++", _base_config()).config.sample_max_value == 1.0
 
 
 def test_schedulers_keep_the_training_schedule():
