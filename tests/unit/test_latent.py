@@ -120,3 +120,19 @@ def test_base_pipeline_checks_name_what_is_wrong(tmp_path: Path):
          "scheduler": ["diffusers", "DDPMScheduler"]}))
     with pytest.raises(ValueError, match="not a Stable Diffusion style pipeline: it lacks vae, text_encoder, tokenizer"):
         check_base_pipeline(str(ddpm))
+
+
+def test_a_base_model_schedule_is_never_clipped_even_when_its_config_does_not_say(tmp_path: Path):
+    from diffusers import EulerDiscreteScheduler
+
+    from difftrain.models.pretrained import load_base_noise_scheduler
+    from difftrain.sampling.schedulers import make_scheduler
+
+    # An Euler config has no clip_sample key; DDPMScheduler's default for it would clip latents to [-1, 1].
+    EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_config(
+        tmp_path / "scheduler")
+    base = load_base_noise_scheduler(str(tmp_path))
+    assert base.config.clip_sample is False and base.config.beta_schedule == "scaled_linear"
+    for name in ("ddpm", "dpm++", "unipc"):
+        config = make_scheduler(name, base.config).config
+        assert not (config.get("clip_sample") or config.get("thresholding")), name

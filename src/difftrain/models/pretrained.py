@@ -64,9 +64,13 @@ def load_base_unet_config(path: str) -> dict:
 
 
 def load_base_noise_scheduler(path: str) -> DDPMScheduler:
-    """The base model's training schedule (betas, prediction type) as a DDPMScheduler."""
+    """The base model's training schedule (betas, prediction type) as a DDPMScheduler.
+
+    Base models are latent models: x0 is never clipped to [-1, 1], even where the base's scheduler
+    config (e.g. an Euler one) does not say clip_sample=false and DDPM's default would clip.
+    """
     config = DDPMScheduler.load_config(resolve(path), subfolder="scheduler")
-    return DDPMScheduler.from_config(config)
+    return DDPMScheduler.from_config(config, clip_sample=False)
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:

@@ -39,9 +39,8 @@ def ensure_class_images(cfg: RunConfig, device: torch.device, rank: int = 0, wor
     (distinct files, so no two processes write one), and `barrier` runs after every rank has listed the
     folder, so no rank counts another's new images as already there.
     """
-    from difftrain.pipeline import generate_from_text
+    from difftrain.pipeline import generate_from_text, scheduler_for
     from difftrain.models.pretrained import resolve, stable_diffusion_pipeline_class
-    from difftrain.sampling.schedulers import make_scheduler
 
     folder = class_dir_for(cfg)
     have = existing_class_images(folder)
@@ -62,7 +61,7 @@ def ensure_class_images(cfg: RunConfig, device: torch.device, rank: int = 0, wor
                                                              requires_safety_checker=False)
     pipe.to(device)
     s = cfg.sample
-    scheduler = make_scheduler(s.scheduler, pipe.scheduler.config)
+    scheduler = scheduler_for(pipe, s.scheduler)
     for start in range(0, len(indices), s.batch_size):
         chunk = indices[start : start + s.batch_size]
         images = generate_from_text(
