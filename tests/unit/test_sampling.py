@@ -19,7 +19,7 @@ from difftrain.sampling.schedulers import SCHEDULERS, make_scheduler
 # `out.abs().sum()` and `out.mean()` in test_sampler_golden_values.
 GOLDEN = {
     "ddpm": (87.4994, 0.093763),
-    "ddim": (4235.5991, -0.792133),
+    "ddim": (127.4548, -0.017574),  # x0 clipped, stepped with the noise it implies
     "dpm++": (127.5600, -0.017061),  # log-SNR-uniform steps, x0 clipped to [-1, 1] (make_scheduler)
     "unipc": (127.5218, -0.017333),  # x0 clipped to [-1, 1]
     "euler": (10410.0967, -2.081921),
@@ -45,9 +45,9 @@ def test_sampler_golden_values(name):
 
 
 def test_pixel_samplers_clip_x0_and_change_nothing_else():
-    # Without clipping, DPM++ and UniPC give exactly what they gave before clipping was added (those were
-    # the golden values then); with it the dummy's runaway samples end inside [-1, 1].
-    unclipped = {"dpm++": (9309.8906, -1.824737), "unipc": (9247.0146, -1.813703)}
+    # Without clipping, DDIM, DPM++ and UniPC give exactly what they gave before clipping was added (those
+    # were the golden values then); with it the dummy's runaway samples end inside [-1, 1].
+    unclipped = {"ddim": (4235.5991, -0.792133), "dpm++": (9309.8906, -1.824737), "unipc": (9247.0146, -1.813703)}
     for name, (total, mean) in unclipped.items():
         out = sample(_dummy, make_scheduler(name, _base_config(), clip_x0=False), (1, 8, 8), [0, 1],
                      num_inference_steps=10)
@@ -57,7 +57,7 @@ def test_pixel_samplers_clip_x0_and_change_nothing_else():
         assert clipped.abs().max().item() <= 1.0 + 1e-6
     # Latent schedules (clip_sample=False) are never clipped: latents have no fixed range.
     latent = build_noise_scheduler(DiffusionConfig(), latent=True).config
-    for name in ("ddpm", "dpm++", "unipc"):
+    for name in ("ddpm", "ddim", "dpm++", "unipc"):
         sched = make_scheduler(name, latent)
         assert not (sched.config.get("thresholding") or sched.config.get("clip_sample")), name
     assert make_scheduler("dpm++", _base_config()).config.thresholding is True
@@ -70,8 +70,8 @@ def test_schedulers_keep_the_training_schedule():
         sched = make_scheduler(name, base)
         assert sched.config.prediction_type == "v_prediction", name
         assert sched.config.num_train_timesteps == 1000
-    # DDIM steps without x0 clipping (see make_scheduler); the other samplers keep the training config.
-    assert make_scheduler("ddim", _base_config()).config.clip_sample is False
+    # Pixel schedules: DDPM and DDIM clip x0 (DDIM consistently, see the sampling loop).
+    assert make_scheduler("ddim", _base_config()).config.clip_sample is True
     assert make_scheduler("ddpm", _base_config()).config.clip_sample is True
     assert type(make_scheduler("DPMPP", base)).__name__ == "DPMSolverMultistepScheduler"
     assert make_scheduler("dpm++", base).config.use_lu_lambdas is True

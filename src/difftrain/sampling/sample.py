@@ -42,7 +42,12 @@ def sample(
     """
     device = torch.device(device)
     seeds = list(seeds)
-    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    step_parameters = inspect.signature(scheduler.step).parameters
+    step_options = {}
+    if "use_clipped_model_output" in step_parameters:
+        # DDIM: step with the noise implied by the clipped x0, not the model's raw output; clipping x0
+        # alone and stepping with the raw output drifts further with every step (BENCHMARKS.md).
+        step_options["use_clipped_model_output"] = True
     outputs = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
@@ -57,7 +62,7 @@ def sample(
         x = x * scheduler.init_noise_sigma
         c = None if cond is None else cond[start : start + len(chunk)]
         nc = None if null_cond is None else null_cond[start : start + len(chunk)]
-        extra = {"generator": generators} if takes_generator else {}
+        extra = {**step_options, "generator": generators} if "generator" in step_parameters else step_options
         for i, t in enumerate(scheduler.timesteps):
             model_input = scheduler.scale_model_input(x, t)
             prediction = guided_prediction(denoiser, model_input, t, c, nc, guidance_scale)
