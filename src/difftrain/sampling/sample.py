@@ -44,9 +44,12 @@ def sample(
     seeds = list(seeds)
     step_parameters = inspect.signature(scheduler.step).parameters
     step_options = {}
-    if "use_clipped_model_output" in step_parameters:
+    clips = scheduler.config.get("clip_sample") or scheduler.config.get("thresholding")
+    if clips and "use_clipped_model_output" in step_parameters:
         # DDIM: step with the noise implied by the clipped x0, not the model's raw output; clipping x0
-        # alone and stepping with the raw output drifts further with every step (BENCHMARKS.md).
+        # alone and stepping with the raw output drifts further with every step (BENCHMARKS.md). Only
+        # when it clips: otherwise the two are the same noise, and re-deriving it near t = 0 (a division
+        # by sqrt(1 - alpha_bar), ~0.01) only loses precision.
         step_options["use_clipped_model_output"] = True
     outputs = []
     for start in range(0, len(seeds), batch_size):
