@@ -56,8 +56,8 @@ def difftrain_cmd(*args: str, num_processes: int = 1) -> list[str]:
 
 
 def run_difftrain(preset: str, out: Path, overrides: Sequence[str], num_processes: int = 1) -> dict:
-    """Train `preset` into a fresh `out`; the child's usage, its metrics rows and its global batch size
-    (read back from the config.yaml the run saved, so overrides and presets cannot disagree with it)."""
+    """Train `preset` into a fresh `out`; the child's usage, its metrics rows, the config.yaml the run saved
+    ("config", so overrides and presets cannot disagree with what is reported) and its global batch size."""
     import yaml
 
     if out.exists():
@@ -65,9 +65,10 @@ def run_difftrain(preset: str, out: Path, overrides: Sequence[str], num_processe
     usage = run_child(difftrain_cmd(preset, "--output-dir", str(out), *overrides, num_processes=num_processes),
                       out.with_suffix(".log"))
     rows, evals = read_metrics(out)
-    train = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    train = config["train"]
     global_batch = train["batch_size"] * train["gradient_accumulation_steps"] * num_processes
-    return {**usage, "rows": rows, "evals": evals, "global_batch": global_batch}
+    return {**usage, "rows": rows, "evals": evals, "config": config, "global_batch": global_batch}
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -110,33 +111,15 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def conditioning_inputs(unet, batch_size: int, text_tokens: int = 0, generator=None) -> dict:
-    """The UNet's conditioning keyword arguments for a batch: class 0 for a class-conditioned UNet, random
-    encoder states of `text_tokens` tokens for a cross-attending one."""
-    import torch
-
-    c = unet.config
-    device = next(unet.parameters()).device
-    extra = {}
-    if getattr(c, "num_class_embeds", None):
-        extra["class_labels"] = torch.zeros(batch_size, dtype=torch.long, device=device)
-    if text_tokens:
-        extra["encoder_hidden_states"] = torch.randn(batch_size, text_tokens, c.cross_attention_dim,
-                                                     generator=generator, device=device)
-    return extra
-
-
 def flops_per_image(unet, text_tokens: int = 0) -> float:
     """Forward plus backward FLOPs of one image through a diffusers UNet (torch.utils.flop_counter), with
     the input shape and conditioning (class label, or `text_tokens` caption tokens) taken from its config."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    c = unet.config
-    device = next(unet.parameters()).device
-    x = torch.randn(1, c.in_channels, c.sample_size, c.sample_size, device=device)
-    extra = conditioning_inputs(unet, 1, text_tokens)
+    from difftrain.training.precision import probe_inputs
+
+    x, t, cond = probe_inputs(unet, 1, text_tokens or None, next(unet.parameters()).device)
     with FlopCounterMode(display=False) as counter:
-        unet(x, torch.tensor([500], device=device), **extra).sample.float().square().mean().backward()
+        unet(x, t, **cond).sample.float().square().mean().backward()
     unet.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())

@@ -47,8 +47,6 @@ def sampler_label(sample: dict) -> str:
 
 def train_difftrain(args) -> tuple[list[dict], str]:
     """The preset's evaluation points (step, training seconds, accuracy, classifier FID) and how it sampled."""
-    import yaml
-
     run = run_difftrain(PRESET, args.work_dir / "ttq-difftrain", [
         f"data.path={args.mnist}", f"train.max_steps={args.difftrain_steps}", "train.log_every_steps=5",
         f"train.eval_every_steps={args.eval_every_steps}", f"train.eval_num_samples={args.num_samples}",
@@ -57,8 +55,7 @@ def train_difftrain(args) -> tuple[list[dict], str]:
     points = [{"step": e["step"], "train_seconds": seconds[e["step"]], "accuracy": e["eval"]["accuracy"],
                "classifier_fid": e["eval"]["classifier_fid"]} for e in run["evals"]]
     print(f"difftrain: {run['wall_seconds']:.0f} s wall in all, peak RSS {run['peak_rss_mib']:.0f} MiB", flush=True)
-    sample = yaml.safe_load((args.work_dir / "ttq-difftrain" / "config.yaml").read_text())["sample"]
-    return points, sampler_label(sample)
+    return points, sampler_label(run["config"]["sample"])
 
 
 def run_seed(args, ref, labels, prompts) -> list[dict]:

@@ -21,6 +21,7 @@ utilisation (torch.utils.flop_counter's forward + backward FLOPs per image times
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import conditioning_inputs, flops_per_image, markdown_table  # noqa: E402
+from common import flops_per_image, markdown_table  # noqa: E402
 from machine import describe_machine  # noqa: E402
 
 PRECISIONS = {"fp32": None, "tf32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -41,9 +42,15 @@ def text_width(cfg) -> int:
     from-scratch encoder's configured hidden size."""
     if cfg.text_encoder.pretrained is None:
         return cfg.text_encoder.hidden_size
+    return pretrained_text_width(cfg.text_encoder.pretrained)
+
+
+@functools.lru_cache
+def pretrained_text_width(path: str) -> int:
+    """Loaded once per encoder: build() runs for every variant."""
     from difftrain.models.text import load_pretrained_text_encoder, text_hidden_size
 
-    return text_hidden_size(load_pretrained_text_encoder(cfg.text_encoder.pretrained)[1])
+    return text_hidden_size(load_pretrained_text_encoder(path)[1])
 
 
 def build(preset: str, overrides: list[str]) -> tuple[torch.nn.Module, object, int]:
@@ -79,6 +86,8 @@ def time_variant(preset: str, overrides: list[str], variant: str, batch_size: in
     torch.backends.cudnn.benchmark = "bench" in flags
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    from difftrain.training.precision import probe_inputs
+
     unet, noise_scheduler, text_tokens = build(preset, overrides)
     unet.to(device)
     memory_format = torch.channels_last if "cl" in flags else torch.contiguous_format
@@ -90,7 +99,7 @@ def time_variant(preset: str, overrides: list[str], variant: str, batch_size: in
     g = torch.Generator(device=device).manual_seed(0)
     x0 = (torch.rand(batch_size, c.in_channels, c.sample_size, c.sample_size, generator=g, device=device) * 2 - 1)
     x0 = x0.contiguous(memory_format=memory_format)
-    extra = conditioning_inputs(unet, batch_size, text_tokens, generator=g)
+    extra = probe_inputs(unet, batch_size, text_tokens or None, device)[2]  # class 0 / random caption states
     dtype = PRECISIONS[precision]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     num_timesteps = noise_scheduler.config.num_train_timesteps
