@@ -88,8 +88,17 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, args.overrides, output_dir=args.output_dir)
 
 
+def _check_output_dir(cfg) -> None:
+    """Before importing torch: a folder that is not difftrain's, or one another process trains in, is refused at once."""
+    from difftrain.training.run_dir import check_before_claim
+
+    if os.environ.get("RANK", "0") == "0":
+        check_before_claim(Path(cfg.output_dir))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before importing torch/diffusers, so config errors come back at once
+    _check_output_dir(cfg)
     if args.num_processes is not None:
         from difftrain.training.distributed import launch_local
 
@@ -125,6 +134,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _check_output_dir(cfg)
     from difftrain.training.vae_train import train_vae_run
 
     vae_dir = train_vae_run(cfg)
@@ -205,6 +215,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is kept and the same command resumes", file=sys.stderr)
         return 130
+    except BaseException as exc:
+        from difftrain.training.stop import StopRequested
+
+        if not isinstance(exc, StopRequested):
+            raise
+        # SIGTERM / Ctrl-C during training: the loop has already kept what it could (see training/stop.py).
+        print(f"difftrain {args.command}{rank}: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

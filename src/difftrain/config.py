@@ -221,6 +221,8 @@ class TrainConfig:
     """Alternative to checkpoint_every_steps, in passes over the data."""
     checkpoints_total_limit: Optional[int] = 3
     """Keep at most this many training-state checkpoints; None keeps all."""
+    checkpoint_on_signal: bool = True
+    """On SIGTERM (preemption) or Ctrl-C, finish the step under way and write a checkpoint of it before stopping (exit 143 / 130); false stops after the step without one."""
     sample_every_steps: Optional[int] = 500
     """Steps between sample grids from fixed seeds (one is always written at the end)."""
     sample_every_epochs: Optional[int] = None

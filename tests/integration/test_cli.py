@@ -138,7 +138,7 @@ def test_foreign_output_dir_is_refused(tmp_path: Path):
     out.mkdir()
     (out / "thesis.txt").write_text("do not touch")
     result = run_cli("train", "tiny/digits-class", "--output-dir", str(out), cwd=tmp_path)
-    assert result.returncode == 1 and "holds no difftrain run" in result.stderr
+    assert result.returncode == 1 and "is not a difftrain run" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["thesis.txt"]
 
 

@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 # (1-based, default 1), so tests can check that one failing rank ends the whole launch.
 FAIL_RANK_ENV = "DIFFTRAIN_FAIL_ON_RANK"
 FAIL_STEP_ENV = "DIFFTRAIN_FAIL_AT_STEP"
+# Test hook, not a config key: SIGTERM to this process in the middle of writing checkpoint step N.
+SIGNAL_STEP_ENV = "DIFFTRAIN_SIGNAL_IN_CHECKPOINT"
+SIGNAL_TIMES_ENV = "DIFFTRAIN_SIGNAL_TIMES"
 
 
 class InjectedFailure(RuntimeError):
@@ -44,6 +47,15 @@ def launched_world_size() -> int:
         if value and value.isdigit():
             return int(value)
     return 1
+
+
+def launched_rank() -> int:
+    """This process's global rank from the launcher's environment (0 when not launched as several)."""
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        value = os.environ.get(name)
+        if value and value.isdigit():
+            return int(value)
+    return 0
 
 
 def wants_cpu_process_group() -> bool:
@@ -109,6 +121,7 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, 
     tmp = checkpoints_dir / f".tmp-{ckpt.checkpoint_name(step)}"
     try:
         accelerator.save_state(str(tmp))
+        signal_if_injected(step)
     except BaseException:
         if accelerator.is_main_process:
             ckpt.abandon_checkpoint(tmp)
@@ -194,6 +207,18 @@ def fail_if_injected(rank: int, step_number: int) -> None:
         raise InjectedFailure(f"injected failure on rank {rank} at step {step_number} ({FAIL_RANK_ENV})")
 
 
+def signal_if_injected(step: int) -> None:
+    """Test hook: send this process SIGTERM DIFFTRAIN_SIGNAL_TIMES times (default 1) between writing the state of
+    checkpoint step DIFFTRAIN_SIGNAL_IN_CHECKPOINT and completing it."""
+    spec = os.environ.get(SIGNAL_STEP_ENV, "")
+    if not spec or int(spec) != step:
+        return
+    import signal
+
+    for _ in range(int(os.environ.get(SIGNAL_TIMES_ENV, "1"))):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def free_loopback_port() -> int:
     """A TCP port free on 127.0.0.1 now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -207,6 +232,7 @@ def launch_local(num_processes: int, argv: Sequence[str]) -> int:
     torchrun's own entry point is called in this process (as `accelerate launch` does), so the launch
     is the one documented for torchrun: every rank ends when one fails, and each rank's error reaches stderr.
     """
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -234,4 +260,10 @@ def launch_local(num_processes: int, argv: Sequence[str]) -> int:
         # The failing rank printed its error already; torchrun's summary says which rank it was.
         print(exc, file=sys.stderr)
         return 1
+    except SignalException as exc:
+        # torchrun passed the signal on to every rank and waited for them (30 s, then SIGKILL); each rank
+        # checkpointed the same step and said so.
+        print(f"difftrain train: the launcher received {exc.sigval.name}; the ranks were stopped, and the same "
+              "command resumes from the last complete checkpoint", file=sys.stderr)
+        return 128 + int(exc.sigval)
     return 0

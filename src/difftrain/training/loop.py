@@ -34,28 +34,12 @@ from difftrain.training.numerics import NonFiniteGuard
 from difftrain.training.precision import resolve_plan_precision
 from difftrain.training.resume_check import (check_before_resume, keep_resolved_precision, load_newest_checkpoint,
                                              read_saved_config, trim_metrics)
+from difftrain.training.run_dir import RunLock, check_run_dir, claim_run_dir, write_marker
 from difftrain.training.setup import RunPlan, Trainables, build_trainables, make_accelerator, plan_run, precheck
+from difftrain.training.stop import StopRequested, StopSignals, signal_name
 from difftrain.training.vae_train import train_vae, vae_is_complete
 
 logger = logging.getLogger(__name__)
-
-
-# What a run writes before its config.yaml (class images, the VAE stage, the log), so a run interrupted
-# that early still counts as a difftrain run.
-_EARLY_ENTRIES = {"class_images", "vae", "vae.tmp", "samples", "train.log"}
-
-
-def prepare_output_dir(cfg: RunConfig) -> Path:
-    """Create the run directory; refuse a non-empty directory that is not a difftrain run."""
-    output_dir = Path(cfg.output_dir)
-    foreign = [p for p in output_dir.iterdir() if p.name not in _EARLY_ENTRIES] if output_dir.is_dir() else []
-    if foreign and not (output_dir / "config.yaml").is_file():
-        raise FileExistsError(
-            f"output_dir {output_dir} exists, is not empty and holds no difftrain run (no config.yaml); "
-            "choose another --output-dir"
-        )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return output_dir
 
 
 # DreamBooth class images get their own shuffled stream, so instance and class batches are independent.
@@ -320,46 +304,70 @@ def _add_file_logging(output_dir: Path) -> logging.Handler:
 def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
     """Train (or resume) the run described by `cfg`; returns the output directory.
 
+    Raises StopRequested after a clean stop on SIGTERM/Ctrl-C (see training/stop.py).
+
     Args:
         stop_at_step: stop after this step without exporting, as if interrupted (used by resume tests).
     """
     output_dir = Path(cfg.output_dir)
-    saved = read_saved_config(output_dir)
-    cfg = keep_resolved_precision(cfg, output_dir, saved)
-    accelerator = make_accelerator(cfg, output_dir)  # writes nothing until trackers start
-    # Refuses unsafe changes before anything is decoded or written.
-    changes = check_before_resume(cfg, output_dir, saved)
+    run_lock: Optional[RunLock] = None
+    if distributed.launched_rank() == 0:
+        # Before anything is read or written: refuse a folder that is not difftrain's. A folder that exists is
+        # locked now, so a second trainer exits within seconds instead of after decoding the data; a new one
+        # is created (and locked) only once the config and data have been checked.
+        check_run_dir(output_dir)
+        if output_dir.is_dir():
+            run_lock = claim_run_dir(output_dir)
     handler = None
+    accelerator = None
     try:
-        if cfg.train.prior_preservation:
-            # Class images must exist before the data is planned; check everything cheap first.
-            precheck(cfg)
-            handler = _start_output_dir(cfg, accelerator, output_dir)
-            ensure_class_images(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes,
-                                accelerator.wait_for_everyone)
-            accelerator.wait_for_everyone()
-        plan = plan_run(cfg, world_size=accelerator.num_processes)
-        if handler is None:
-            handler = _start_output_dir(cfg, accelerator, output_dir)
-        if plan.latent and plan.vae is None:
-            plan.vae = _from_scratch_vae(plan, accelerator, output_dir)
-        for key, old, new in changes:
-            logger.info("config change on resume: %s: %r -> %r", key, old, new)
-        if cfg.train.mixed_precision == "auto":
-            plan, accelerator = resolve_plan_precision(plan, accelerator, lambda c: make_accelerator(c, output_dir))
-        return _train(plan, accelerator, output_dir, stop_at_step)
+        with StopSignals() as stop:
+            saved = read_saved_config(output_dir)
+            cfg = keep_resolved_precision(cfg, output_dir, saved)
+            accelerator = make_accelerator(cfg, output_dir)  # writes nothing until trackers start
+            # Refuses unsafe changes before anything is decoded or written.
+            changes = check_before_resume(cfg, output_dir, saved)
+            if cfg.train.prior_preservation:
+                # Class images must exist before the data is planned; check everything cheap first.
+                precheck(cfg)
+                handler, run_lock = _start_output_dir(accelerator, output_dir, run_lock)
+                ensure_class_images(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes,
+                                    accelerator.wait_for_everyone)
+                accelerator.wait_for_everyone()
+            plan = plan_run(cfg, world_size=accelerator.num_processes)
+            if handler is None:
+                handler, run_lock = _start_output_dir(accelerator, output_dir, run_lock)
+            if plan.latent and plan.vae is None:
+                plan.vae = _from_scratch_vae(plan, accelerator, output_dir)
+            for key, old, new in changes:
+                logger.info("config change on resume: %s: %r -> %r", key, old, new)
+            if cfg.train.mixed_precision == "auto":
+                plan, accelerator = resolve_plan_precision(plan, accelerator,
+                                                           lambda c: make_accelerator(c, output_dir))
+            return _train(plan, accelerator, output_dir, stop_at_step, stop)
+    except StopRequested as exc:
+        if not exc.logged:
+            logger.warning("%s before training completed; nothing was left half-written, and the same command "
+                           "resumes from the last complete checkpoint", exc)
+        raise
     finally:
-        accelerator.end_training()
+        if accelerator is not None:
+            accelerator.end_training()
         if handler is not None:
             logging.getLogger("difftrain").removeHandler(handler)
             handler.close()
+        if run_lock is not None:
+            run_lock.release()
 
 
-def _start_output_dir(cfg: RunConfig, accelerator: Accelerator, output_dir: Path) -> Optional[logging.Handler]:
-    if accelerator.is_main_process:
-        prepare_output_dir(cfg)
+def _start_output_dir(accelerator: Accelerator, output_dir: Path, run_lock: Optional[RunLock],
+                      ) -> tuple[Optional[logging.Handler], Optional[RunLock]]:
+    """Create and lock the run folder on the main process (unless locked already); start train.log there."""
+    if accelerator.is_main_process and run_lock is None:
+        run_lock = claim_run_dir(output_dir)
     accelerator.wait_for_everyone()
-    return _add_file_logging(output_dir) if accelerator.is_main_process else None
+    handler = _add_file_logging(output_dir) if accelerator.is_main_process else None
+    return handler, run_lock
 
 
 def _from_scratch_vae(plan: RunPlan, accelerator: Accelerator, output_dir: Path):
@@ -377,13 +385,31 @@ def _from_scratch_vae(plan: RunPlan, accelerator: Accelerator, output_dir: Path)
     return vae.requires_grad_(False).eval()
 
 
-def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_step: Optional[int]) -> Path:
+def _stop_on_signal(plan: RunPlan, accelerator: Accelerator, output_dir: Path, done: int, saved_step: Optional[int],
+                    guard: NonFiniteGuard, state_bytes: int, signum: int) -> None:
+    """After a step, on SIGTERM/Ctrl-C: checkpoint that step (unless told not to) and raise StopRequested."""
+    name = signal_name(signum)
+    if plan.cfg.train.checkpoint_on_signal:
+        if saved_step != done:
+            save_training_state(plan, accelerator, output_dir, done, guard.state_dict(), state_bytes)
+        kept = f"checkpoint {ckpt.checkpoint_name(done)} holds every step so far"
+    else:
+        kept = "no checkpoint written (train.checkpoint_on_signal is false): the last periodic one is kept"
+    message = (f"stopped by {name} after step {done} of {plan.max_steps}: {kept}; "
+               f"the same command resumes (exit code {128 + signum})")
+    logger.warning("%s", message)
+    raise StopRequested(signum, message, logged=True)
+
+
+def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_step: Optional[int],
+           stop: StopSignals) -> Path:
     cfg, t = plan.cfg, plan.cfg.train
     parts = build_trainables(plan, accelerator)
     if accelerator.is_main_process:
         tmp_config = output_dir / ".config.yaml.tmp"  # a kill mid-write must not leave a cut config.yaml
         tmp_config.write_text(dump_config(cfg))
         tmp_config.replace(output_dir / "config.yaml")
+        write_marker(output_dir, cfg.to_dict())
     accelerator.init_trackers("tensorboard")
     trained_models = [parts.unet] + ([parts.text_encoder] if parts.conditioner is not None and parts.conditioner.trainable else [])
     guard = NonFiniteGuard(t, accelerator, trained_models, lambda step: batch_files(plan, accelerator, step))
@@ -402,6 +428,11 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
         plan.max_steps, plan.max_steps / plan.steps_per_epoch, start, accelerator.device, t.mixed_precision,
     )
     end = plan.max_steps if stop_at_step is None else min(plan.max_steps, stop_at_step)
+    if accelerator.is_main_process and start < end:
+        # A run that cannot write its first checkpoint fails now, not after the steps it would lose.
+        checkpoints_dir = output_dir / "checkpoints"
+        ckpt.ensure_free_space(checkpoints_dir, ckpt.estimate_checkpoint_bytes(checkpoints_dir, state_bytes),
+                               "the first checkpoint of this run")
     progress = tqdm(total=plan.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process,
                     dynamic_ncols=True, mininterval=1.0)
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -417,56 +448,63 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
     tick, train_start = time.perf_counter(), time.perf_counter()
     last_sample: Optional[Path] = None
     step = start
-    while step < end:
-        distributed.fail_if_injected(accelerator.process_index, step + 1)
-        loss = train_step(plan, parts, accelerator, step, guard)
-        if guard.after_step(step, guard.last_applied) == "rollback":
-            step = guard.rollback(step, lambda: load_newest_checkpoint(accelerator, output_dir / "checkpoints",
-                                                                       parts.partial_checkpoints),
-                                  parts.optimizer, parts.lr_scheduler)
-            if accelerator.is_main_process:
-                trim_metrics(metrics_path, step)
-            progress.n = step
-            loss_sum.zero_()
-            losses_since_log, applied_since_log, tick = 0, 0, time.perf_counter()
-            continue
-        if guard.last_applied:  # a skipped step's loss is not finite and would poison the logged mean
-            loss_sum += loss
-            applied_since_log += 1
-        losses_since_log += 1
-        done = step + 1
-        step += 1
-        progress.update(1)
-        if done % t.log_every_steps == 0 or done == end:
-            # The only host sync of the loop: reading the loss at log intervals.
-            last_loss = (distributed.global_mean(accelerator, loss_sum) / applied_since_log).item() \
-                if applied_since_log else float("nan")
-            now = time.perf_counter()
-            images_per_s = losses_since_log * plan.global_batch_size / max(now - tick, 1e-9)
-            lr = parts.lr_scheduler.get_last_lr()[0]
-            metrics = {"loss": last_loss, "lr": lr, "images_per_s": images_per_s,
-                       "epoch": done * plan.global_batch_size / plan.num_train_images}
-            if guard.state.skipped_steps:
-                metrics["skipped_steps"] = guard.state.skipped_steps
-            accelerator.log(metrics, step=done)
-            progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
-            if accelerator.is_main_process:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"step": done, **metrics}) + "\n")
-            loss_sum.zero_()
-            losses_since_log, applied_since_log, tick = 0, 0, now
-        maintenance_start = time.perf_counter()
-        if plan.sample_every_steps and done % plan.sample_every_steps == 0 and accelerator.is_main_process:
-            last_sample = save_samples(plan, parts, accelerator, output_dir, done)
-        if t.eval_every_steps and done % t.eval_every_steps == 0:
-            if evaluator is not None:
-                _evaluate(plan, parts, accelerator, evaluator, output_dir, done)
-            accelerator.wait_for_everyone()
-        # No periodic checkpoint inside a run of skipped steps, so a rollback goes back to before it.
-        periodic = plan.checkpoint_every_steps and done % plan.checkpoint_every_steps == 0 and not guard.consecutive
-        if periodic or done == end:
-            save_training_state(plan, accelerator, output_dir, done, guard.state_dict(), state_bytes)
-        tick += time.perf_counter() - maintenance_start  # images/s counts training time only
+    saved_step = None  # the step of the last checkpoint this process wrote
+    with stop.deferred():  # a signal in here stops cleanly after the step under way
+        while step < end:
+            distributed.fail_if_injected(accelerator.process_index, step + 1)
+            loss = train_step(plan, parts, accelerator, step, guard)
+            if guard.after_step(step, guard.last_applied) == "rollback":
+                step = guard.rollback(step, lambda: load_newest_checkpoint(accelerator, output_dir / "checkpoints",
+                                                                           parts.partial_checkpoints),
+                                      parts.optimizer, parts.lr_scheduler)
+                if accelerator.is_main_process:
+                    trim_metrics(metrics_path, step)
+                progress.n = step
+                loss_sum.zero_()
+                losses_since_log, applied_since_log, tick = 0, 0, time.perf_counter()
+                continue
+            if guard.last_applied:  # a skipped step's loss is not finite and would poison the logged mean
+                loss_sum += loss
+                applied_since_log += 1
+            losses_since_log += 1
+            done = step + 1
+            step += 1
+            progress.update(1)
+            if done % t.log_every_steps == 0 or done == end:
+                # The only host sync of the loop: reading the loss at log intervals.
+                last_loss = (distributed.global_mean(accelerator, loss_sum) / applied_since_log).item() \
+                    if applied_since_log else float("nan")
+                now = time.perf_counter()
+                images_per_s = losses_since_log * plan.global_batch_size / max(now - tick, 1e-9)
+                lr = parts.lr_scheduler.get_last_lr()[0]
+                metrics = {"loss": last_loss, "lr": lr, "images_per_s": images_per_s,
+                           "epoch": done * plan.global_batch_size / plan.num_train_images}
+                if guard.state.skipped_steps:
+                    metrics["skipped_steps"] = guard.state.skipped_steps
+                accelerator.log(metrics, step=done)
+                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
+                if accelerator.is_main_process:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({"step": done, **metrics}) + "\n")
+                loss_sum.zero_()
+                losses_since_log, applied_since_log, tick = 0, 0, now
+            maintenance_start = time.perf_counter()
+            if plan.sample_every_steps and done % plan.sample_every_steps == 0 and accelerator.is_main_process:
+                last_sample = save_samples(plan, parts, accelerator, output_dir, done)
+            if t.eval_every_steps and done % t.eval_every_steps == 0:
+                if evaluator is not None:
+                    _evaluate(plan, parts, accelerator, evaluator, output_dir, done)
+                accelerator.wait_for_everyone()
+            # No periodic checkpoint inside a run of skipped steps, so a rollback goes back to before it.
+            periodic = plan.checkpoint_every_steps and done % plan.checkpoint_every_steps == 0 and not guard.consecutive
+            if periodic or done == end:
+                save_training_state(plan, accelerator, output_dir, done, guard.state_dict(), state_bytes)
+                saved_step = done
+            tick += time.perf_counter() - maintenance_start  # images/s counts training time only
+            signum = stop.agreed_signal(accelerator.num_processes, accelerator.device)
+            if signum is not None:
+                progress.close()
+                _stop_on_signal(plan, accelerator, output_dir, done, saved_step, guard, state_bytes, signum)
     progress.close()
     if end < plan.max_steps:
         return output_dir

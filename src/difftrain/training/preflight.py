@@ -87,9 +87,14 @@ def run_check(cfg: RunConfig, with_step: bool = True, show_all: bool = False, ou
         show_all: list every warning; by default each kind of warning is listed 20 times, then counted.
     """
     from difftrain.training.resume_check import check_before_resume
+    from difftrain.training.run_dir import RunDirError, check_run_dir
 
     out("config: valid")
     findings: list[Finding] = []
+    try:
+        check_run_dir(Path(cfg.output_dir))
+    except RunDirError as exc:
+        findings.append(Finding(cfg.output_dir, "error", "output folder refused", str(exc)))
     try:
         changes = check_before_resume(cfg, Path(cfg.output_dir))
         for key, old, new in changes:

@@ -103,11 +103,14 @@ def train_vae_run(cfg: RunConfig) -> Path:
     """`difftrain train-vae`: the VAE stage alone; OUTPUT_DIR/vae then serves as `vae.pretrained=OUTPUT_DIR`."""
     from difftrain.config import dump_config
     from difftrain.data.dataset import load_image_dataset
-    from difftrain.training.loop import prepare_output_dir
+    from difftrain.training.run_dir import check_run_dir, claim_run_dir, write_marker
 
+    output_dir = Path(cfg.output_dir)
+    check_run_dir(output_dir)  # a folder that is not difftrain's is refused before the data is decoded
     dataset = load_image_dataset(cfg.data, want_labels=False)
-    output_dir = prepare_output_dir(cfg)
-    (output_dir / "config.yaml").write_text(dump_config(cfg))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train_vae(cfg, dataset.images, output_dir, device)
+    with claim_run_dir(output_dir, "train-vae"):
+        (output_dir / "config.yaml").write_text(dump_config(cfg))
+        write_marker(output_dir, cfg.to_dict())
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        train_vae(cfg, dataset.images, output_dir, device)
     return output_dir / "vae"
