@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from difftrain.config import load_config
+from difftrain.training.checkpoint import list_checkpoints
 from difftrain.training.distributed import free_loopback_port
 from difftrain.training.loop import train
 
@@ -224,3 +225,36 @@ def test_evaluate_shards_its_seeds_over_two_processes(two_process_run: Path, tmp
     assert two["num_samples"] == 9
     assert two["accuracy"] == one["accuracy"] and two["per_class_accuracy"] == one["per_class_accuracy"]
     assert two["classifier_fid"] == pytest.approx(one["classifier_fid"], rel=1e-6)
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step(tmp_path: Path):
+    """Preemption of `difftrain train --num-processes 2`: torchrun passes SIGTERM to both ranks, which agree on
+    the step, write its checkpoint together and exit 143; the same command then resumes from it."""
+    run = tmp_path / "preempted"
+    long_run = ["--output-dir", str(run), *PER_RANK, "train.max_steps=100000", "train.checkpoint_every_steps=1000",
+                "train.sample_every_steps=null", "train.log_every_steps=1"]
+    cmd = [sys.executable, "-m", "difftrain", "train", PRESET, "--num-processes", "2", *long_run]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not ((run / "metrics.jsonl").is_file() and len(_rows(run)) >= 5):
+            assert proc.poll() is None, proc.stderr.read()[-4000:]
+            assert time.monotonic() < deadline, "the ranks did not start training"
+            time.sleep(0.05)
+        proc.terminate()
+        _, err = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-4000:]
+    [(step, _)] = list_checkpoints(run / "checkpoints")
+    for rank in (0, 1):
+        assert f"difftrain train [rank {rank}]: stopped by SIGTERM after step {step} of 100000" in err
+    assert "the launcher received SIGTERM" in err
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+    resumed = _difftrain_n(tmp_path, "--output-dir", str(run), *PER_RANK, f"train.max_steps={step + 2}",
+                           "train.sample_every_steps=null")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"(step {step})" in (run / "train.log").read_text()
+    assert (run / "model_index.json").is_file()
