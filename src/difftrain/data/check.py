@@ -18,7 +18,7 @@ from PIL.Image import DecompressionBombError, UnidentifiedImageError
 from difftrain.config import DataConfig
 from difftrain.data.captions import resolve_captions
 from difftrain.data.dataset import ImageFacts, decode_item
-from difftrain.data.sources import IMAGE_EXTENSIONS, ImageSource, dangling_link_reason, open_source
+from difftrain.data.sources import IMAGE_EXTENSIONS, ImageSource, dangling_link_message, open_source
 from difftrain.data.transforms import ImageTooLarge
 
 # Beyond these an image costs seconds and hundreds of MB to decode for a few training pixels.
@@ -130,7 +130,7 @@ def scan_data(cfg: DataConfig, want_labels: bool, want_captions: bool) -> ScanRe
     count = len(source) if cfg.max_images is None else min(len(source), cfg.max_images)
     description = source.description + (f" (first {count} of {len(source)}: data.max_images)" if count < len(source) else "")
     findings = empty_label_folders(source)
-    findings += [Finding(path, "error", "dangling link", dangling_link_reason(target))
+    findings += [Finding(path, "error", "dangling link", dangling_link_message(target))
                  for path, target in source.dangling_links]
     if len(source) == 0:
         findings.append(Finding(cfg.path, "error", "no images", "the data set holds no images"))

@@ -18,7 +18,7 @@ import torch
 
 from difftrain.config import DataConfig
 from difftrain.data.captions import resolve_captions
-from difftrain.data.sources import ImageSource, dangling_link_reason, open_source
+from difftrain.data.sources import ImageSource, dangling_link_message, open_source
 from difftrain.data.transforms import check_pixel_limit, draft_for_resolution, prepare_image
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[
     """Decode every item; unreadable or captionless ones are skipped, named in a warning and counted."""
     count = len(source) if cfg.max_images is None else min(len(source), cfg.max_images)
     arrays: list[Optional[np.ndarray]] = [None] * count
-    skipped: list[tuple[str, str]] = [(path, dangling_link_reason(target)) for path, target in source.dangling_links]
+    skipped: list[tuple[str, str]] = [(path, f"dangling link: {dangling_link_message(target)}")
+                                       for path, target in source.dangling_links]
 
     def work(i: int) -> None:
         if captions is not None and not captions[i]:

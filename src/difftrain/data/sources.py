@@ -128,9 +128,9 @@ def dangling_links(folder: Path) -> list[tuple[str, str]]:
     return found
 
 
-def dangling_link_reason(target: str) -> str:
-    """Why a dangling link is skipped, for the training log and `difftrain check`."""
-    return f"dangling link: it points to {target}, which does not exist"
+def dangling_link_message(target: str) -> str:
+    """What is wrong with a dangling link, for the training log and `difftrain check`."""
+    return f"it points to {target}, which does not exist"
 
 
 def folder_source(folder: Path) -> ImageSource:
