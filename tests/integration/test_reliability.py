@@ -256,7 +256,8 @@ def test_dangling_links_and_oversized_images_are_reported_and_named_in_train_log
     checked = run_cli("check", "tiny/folder-uncond", f"data.path={data}", limit, "--no-step", cwd=tmp_path)
     assert checked.returncode == 1, checked.stdout + checked.stderr
     lines = checked.stdout.splitlines()
-    assert f"ERROR   {link}: dangling link: it points to {tmp_path / 'elsewhere' / 'moved.png'}, which does not exist" in lines
+    target = tmp_path / "elsewhere" / "moved.png"
+    assert f"ERROR   {link}: dangling link: it points to {target}, which does not exist" in lines
     assert any(line.startswith(f"ERROR   {big}: too large: {too_large}") for line in lines), checked.stdout
     assert "8 items scanned" in checked.stdout and "6 usable, 2 error(s)" in checked.stdout
 

@@ -445,7 +445,8 @@ def test_check_reports_dangling_links_in_class_folders(tmp_path):
     assert (str(in_class), "dangling link") in errors and (str(only_link), "dangling link") in errors
     assert (str(tmp_path / "b"), "empty label folder") in errors  # the class is left out, and said so
     assert report.scanned == 3 and report.usable == 1
-    assert f"it points to {tmp_path / 'deleted.png'}" in next(f.message for f in report.errors if f.path == str(in_class))
+    message = next(f.message for f in report.errors if f.path == str(in_class))
+    assert message == f"it points to {tmp_path / 'deleted.png'}, which does not exist"
     # Training skips the same files by name.
     dataset = load_image_dataset(_cfg(tmp_path), want_labels=True)
     assert {name for name, _ in dataset.skipped} == {str(in_class), str(only_link)}
