@@ -63,6 +63,8 @@ class DataConfig:
     """DreamBooth prior preservation: class images to use (generated up to this count)."""
     decode_workers: int = 4
     """Threads that decode images once at start-up."""
+    max_image_pixels: int = 50_000_000
+    """Images with more pixels (width x height, read from the file header) are skipped before decoding. 50 MP holds a modern phone photo (up to ~50 MP) and stays well under PIL's bomb limit (89.5 MP); raise it for larger scans (PIL itself refuses files over 179 MP)."""
 
 
 @dataclass

@@ -233,8 +233,42 @@ def test_check_lists_every_bad_file_and_train_skips_them(tmp_path: Path):
     for path in kinds["skipped"]:
         assert f"skipped {path} (" in trained.stderr
     assert "skipped 3 of 15 images" in trained.stderr
-    assert "12 images (3 skipped)" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    for path in kinds["skipped"]:  # decoded before train.log existed, and still named in it
+        assert log.count(f"skipped {path} (") == 1
+    assert "12 images (3 skipped)" in log
     assert "3 file(s) skipped" in (run / "README.md").read_text()
+
+
+def test_dangling_links_and_oversized_images_are_reported_and_named_in_train_log(tmp_path: Path):
+    """Issue 16: a link that points nowhere and an image over data.max_image_pixels are never dropped silently."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        _png_bytes(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8), data / f"ok{i}.png")
+    link = data / "moved.png"
+    link.symlink_to(tmp_path / "elsewhere" / "moved.png")
+    big = _png_bytes(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8), data / "big.png")
+    limit = "data.max_image_pixels=50000"
+    too_large = "300x200 px = 60,000 pixels is over data.max_image_pixels = 50,000"
+
+    checked = run_cli("check", "tiny/folder-uncond", f"data.path={data}", limit, "--no-step", cwd=tmp_path)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    lines = checked.stdout.splitlines()
+    target = tmp_path / "elsewhere" / "moved.png"
+    assert f"ERROR   {link}: dangling link: it points to {target}, which does not exist" in lines
+    assert any(line.startswith(f"ERROR   {big}: too large: {too_large}") for line in lines), checked.stdout
+    assert "8 items scanned" in checked.stdout and "6 usable, 2 error(s)" in checked.stdout
+
+    run = train(load_config("tiny/folder-uncond", [f"data.path={data}", limit, "train.max_steps=2",
+                                                   "sample.num_images=1", "sample.num_inference_steps=1"],
+                            output_dir=str(tmp_path / "run")))
+    log = (run / "train.log").read_text()
+    assert log.count(f"skipped {link} (dangling link: it points to") == 1
+    assert log.count(f"skipped {big} (ImageTooLarge: {too_large}") == 1
+    assert "skipped 2 of 8 images" in log
+    assert "2 file(s) skipped (unreadable, too large, dangling links" in (run / "README.md").read_text()
 
 
 def test_resume_with_a_changed_model_shape_is_refused_with_the_key_diff(tmp_path: Path, caplog):

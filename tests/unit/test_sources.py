@@ -401,3 +401,101 @@ def test_home_relative_paths_are_expanded(tmp_path, monkeypatch):
     PILImage.new("RGB", (4, 4)).save(tmp_path / "pics" / "a.png")
     source = open_source("~/pics", "auto", "train", "image", None, want_labels=False)
     assert len(source) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# data safety: dangling links and the pixel limit (issue 16)
+
+
+def _link(link: Path, target: Path) -> Path:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return link
+
+
+def test_dangling_links_are_named_and_skipped_not_dropped(tmp_path, caplog):
+    _save_png(tmp_path / "good.png", (255, 0, 0))
+    gone = _link(tmp_path / "gone.png", tmp_path / "moved" / "photo.png")
+    loop = _link(tmp_path / "loop.jpg", tmp_path / "loop.jpg")  # points at itself: no target either
+    _link(tmp_path / "notes.txt", tmp_path / "nowhere.txt")  # not an image name: not a data item
+    source = folder_source(tmp_path)
+    assert source.names == [str(tmp_path / "good.png")]
+    assert source.dangling_links == [(str(gone), str(tmp_path / "moved" / "photo.png")),
+                                     (str(loop), str(loop))]
+    with caplog.at_level(logging.WARNING, logger="difftrain"):
+        dataset = load_image_dataset(_cfg(tmp_path), want_labels=False)
+    assert len(dataset) == 1
+    assert dataset.skipped == [
+        (str(gone), f"dangling link: it points to {tmp_path / 'moved' / 'photo.png'}, which does not exist"),
+        (str(loop), f"dangling link: it points to {loop}, which does not exist"),
+    ]
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"skipped {gone} (dangling link" in messages and f"skipped {loop} (dangling link" in messages
+    assert "skipped 2 of 3 images" in messages
+
+
+def test_check_reports_dangling_links_in_class_folders(tmp_path):
+    from difftrain.data.check import scan_data
+
+    _save_png(tmp_path / "a" / "1.png", (255, 0, 0))
+    in_class = _link(tmp_path / "a" / "2.png", tmp_path / "deleted.png")
+    only_link = _link(tmp_path / "b" / "1.png", tmp_path / "also-deleted.png")
+    report = scan_data(_cfg(tmp_path), want_labels=True, want_captions=False)
+    errors = {(f.path, f.kind) for f in report.errors}
+    assert (str(in_class), "dangling link") in errors and (str(only_link), "dangling link") in errors
+    assert (str(tmp_path / "b"), "empty label folder") in errors  # the class is left out, and said so
+    assert report.scanned == 3 and report.usable == 1
+    message = next(f.message for f in report.errors if f.path == str(in_class))
+    assert message == f"it points to {tmp_path / 'deleted.png'}, which does not exist"
+    # Training skips the same files by name.
+    dataset = load_image_dataset(_cfg(tmp_path), want_labels=True)
+    assert {name for name, _ in dataset.skipped} == {str(in_class), str(only_link)}
+
+
+def test_a_folder_of_only_dangling_links_names_one(tmp_path):
+    link = _link(tmp_path / "a.png", tmp_path / "gone.png")
+    with pytest.raises(ValueError, match=f"holds no images; 1 dangling link.*{link}"):
+        load_image_dataset(_cfg(tmp_path), want_labels=False)
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header says width x height RGB but whose pixel data holds ~100 bytes: decoding it fails."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_over_max_image_pixels_is_refused_from_its_header(tmp_path):
+    from difftrain.data.check import scan_data
+    from difftrain.data.dataset import decode_item
+    from difftrain.data.transforms import ImageTooLarge
+
+    _save_png(tmp_path / "good.png", (0, 255, 0))
+    big = _png_header_only(tmp_path / "big.png", 3000, 2000)
+    source = folder_source(tmp_path)
+    cfg = _cfg(tmp_path, max_image_pixels=5_000_000)
+    with pytest.raises(ImageTooLarge) as info:
+        decode_item(source, 0, cfg)
+    assert str(info.value) == ("3000x2000 px = 6,000,000 pixels is over data.max_image_pixels = 5,000,000; "
+                               "not decoded (raise data.max_image_pixels to use it)")
+    # Its pixel data is cut short, so any decode fails: the refusal above came from the header alone.
+    with pytest.raises(OSError, match="truncated|broken|incomplete"):
+        decode_item(source, 0, _cfg(tmp_path, max_image_pixels=6_000_000))
+    dataset = decode_source(source, cfg)
+    assert len(dataset) == 1 and dataset.skipped == [(str(big), f"ImageTooLarge: {info.value}")]
+    report = scan_data(cfg, want_labels=False, want_captions=False)
+    assert [(f.path, f.kind, f.message) for f in report.errors] == [(str(big), "too large", str(info.value))]
+
+
+def test_max_image_pixels_must_be_at_least_one():
+    from difftrain.config import ConfigError, load_config
+
+    assert load_config("digits").data.max_image_pixels == 50_000_000
+    with pytest.raises(ConfigError, match=r"'data.max_image_pixels' = 0: must be >= 1"):
+        load_config("digits", ["data.max_image_pixels=0"])

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from difftrain.data.transforms import (
+    ImageTooLarge,
+    check_pixel_limit,
     convert_mode,
+    draft_for_resolution,
     from_model_range,
     prepare_image,
     random_hflip,
@@ -291,3 +299,106 @@ def test_random_hflip_works_on_uint8_and_does_not_modify_input():
     assert torch.equal(images, original)
     for i in range(8):
         assert torch.equal(out[i], images[i]) or torch.equal(out[i], images[i].flip(-1))
+
+
+# ------------------------------------------------------------------------------------------------
+# decoding large images at reduced size (issue 16)
+
+
+def _gradient_rgb(width: int, height: int) -> Image.Image:
+    x, y = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
+    return Image.fromarray(np.stack([x, y, (x + y) / 2], -1).round().astype(np.uint8))
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def test_a_large_jpeg_decodes_at_reduced_scale_with_the_same_result():
+    data = _encoded(_gradient_rgb(256, 192), "JPEG")
+    full = Image.open(io.BytesIO(data))
+    full.load()
+    drafted = Image.open(io.BytesIO(data))
+    draft_for_resolution(drafted, 16)
+    drafted.load()
+    # 1/4 scale: the largest whose short side (48) stays >= 2 x 16.
+    assert drafted.size == (64, 48)
+    a, b = prepare_image(full, 16, 3).astype(int), prepare_image(drafted, 16, 3).astype(int)
+    assert a.shape == b.shape == (3, 16, 16)
+    assert np.abs(a - b).max() <= 2
+
+
+@pytest.mark.parametrize("fmt, size", [("PNG", (256, 192)), ("JPEG", (60, 40)), ("JPEG", (256, 192))])
+def test_images_not_drafted_decode_exactly_as_before(fmt, size):
+    data = _encoded(_gradient_rgb(*size), fmt)
+    full = Image.open(io.BytesIO(data))
+    full.load()
+    resolution = 16 if size == (60, 40) else 128  # < 4x smaller: the JPEG decoder is left at full scale
+    opened = Image.open(io.BytesIO(data))
+    draft_for_resolution(opened, resolution)
+    opened.load()
+    assert opened.size == size
+    assert np.array_equal(prepare_image(opened, resolution, 3), prepare_image(full, resolution, 3))
+
+
+def test_an_image_within_the_pixel_limit_passes():
+    check_pixel_limit((100, 50), 5000)
+    with pytest.raises(ImageTooLarge, match=r"100x51 px = 5,100 pixels is over data.max_image_pixels = 5,000"):
+        check_pixel_limit((100, 51), 5000)
+
+
+# Resident memory from /proc/self/status, not getrusage: a child's ru_maxrss starts at its parent's peak
+# (Linux keeps the old peak across exec), so it would measure pytest. VmHWM is this process's own peak;
+# writing 5 to clear_refs resets it to the current size, and if that is refused the import's peak stays
+# in VmHWM, which can only overstate the decode's.
+_DECODE_PEAK = r"""
+import sys
+from pathlib import Path
+
+from difftrain.config import DataConfig
+from difftrain.data.dataset import decode_item
+from difftrain.data.sources import folder_source
+
+def status_mib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+source = folder_source(Path(sys.argv[1]))
+cfg = DataConfig(resolution=64, max_image_pixels=150_000_000)  # 144 MP: over the 50 MP default
+before = status_mib("VmRSS")
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+array, facts = decode_item(source, 0, cfg)
+print(array.shape, facts.size, status_mib("VmHWM") - before)
+"""
+
+_MAKE_JPEG = r"""
+import sys
+import numpy as np
+from PIL import Image
+
+side = 12000
+ramp = Image.fromarray(np.broadcast_to(np.linspace(0, 255, side).astype(np.uint8), (side, side)).copy())
+Image.merge("RGB", (ramp, ramp.transpose(Image.Transpose.TRANSPOSE), Image.new("L", (side, side), 96))).save(
+    sys.argv[1], quality=80)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from /proc (Linux)")
+def test_decoding_a_12000px_jpeg_to_64px_peaks_under_200_mb(tmp_path):
+    """Acceptance (issue 16): a full decode would need 432 MB for the RGB pixels alone."""
+    folder = tmp_path / "big"
+    folder.mkdir()
+    # Made and decoded in child processes, so neither this process's memory nor its history counts.
+    subprocess.run([sys.executable, "-c", _MAKE_JPEG, str(folder / "12000.jpg")], check=True, timeout=120)
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", _DECODE_PEAK, str(folder)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("(3, 64, 64) (12000, 12000) "), done.stdout
+    # Peak resident memory over the memory in use just before the decode (the imports excluded).
+    assert float(done.stdout.split()[-1]) < 200, done.stdout

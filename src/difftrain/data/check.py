@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from PIL import UnidentifiedImageError
+from PIL.Image import DecompressionBombError, UnidentifiedImageError
 
 from difftrain.config import DataConfig
 from difftrain.data.captions import resolve_captions
 from difftrain.data.dataset import ImageFacts, decode_item
-from difftrain.data.sources import IMAGE_EXTENSIONS, ImageSource, open_source
+from difftrain.data.sources import IMAGE_EXTENSIONS, ImageSource, dangling_link_message, open_source
+from difftrain.data.transforms import ImageTooLarge
 
 # Beyond these an image costs seconds and hundreds of MB to decode for a few training pixels.
 HUGE_SIDE = 8192
@@ -94,6 +95,10 @@ def _read_failure(name: str, exc: Exception) -> Finding:
     path = Path(name)
     if path.is_file() and path.stat().st_size == 0:
         return Finding(name, "error", "zero-byte file", "the file is empty")
+    if isinstance(exc, ImageTooLarge):
+        return Finding(name, "error", "too large", str(exc))
+    if isinstance(exc, DecompressionBombError):
+        return Finding(name, "error", "too large", f"PIL refuses it whatever data.max_image_pixels says: {exc}")
     if isinstance(exc, UnidentifiedImageError):
         return Finding(name, "error", "not an image",
                        f"content is not a readable image despite the {path.suffix or 'missing'} extension")
@@ -125,9 +130,11 @@ def scan_data(cfg: DataConfig, want_labels: bool, want_captions: bool) -> ScanRe
     count = len(source) if cfg.max_images is None else min(len(source), cfg.max_images)
     description = source.description + (f" (first {count} of {len(source)}: data.max_images)" if count < len(source) else "")
     findings = empty_label_folders(source)
+    findings += [Finding(path, "error", "dangling link", dangling_link_message(target))
+                 for path, target in source.dangling_links]
     if len(source) == 0:
         findings.append(Finding(cfg.path, "error", "no images", "the data set holds no images"))
-        return ScanReport(description, 0, 0, findings)
+        return ScanReport(description, len(source.dangling_links), 0, findings)
     captions: Optional[list[Optional[str]]] = resolve_captions(source, cfg) if want_captions else None
     per_item: list[list[Finding]] = [[] for _ in range(count)]
     usable = [False] * count
@@ -149,4 +156,4 @@ def scan_data(cfg: DataConfig, want_labels: bool, want_captions: bool) -> ScanRe
         list(pool.map(work, range(count)))
     for item in per_item:
         findings.extend(item)
-    return ScanReport(description, count, sum(usable), findings)
+    return ScanReport(description, count + len(source.dangling_links), sum(usable), findings)

@@ -18,8 +18,8 @@ import torch
 
 from difftrain.config import DataConfig
 from difftrain.data.captions import resolve_captions
-from difftrain.data.sources import ImageSource, open_source
-from difftrain.data.transforms import prepare_image
+from difftrain.data.sources import ImageSource, dangling_link_message, open_source
+from difftrain.data.transforms import check_pixel_limit, draft_for_resolution, prepare_image
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,11 @@ class ImageDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def write_skipped_to(self, handler: Optional[logging.Handler]) -> None:
+        """Replay the `skipped PATH (reason)` lines into `handler` alone (train.log, attached after decoding)."""
+        if handler is not None:
+            log_skipped(self.skipped, len(self) + len(self.skipped), handler)
+
 
 @dataclass
 class ImageFacts:
@@ -60,11 +65,15 @@ class ImageFacts:
 def decode_item(source: ImageSource, index: int, cfg: DataConfig) -> tuple[np.ndarray, ImageFacts]:
     """Read, convert, resize and crop item `index`: the one reader of training and `difftrain check`.
 
-    Raises whatever the decoder raises for an unreadable, truncated or non-image file.
+    Raises ImageTooLarge, from the header alone, for an image over `cfg.max_image_pixels`, and whatever the
+    decoder raises for an unreadable, truncated or non-image file. Large JPEGs decode at reduced scale.
     """
     with source.open(index) as image:
+        size = image.size  # from the header: PIL has decoded nothing yet
+        check_pixel_limit(size, cfg.max_image_pixels)
+        draft_for_resolution(image, cfg.resolution)
         image.load()
-        facts = ImageFacts(image.mode, image.size, image.format, "transparency" in image.info)
+        facts = ImageFacts(image.mode, size, image.format, "transparency" in image.info)
         return prepare_image(image, cfg.resolution, cfg.channels, cfg.center_crop), facts
 
 
@@ -76,7 +85,8 @@ def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[
     """Decode every item; unreadable or captionless ones are skipped, named in a warning and counted."""
     count = len(source) if cfg.max_images is None else min(len(source), cfg.max_images)
     arrays: list[Optional[np.ndarray]] = [None] * count
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = [(path, f"dangling link: {dangling_link_message(target)}")
+                                       for path, target in source.dangling_links]
 
     def work(i: int) -> None:
         if captions is not None and not captions[i]:
@@ -90,12 +100,10 @@ def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[
     with ThreadPoolExecutor(max_workers=cfg.decode_workers) as pool:
         list(pool.map(work, range(count)))
     keep = [i for i in range(count) if arrays[i] is not None]
-    for name, reason in sorted(skipped):
-        logger.warning("skipped %s (%s)", name, reason)
-    if skipped:
-        logger.warning("skipped %d of %d images that could not be read or had no caption", len(skipped), count)
+    total = count + len(source.dangling_links)
+    log_skipped(sorted(skipped), total)
     if not keep:
-        raise ValueError(f"data set {source.description} has no usable images (of {count} items; "
+        raise ValueError(f"data set {source.description} has no usable images (of {total} items; "
                          f"first problem: {sorted(skipped)[0][0]}: {sorted(skipped)[0][1]})")
     images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
     labels = None
@@ -106,12 +114,31 @@ def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[
                         [source.names[i] for i in keep])
 
 
+def log_skipped(skipped: list[tuple[str, str]], total: int, handler: Optional[logging.Handler] = None) -> None:
+    """Warn `skipped PATH (reason)` for each skipped file, then the count; only to `handler` when given.
+
+    Training decodes its data before train.log exists; it replays the lines into train.log's handler
+    alone, so they reach the file without being printed twice.
+    """
+    lines = [("skipped %s (%s)", (name, reason)) for name, reason in skipped]
+    if skipped:
+        lines.append(("skipped %d of %d images (unreadable, too large, dangling links or without a caption)",
+                      (len(skipped), total)))
+    for message, args in lines:
+        if handler is None:
+            logger.warning(message, *args)
+        else:
+            handler.handle(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, args, None))
+
+
 def load_image_dataset(cfg: DataConfig, want_labels: bool, want_captions: bool = False) -> ImageDataset:
     """Open `cfg.path` and decode it (with captions for text models). Errors name the path and what was expected."""
     source = open_source(cfg.path, cfg.source, cfg.split, cfg.image_column, cfg.label_column,
                          want_labels or (want_captions and cfg.caption_template is not None), cfg.caption_column)
     if len(source) == 0:
-        raise ValueError(f"data.path = {cfg.path!r} ({source.description}) holds no images")
+        links = source.dangling_links
+        broken = f"; {len(links)} dangling link(s), e.g. {links[0][0]} -> {links[0][1]}" if links else ""
+        raise ValueError(f"data.path = {cfg.path!r} ({source.description}) holds no images{broken}")
     if want_labels and source.labels is None:
         raise ValueError(
             f"model.conditioning = 'class' needs labels, but {source.description} has none "

@@ -36,6 +36,9 @@ class ImageSource:
     """Per-item captions when the source carries them (a `datasets` caption column)."""
     root: Optional[Path] = None
     """The image folder, for folder sources (where sidecar captions and metadata files are looked up)."""
+    dangling_links: list[tuple[str, str]] = field(default_factory=list)
+    """(path, target) of links with an image extension that point nowhere (folder sources): not items,
+    but skipped by name, so a broken link is never dropped silently."""
 
     def __len__(self) -> int:
         return len(self.names)
@@ -113,6 +116,23 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def dangling_links(folder: Path) -> list[tuple[str, str]]:
+    """(path, target) of each link in `folder` with an image extension whose target does not exist (or loops).
+
+    `Path.is_file()` is False for them, so `_image_files` leaves them out; this names them instead.
+    """
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_symlink() and not p.exists():
+            found.append((str(p), str(p.readlink())))
+    return found
+
+
+def dangling_link_message(target: str) -> str:
+    """What is wrong with a dangling link, for the training log and `difftrain check`."""
+    return f"it points to {target}, which does not exist"
+
+
 def folder_source(folder: Path) -> ImageSource:
     """Images directly in `folder` (unlabelled), or one subfolder per class (labelled by folder name)."""
     flat = _image_files(folder)
@@ -129,6 +149,7 @@ def folder_source(folder: Path) -> ImageSource:
             names=[str(p) for p in flat],
             open=lambda i: Image.open(flat[i]),
             root=folder,
+            dangling_links=dangling_links(folder),
         )
     files: list[Path] = []
     labels: list[int] = []
@@ -143,6 +164,8 @@ def folder_source(folder: Path) -> ImageSource:
         labels=labels,
         class_names=[d.name for d in class_dirs],
         root=folder,
+        # Every subfolder may be a class (one holding only broken links is one), and links beside them too.
+        dangling_links=[link for d in [folder, *subdirs] for link in dangling_links(d)],
     )
 
 

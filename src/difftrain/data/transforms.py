@@ -13,6 +13,39 @@ import torch
 from PIL import Image
 
 
+class ImageTooLarge(ValueError):
+    """An image whose header gives more pixels than `data.max_image_pixels`; it is skipped undecoded."""
+
+
+def check_pixel_limit(size: tuple[int, int], max_pixels: int) -> None:
+    """Raise ImageTooLarge when `size` (width, height; from the header) has more than `max_pixels` pixels.
+
+    PIL opens files lazily, so this runs before any pixel is decoded: the limit bounds memory and time.
+    """
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"{width}x{height} px = {width * height:,} pixels is over data.max_image_pixels = {max_pixels:,}; "
+            "not decoded (raise data.max_image_pixels to use it)"
+        )
+
+
+# Twice the target, as PIL's own thumbnail() asks of draft(): the final bicubic resize still averages at
+# least two decoded pixels per output pixel, so the result stays as smooth as one from the full image.
+DRAFT_MARGIN = 2
+
+
+def draft_for_resolution(image: Image.Image, resolution: int) -> None:
+    """Before `image.load()`: let a JPEG decode at 1/2, 1/4 or 1/8 scale, keeping each side >= 2 x resolution.
+
+    Peak memory then follows the target size, not the file's (a 12000x12000 JPEG decodes as 1500x1500 for
+    64 px). Only JPEG (and MPO) decoders can scale while decoding; for every other format, for images
+    smaller than 4 x resolution and for images already loaded, `draft` does nothing and the pixels are
+    exactly those of a full decode. `Image.reduce` is no help there: it runs after a full decode.
+    """
+    image.draft(None, (DRAFT_MARGIN * resolution, DRAFT_MARGIN * resolution))
+
+
 def convert_mode(image: Image.Image, channels: int) -> Image.Image:
     """Convert any PIL mode (palette, alpha, CMYK, 16-bit, float) to 'L' (channels=1) or 'RGB' (3)."""
     if image.mode == "P":

@@ -127,7 +127,7 @@ A {dict(none='unconditional', text='text-to-image').get(kind, 'class-conditional
 {grid}
 ## Training
 - Data: {summary.data_description}: {summary.num_images} images at {cfg.data.resolution} px,
-  {cfg.data.channels} channel(s){f'; {summary.num_skipped} file(s) skipped (unreadable, or without a caption; named in train.log)' if summary.num_skipped else ''}{classes}
+  {cfg.data.channels} channel(s){f'; {summary.num_skipped} file(s) skipped (unreadable, too large, dangling links or without a caption; named in train.log)' if summary.num_skipped else ''}{classes}
 - Steps: {summary.steps} optimizer steps, {summary.images_seen} images seen ({summary.epochs:.1f} epochs),
   batch {cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps} accumulation
 - Schedule: {cfg.diffusion.beta_schedule} betas, {cfg.diffusion.num_train_timesteps} timesteps,

@@ -99,7 +99,7 @@ pipeline_tag: text-to-image
 {what}, trained with [difftrain](https://github.com/difftrain/difftrain).
 {grid}
 ## Training
-- Data: {summary.data_description}: {summary.num_images} images at {cfg.data.resolution} px{f'; {summary.num_skipped} file(s) skipped (unreadable, or without a caption; named in train.log)' if summary.num_skipped else ''}{dreambooth}
+- Data: {summary.data_description}: {summary.num_images} images at {cfg.data.resolution} px{f'; {summary.num_skipped} file(s) skipped (unreadable, too large, dangling links or without a caption; named in train.log)' if summary.num_skipped else ''}{dreambooth}
 - Steps: {summary.steps} optimizer steps, {summary.images_seen} images seen ({summary.epochs:.1f} epochs), batch {cfg.train.batch_size}
 - Optimizer: AdamW, learning rate {cfg.train.learning_rate:g} ({cfg.train.lr_scheduler}), mixed precision {cfg.train.mixed_precision}
 - Validation prompts: {', '.join(repr(p) for p in cfg.sample.prompts) or 'the training captions'}

@@ -337,6 +337,7 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
             plan = plan_run(cfg, world_size=accelerator.num_processes)
             if handler is None:
                 handler, run_lock = _start_output_dir(accelerator, output_dir, run_lock)
+                plan.dataset.write_skipped_to(handler)  # decoded before train.log existed
             if plan.latent and plan.vae is None:
                 plan.vae = _from_scratch_vae(plan, accelerator, output_dir)
             for key, old, new in changes:

@@ -27,8 +27,8 @@ ALL = "*"
 UNSAFE_KEYS: dict[str, Any] = {
     "model": ALL,
     "data": {"path", "source", "split", "image_column", "label_column", "resolution", "channels", "center_crop",
-             "captions", "caption_template", "caption_column", "max_images", "instance_dir", "instance_prompt",
-             "class_prompt", "class_dir", "num_class_images"},
+             "captions", "caption_template", "caption_column", "max_images", "max_image_pixels", "instance_dir",
+             "instance_prompt", "class_prompt", "class_dir", "num_class_images"},
     "diffusion": {"num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type"},
     "text_encoder": {"pretrained", "train", "max_length", "hidden_size", "num_layers", "num_heads"},
     "vae": {"pretrained", "scaling_factor", "block_out_channels", "layers_per_block", "latent_channels"},
