@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 from difftrain.errors import DiskSpaceError, WriteError
 
@@ -74,7 +74,8 @@ def required_bytes(estimate_bytes: int) -> int:
     return int(estimate_bytes * SPACE_MARGIN) + SPACE_SLACK_BYTES
 
 
-def check_writable(directory: Path, estimate_bytes: int, what: str, hint: str = "") -> None:
+def check_writable(directory: Path, estimate_bytes: int, what: str, hint: str = "",
+                   target: Optional[Path] = None) -> None:
     """Raise WriteError unless `what` (about `estimate_bytes`) can be written into `directory`.
 
     `directory` need not exist yet: the check runs in its nearest existing ancestor, where it would be
@@ -82,24 +83,26 @@ def check_writable(directory: Path, estimate_bytes: int, what: str, hint: str = 
     (`required_bytes`).
 
     Args:
-        what: what is being written, for the message ("the exported pipeline", "sample grid").
+        what: what is being written, for the message ("the exported pipeline", "the sample grid").
         hint: appended to the disk-space message (what to do about it); a default one otherwise.
+        target: the path the message names (a file in `directory`); `directory` itself by default.
     """
     directory = Path(directory)
+    target = Path(target) if target is not None else directory
     existing = nearest_existing(directory)
     if not existing.is_dir():
-        raise WriteError(f"cannot write {what} to {directory}: {existing} is a file, not a folder")
+        raise WriteError(f"cannot write {what} to {target}: {existing} is a file, not a folder")
     try:
         _probe(existing)
     except OSError as exc:
-        where = "" if existing == directory else f" ({existing}, where it would be created)"
-        raise WriteError(f"cannot write {what} to {directory}{where}: {reason(exc)}; "
-                         "choose a writable folder") from exc
+        raise WriteError(f"cannot write {what} to {target}: {existing} is not writable ({reason(exc)}); "
+                         "choose another folder or fix its permissions") from exc
     free = free_bytes(existing)
     wanted = required_bytes(estimate_bytes)
     if free < wanted:
         raise DiskSpaceError(
-            f"not enough disk space for {what} in {directory}: {free / 2**20:.1f} MiB free, about "
+            f"not enough disk space for {what} {'in' if target == directory else 'at'} {target}: "
+            f"{free / 2**20:.1f} MiB free, about "
             f"{wanted / 2**20:.1f} MiB needed. " + (hint or "Free some space or choose a folder on another disk.")
         )
 
@@ -109,7 +112,7 @@ def check_file_writable(path: Path, estimate_bytes: int, what: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise WriteError(f"cannot write {what} to {path}: it is a folder; give a file name")
-    check_writable(path.parent, estimate_bytes, what)
+    check_writable(path.parent, estimate_bytes, what, target=path)
 
 
 def remove_path(path: Path) -> None:
