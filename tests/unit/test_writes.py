@@ -46,6 +46,16 @@ def test_full_disk_is_refused_up_front_naming_path_and_sizes(tmp_path: Path, no_
     assert not (tmp_path / "run").exists()
 
 
+def test_room_for_a_run_is_checked_before_it_writes(tmp_path: Path, monkeypatch):
+    model = torch.nn.Linear(100, 100)  # 10100 trained float32 parameters
+    assert ckpt.training_state_bytes([model]) == 10100 * 4 * 4
+    ckpt.ensure_room_for_run(tmp_path / "run", [model])  # room: nothing raised, nothing created
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(writes, "free_bytes", lambda path: 2**20)
+    with pytest.raises(DiskSpaceError, match=r"the run's next checkpoint and its export in .*/run: 1\.0 MiB free"):
+        ckpt.ensure_room_for_run(tmp_path / "run", [model])
+
+
 def test_a_file_in_the_way_is_named(tmp_path: Path):
     (tmp_path / "samples").write_text("not a folder")
     with pytest.raises(WriteError, match=r"cannot write the sample grid to .*samples/g\.png: .*samples is a file"):

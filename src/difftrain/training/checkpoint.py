@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from difftrain.errors import DiskSpaceError  # noqa: F401 - raised by ensure_free_space; importable from here
 from difftrain.writes import check_writable, writing
@@ -154,6 +154,25 @@ def estimate_checkpoint_bytes(checkpoints_dir: Path, state_bytes: int) -> int:
     """Expected size of the next checkpoint: the newest complete one, or `state_bytes` before the first."""
     latest = latest_checkpoint(checkpoints_dir)
     return directory_bytes(latest) if latest is not None else state_bytes
+
+
+def training_state_bytes(models: Iterable[Any]) -> int:
+    """Size estimate of a first checkpoint: each trained parameter four times (weights, two AdamW moments,
+    the EMA copy), each frozen one once."""
+    return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for m in models for p in m.parameters())
+
+
+def ensure_room_for_run(output_dir: Path, models: Iterable[Any]) -> None:
+    """Before a run writes anything: `output_dir` takes files and has room for the next checkpoint and the export.
+
+    Without it a run on a full or read-only disk would train until its first checkpoint and lose those steps.
+    """
+    models = list(models)
+    export_bytes = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    needed = estimate_checkpoint_bytes(output_dir / "checkpoints", training_state_bytes(models)) + export_bytes
+    check_writable(output_dir, needed, "the run's next checkpoint and its export", hint=(
+        "Free some space or choose an --output-dir on another disk. (The estimate is the previous checkpoint's "
+        "size, or the model and optimizer size before the first, plus the exported weights.)"))
 
 
 def ensure_free_space(directory: Path, needed_bytes: int, what: str) -> None:
