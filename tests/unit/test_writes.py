@@ -167,3 +167,33 @@ def test_cli_prints_io_failures_as_one_line(failure, monkeypatch, capsys):
     monkeypatch.setenv("DIFFTRAIN_DEBUG", "1")
     assert cli.main(["presets"]) == 1
     assert capsys.readouterr().err.startswith("Traceback")
+
+
+def test_lora_weights_checked_and_cleaned_up(tmp_path: Path, monkeypatch):
+    import safetensors.torch
+    from diffusers import UNet2DConditionModel
+
+    from difftrain.models.lora import LORA_WEIGHTS_NAME, add_lora, save_lora_weights
+
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                norm_num_groups=4, layers_per_block=1, attention_head_dim=4)
+    add_lora(unet, 2, None, 0.0, ["to_q", "to_k", "to_v", "to_out.0"], "lora.unet_target_modules")
+    with read_only_folder(tmp_path / "ro") as ro:
+        with pytest.raises(WriteError, match=rf"cannot write the LoRA weights to {ro}: {ro} is not writable"):
+            save_lora_weights(ro, unet)
+
+    real_save = safetensors.torch.save_file
+
+    def disk_fills_up(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise SafetensorError(ENOSPC_FROM_SAFETENSORS)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_fills_up)
+    with pytest.raises(WriteError, match=rf"writing the LoRA weights to .*{LORA_WEIGHTS_NAME} failed: No space left"):
+        save_lora_weights(tmp_path / "run", unet)
+    assert list((tmp_path / "run").iterdir()) == []  # no .lora-tmp, no half file
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    assert save_lora_weights(tmp_path / "run", unet).is_file()  # the rerun completes
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [LORA_WEIGHTS_NAME]
