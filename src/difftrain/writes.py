@@ -150,9 +150,9 @@ def writing(what: str, path: Path, temporaries: Iterable[Path] = ()) -> Iterator
             remove_path(temporary)
         if isinstance(exc, WriteError) or not _is_io_failure(exc):
             raise
-        raise WriteError(f"writing {what} to {path} failed: {reason(exc)}; nothing was replaced and the temporary "
-                         "files were removed. Free some space or fix the folder's permissions and run the same "
-                         "command again") from exc
+        removed = "; its temporary files were removed" if temporaries else ""
+        raise WriteError(f"writing {what} to {path} failed: {reason(exc)}{removed}. Free some space or fix the "
+                         "folder's permissions and run the same command again") from exc
 
 
 def atomic_write_text(path: Path, text: str, what: str) -> Path:

@@ -87,7 +87,7 @@ def test_failed_write_removes_its_temporaries_and_names_the_path(tmp_path: Path)
         tmp.mkdir()
         (tmp / "half.safetensors").write_bytes(b"\0" * 100)
         with pytest.raises(WriteError, match=rf"writing the exported pipeline to {tmp_path} failed: No space left on "
-                                             "device; nothing was replaced") as caught:
+                                             "device; its temporary files were removed") as caught:
             with writes.writing("the exported pipeline", tmp_path, [tmp]):
                 raise failure
         assert caught.value.__cause__ is failure
