@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import pytest
 
 
-def _mount(path: Path, options: str) -> Optional[str]:
+def mount_tmpfs(path: Path, options: str) -> Optional[str]:
     """Mount a tmpfs at `path`; the reason when that is not allowed here, else None."""
     if shutil.which("mount") is None:
         return "no mount command"
@@ -27,7 +27,7 @@ def _mount(path: Path, options: str) -> Optional[str]:
     return None if done.returncode == 0 else (done.stderr.strip() or f"mount exited {done.returncode}")
 
 
-def _unmount(path: Path) -> None:
+def unmount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
@@ -47,7 +47,7 @@ def read_only_folder(path: Path, fill_from: Optional[Path] = None) -> Iterator[P
             for folder, mode in modes.items():
                 folder.chmod(mode)
         return
-    why = _mount(path, "size=64m")
+    why = mount_tmpfs(path, "size=64m")
     if why is not None:
         pytest.skip(f"needs a read-only folder: running as root and cannot mount a tmpfs here ({why})")
     try:
@@ -58,14 +58,14 @@ def read_only_folder(path: Path, fill_from: Optional[Path] = None) -> Iterator[P
             pytest.skip(f"cannot remount the tmpfs read-only ({done.stderr.strip()})")
         yield path
     finally:
-        _unmount(path)
+        unmount(path)
 
 
 @contextmanager
 def full_folder(path: Path, fill_from: Optional[Path] = None, size: str = "16m") -> Iterator[Path]:
     """`path` on a small file system with no free byte left, holding a copy of `fill_from` if given."""
     path.mkdir(parents=True, exist_ok=True)
-    why = _mount(path, f"size={size}")
+    why = mount_tmpfs(path, f"size={size}")
     if why is not None:
         pytest.skip(f"needs a full disk: cannot mount a small tmpfs here ({why})")
     try:
@@ -74,7 +74,7 @@ def full_folder(path: Path, fill_from: Optional[Path] = None, size: str = "16m")
         fill(path / ".filler")
         yield path
     finally:
-        _unmount(path)
+        unmount(path)
 
 
 def fill(filler: Path) -> None:

@@ -25,7 +25,7 @@ from difftrain.errors import DiskSpaceError, WriteError
 from difftrain.pipeline import load_pipeline
 from difftrain.training.export import EXPORT_ENTRIES, save_pipeline_atomically
 from tests.conftest import REPO
-from tests.filesystems import _mount, _unmount, fill, full_folder, read_only_folder, tree
+from tests.filesystems import fill, full_folder, mount_tmpfs, read_only_folder, tree, unmount
 
 pytestmark = pytest.mark.integration
 
@@ -59,12 +59,12 @@ def full_disk(tmp_path: Path, monkeypatch):
     """A folder on a real full file system (small tmpfs), else one behind a free-space probe that says 0 bytes."""
     path = tmp_path / "full"
     path.mkdir()
-    if _mount(path, "size=1m") is None:
+    if mount_tmpfs(path, "size=1m") is None:
         try:
             fill(path / ".filler")
             yield path
         finally:
-            _unmount(path)
+            unmount(path)
     else:
         monkeypatch.setattr(writes, "free_bytes", lambda where: 0)
         yield path
