@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -14,6 +15,8 @@ EPILOG = "Overrides are dotted keys: train.max_steps=200 data.resolution=32 mode
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difftrain", description="Train and sample diffusion image models.")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the Python traceback of an error (also: DIFFTRAIN_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train or resume a run", epilog=EPILOG)
@@ -201,16 +204,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_logging()
     from difftrain.config import ConfigError
     from difftrain.errors import HubUploadError
+    from safetensors import SafetensorError  # how safetensors reports a failed write (disk full, ...)
 
     # Under a launcher each rank prints its own error; the rank says which one failed.
     rank = f" [rank {os.environ['RANK']}]" if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "RANK" in os.environ else ""
+    debug = args.debug or os.environ.get("DIFFTRAIN_DEBUG", "").strip() not in ("", "0")
+    # Exit codes (docs/reliability.md#exit-codes): 0 done, 1 error, 2 config or command-line error, 130 Ctrl-C.
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
-        print(f"difftrain {args.command}{rank}: {exc}", file=sys.stderr)
+        _report(f"difftrain {args.command}{rank}: {exc}", debug)
         return 2
-    except (ValueError, FileNotFoundError, FileExistsError, HubUploadError) as exc:
-        print(f"difftrain {args.command}{rank}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, SafetensorError, HubUploadError) as exc:
+        # OSError: a read-only folder, a full disk or a missing permission outside difftrain's own checks
+        # (which raise difftrain.errors.WriteError, both an OSError and a ValueError, naming the path).
+        _report(f"difftrain {args.command}{rank}: error: {_describe(exc)}", debug)
         return 1
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is kept and the same command resumes", file=sys.stderr)
@@ -223,6 +231,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # SIGTERM / Ctrl-C during training: the loop has already kept what it could (see training/stop.py).
         print(f"difftrain {args.command}{rank}: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def _describe(exc: BaseException) -> str:
+    """The one-line text of a user-facing error; a library's I/O error gets its kind named."""
+    if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)) or type(exc).__module__.startswith("difftrain"):
+        return str(exc)
+    # e.g. "PermissionError: [Errno 13] Permission denied: 'runs/x/train.log'", "SafetensorError: Error while ..."
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _report(line: str, debug: bool) -> None:
+    """One line on stderr; with --debug / DIFFTRAIN_DEBUG=1 the traceback first."""
+    if debug:
+        traceback.print_exc()
+    print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

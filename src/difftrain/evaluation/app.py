@@ -21,8 +21,12 @@ from difftrain.evaluation.evaluate import (
     score_samples,
 )
 from difftrain.pipeline import generate_conditioned, load_pipeline, scheduler_for
+from difftrain.writes import atomic_write_text, check_file_writable
 
 logger = logging.getLogger(__name__)
+
+# A JSON report with per-class accuracies of up to a few thousand classes stays well under this.
+_REPORT_BYTES = 1 << 20
 
 
 def generate_for_run(pipe, cfg: RunConfig, scheduler, seeds: list[int], labels: Optional[list[int]],
@@ -93,6 +97,9 @@ def evaluate_run(
     main = state is None or state.is_main_process
     if state is not None:
         quiet_other_ranks(state)
+    out = out or run_dir / "evaluation.json"
+    if main:  # before the reference set and the samples, which take minutes
+        check_file_writable(out, _REPORT_BYTES, "the evaluation report")
     if device is None:
         device = str(state.device) if state is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     # One process prepares (and caches) the reference set; the others only need its class names.
@@ -128,10 +135,6 @@ def evaluate_run(
     }
     report.update(score_samples(ref, samples, labels))  # main process alone: metrics.py does not sync ranks
     report["seconds"] = round(time.perf_counter() - start, 1)
-    out = out or run_dir / "evaluation.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n", "the evaluation report")
     print(format_table(report))
     return report

@@ -24,6 +24,7 @@ from difftrain.cache import cache_root
 from difftrain.evaluation.classifier import TrainedClassifier, get_classifier
 from difftrain.evaluation.inception import InceptionFeatures, InceptionUnavailable
 from difftrain.evaluation.metrics import frechet_distance, kernel_distance
+from difftrain.writes import best_effort
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,13 @@ def _cached_reference_features(model: InceptionFeatures, images: torch.Tensor) -
         return torch.load(path, weights_only=True)
     start = time.perf_counter()
     features = _inception_features(model, images)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(features, tmp)
-    tmp.replace(path)
-    logger.info("reference Inception features of %d images in %.0f s, cached at %s", images.shape[0],
-                time.perf_counter() - start, path)
+    with best_effort("the reference-feature cache", path, [tmp]):  # a cache: an unwritable one costs time only
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(features, tmp)
+        tmp.replace(path)
+    logger.info("reference Inception features of %d images in %.0f s%s", images.shape[0],
+                time.perf_counter() - start, f", cached at {path}" if path.is_file() else "")
     return features
 
 

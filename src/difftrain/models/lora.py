@@ -13,6 +13,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from difftrain.models.pretrained import stable_diffusion_pipeline_class
+from difftrain.writes import check_writable, writing
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
@@ -40,17 +41,23 @@ def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_lora_weights(output_dir: Path, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module] = None) -> Path:
-    """Write OUTPUT_DIR/pytorch_lora_weights.safetensors, replacing an older file only once the new one is whole."""
-    tmp = output_dir / ".lora-tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    stable_diffusion_pipeline_class().save_lora_weights(
-        str(tmp), unet_lora_layers=lora_state_dict(unet),
-        text_encoder_lora_layers=lora_state_dict(text_encoder) if text_encoder is not None else None,
-        safe_serialization=True,
-    )
+    """Write OUTPUT_DIR/pytorch_lora_weights.safetensors, replacing an older file only once the new one is whole.
+
+    The folder is checked first (writable, room for the adapters); a failed write removes `.lora-tmp/`.
+    """
+    unet_layers = lora_state_dict(unet)
+    text_layers = lora_state_dict(text_encoder) if text_encoder is not None else None
     target = output_dir / LORA_WEIGHTS_NAME
-    (tmp / LORA_WEIGHTS_NAME).replace(target)
+    what = "the LoRA weights"
+    size = sum(t.numel() * t.element_size() for layers in (unet_layers, text_layers or {}) for t in layers.values())
+    check_writable(output_dir, size, what)
+    tmp = output_dir / ".lora-tmp"
+    with writing(what, target, [tmp]):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        stable_diffusion_pipeline_class().save_lora_weights(
+            str(tmp), unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True)
+        (tmp / LORA_WEIGHTS_NAME).replace(target)
     shutil.rmtree(tmp, ignore_errors=True)
     return target
 

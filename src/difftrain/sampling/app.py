@@ -15,8 +15,9 @@ import yaml
 from PIL import Image
 
 from difftrain.pipeline import TextToImagePipeline, generate, generate_from_text, load_pipeline, null_class, scheduler_for
-from difftrain.sampling.grid import make_grid, save_png_atomic
+from difftrain.sampling.grid import make_grid, png_bytes_estimate, save_png_atomic
 from difftrain.sampling.sample import parse_seeds
+from difftrain.writes import check_file_writable, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ def sample_run(
     # The same seed appears once per scale, so a sweep row compares scales on identical noise.
     entries = [(row, base_seeds[r * per_row + k], scale)
                for r, row in enumerate(rows) for k in range(per_row) for scale in scales]
+    out = out or run_dir / "samples" / ("sweep.png" if sweep else "sample.png")
+    _check_outputs(pipe, len(entries), out, out_dir)  # before sampling, which may take minutes
     images = torch.empty(0, dtype=torch.uint8)
     for scale in scales:
         chosen = [(row, s) for row, s, sc in entries if sc == scale]
@@ -146,14 +149,26 @@ def sample_run(
     if rows == [None]:
         ncols = max(1, int(round(count ** 0.5)))
     col_labels = [f"w={s:g}" for _ in range(per_row) for s in scales] if sweep else None
-    out = out or run_dir / "samples" / ("sweep.png" if sweep else "sample.png")
-    save_png_atomic(make_grid(images, ncols, row_labels=row_labels, col_labels=col_labels), out)
+    save_png_atomic(make_grid(images, ncols, row_labels=row_labels, col_labels=col_labels), out, "the sample grid")
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
         for img, (row, s, scale) in zip(images, entries):
             array = img.permute(1, 2, 0).numpy()
             pil = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
             tag = "" if row is None else (f"-class{row}" if isinstance(row, int) else f"-prompt{rows.index(row)}")
             tag += f"-w{scale:g}" if sweep else ""
-            pil.save(out_dir / f"seed{s:06d}{tag}.png")
+            save_png_atomic(pil, out_dir / f"seed{s:06d}{tag}.png", "a sample image")
     return out
+
+
+def _check_outputs(pipe, num_images: int, out: Path, out_dir: Optional[Path]) -> None:
+    """Refuse an unwritable or full --out / --out-dir before sampling, with a size estimate of the images."""
+    size = getattr(pipe.unet.config, "sample_size", None) or 64
+    size = int(max(size) if isinstance(size, (list, tuple)) else size)
+    vae = getattr(pipe, "vae", None)
+    if vae is not None:  # latent models: the VAE upsamples by 2 per extra block
+        size *= 2 ** (len(vae.config.block_out_channels) - 1)
+    per_image = png_bytes_estimate(size, size)
+    # The grid adds padding and labels around the cells (each at least 64 px wide); twice the pixels is ample.
+    check_file_writable(out, 2 * num_images * max(per_image, png_bytes_estimate(64, 64)), "the sample grid")
+    if out_dir is not None:
+        check_writable(out_dir, num_images * per_image, f"{num_images} sample images")

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from difftrain.writes import check_file_writable, writing
+
 
 def _label_font() -> ImageFont.ImageFont:
     # Pillow's scalable default font (FreeType) keeps the spaces in "a photo of a daisy" visible; the
@@ -58,9 +60,16 @@ def make_grid(images: torch.Tensor, ncols: int, padding: int = 2, min_cell_px: i
     return image
 
 
-def save_png_atomic(image: Image.Image, path: Path) -> None:
-    """Write a PNG via a temporary name so a reader never sees half a file."""
+def png_bytes_estimate(width: int, height: int, channels: int = 3, count: int = 1) -> int:
+    """An upper bound of the PNG size of `count` images: their raw pixels (PNG compresses, never expands much)."""
+    return count * (width * height * channels + 1024)
+
+
+def save_png_atomic(image: Image.Image, path: Path, what: str = "image") -> None:
+    """Write a PNG via a temporary name so a reader never sees half a file; checked first, no temporary left on failure."""
+    check_file_writable(path, png_bytes_estimate(image.width, image.height, len(image.getbands())), what)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    with writing(what, path, [tmp]):
+        image.save(tmp, format="PNG")
+        tmp.replace(path)

@@ -14,14 +14,12 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
+
+from difftrain.errors import DiskSpaceError  # noqa: F401 - raised by ensure_free_space; importable from here
+from difftrain.writes import check_writable, writing
 
 logger = logging.getLogger(__name__)
-
-# Room left on top of a checkpoint's estimated size: file-system metadata, the progress file, and the
-# copy of the same step that a re-save keeps until the rename.
-_SPACE_MARGIN = 1.1
-_SPACE_SLACK_BYTES = 8 * 1024 * 1024
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 PROGRESS_FILE = "progress.json"
@@ -84,7 +82,7 @@ def abandon_checkpoint(tmp: Path) -> None:
 def finish_checkpoint(checkpoints_dir: Path, step: int, tmp: Path, progress: dict[str, Any]) -> Path:
     """Add progress.json to a saved temporary checkpoint and rename it into place."""
     final = checkpoints_dir / checkpoint_name(step)
-    try:
+    with writing(f"checkpoint {checkpoint_name(step)}", checkpoints_dir, [tmp]):
         progress_tmp = tmp / f".{PROGRESS_FILE}.tmp"
         with open(progress_tmp, "w") as f:
             json.dump(progress, f, indent=2)
@@ -92,9 +90,6 @@ def finish_checkpoint(checkpoints_dir: Path, step: int, tmp: Path, progress: dic
             os.fsync(f.fileno())
         progress_tmp.replace(tmp / PROGRESS_FILE)
         _fsync_dir(tmp)
-    except BaseException:
-        abandon_checkpoint(tmp)
-        raise
     if final.exists():
         # Re-saving the same step (e.g. the final step after a resume): swap atomically-ish.
         old = checkpoints_dir / f".old-{checkpoint_name(step)}"
@@ -117,11 +112,8 @@ def write_checkpoint(checkpoints_dir: Path, step: int, save_state: Callable[[Pat
         progress: JSON-serialisable bookkeeping (step, images seen, config, version...).
     """
     tmp = begin_checkpoint(checkpoints_dir, step)
-    try:
+    with writing(f"checkpoint {checkpoint_name(step)}", checkpoints_dir, [tmp]):  # a failure removes tmp
         save_state(tmp)
-    except BaseException:
-        abandon_checkpoint(tmp)
-        raise
     return finish_checkpoint(checkpoints_dir, step, tmp, progress)
 
 
@@ -164,22 +156,33 @@ def estimate_checkpoint_bytes(checkpoints_dir: Path, state_bytes: int) -> int:
     return directory_bytes(latest) if latest is not None else state_bytes
 
 
-class DiskSpaceError(ValueError):
-    """Not enough free space for a write; raised before anything is written."""
+def training_state_bytes(models: Iterable[Any]) -> int:
+    """Size estimate of a first checkpoint: each trained parameter four times (weights, two AdamW moments,
+    the EMA copy), each frozen one once."""
+    return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for m in models for p in m.parameters())
+
+
+def ensure_room_for_run(output_dir: Path, models: Iterable[Any]) -> None:
+    """Before a run writes anything: `output_dir` takes files and has room for the next checkpoint and the export.
+
+    Without it a run on a full or read-only disk would train until its first checkpoint and lose those steps.
+    """
+    models = list(models)
+    export_bytes = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    needed = estimate_checkpoint_bytes(output_dir / "checkpoints", training_state_bytes(models)) + export_bytes
+    check_writable(output_dir, needed, "the run's next checkpoint and its export", hint=(
+        "Free some space or choose an --output-dir on another disk. (The estimate is the previous checkpoint's "
+        "size, or the model and optimizer size before the first, plus the exported weights.)"))
 
 
 def ensure_free_space(directory: Path, needed_bytes: int, what: str) -> None:
-    """Raise DiskSpaceError when the file system of `directory` has less than `needed_bytes` (plus a margin) free."""
+    """Raise DiskSpaceError (or WriteError when `directory` cannot be written) before a checkpoint write, then
+    create `directory`; the space asked for is `needed_bytes` plus a margin (difftrain.writes.required_bytes)."""
+    check_writable(directory, needed_bytes, what, hint=(
+        "Free some space (or lower train.checkpoints_total_limit) and run the same command again; it resumes "
+        "from the last complete checkpoint. (The estimate is the previous checkpoint's size, or before the first "
+        "the model and optimizer size.)"))
     directory.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(directory).free
-    wanted = int(needed_bytes * _SPACE_MARGIN) + _SPACE_SLACK_BYTES
-    if free < wanted:
-        raise DiskSpaceError(
-            f"not enough disk space for {what} in {directory}: {free / 2**20:.1f} MiB free, about "
-            f"{wanted / 2**20:.1f} MiB needed (estimated from the previous checkpoint or the model and optimizer "
-            "size). Free some space (or lower train.checkpoints_total_limit) and run the same command again; "
-            "it resumes from the last complete checkpoint."
-        )
 
 
 def verify_checkpoint(checkpoint: Path) -> None:

@@ -16,7 +16,8 @@ from PIL import Image
 
 from difftrain.config import RunConfig
 from difftrain.data.sources import IMAGE_EXTENSIONS
-from difftrain.sampling.grid import save_png_atomic
+from difftrain.sampling.grid import png_bytes_estimate, save_png_atomic
+from difftrain.writes import check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ def ensure_class_images(cfg: RunConfig, device: torch.device, rank: int = 0, wor
                 missing, cfg.model.pretrained, cfg.data.class_prompt, len(indices), world_size)
     if not indices:
         return folder
+    # Before the base pipeline loads and generation starts: a read-only or full class folder fails at once.
+    check_writable(folder, png_bytes_estimate(cfg.data.resolution, cfg.data.resolution, count=len(indices)),
+                   f"{len(indices)} class images")
     pipe = stable_diffusion_pipeline_class().from_pretrained(resolve(cfg.model.pretrained), safety_checker=None,
                                                              requires_safety_checker=False)
     pipe.to(device)
@@ -71,6 +75,7 @@ def ensure_class_images(cfg: RunConfig, device: torch.device, rank: int = 0, wor
         )
         for index, image in zip(chunk, images):
             array = image.permute(1, 2, 0).numpy()
-            save_png_atomic(Image.fromarray(array[..., 0] if array.shape[2] == 1 else array), folder / f"class-{index:05d}.png")
+            save_png_atomic(Image.fromarray(array[..., 0] if array.shape[2] == 1 else array),
+                            folder / f"class-{index:05d}.png", "a class image")
     del pipe
     return folder

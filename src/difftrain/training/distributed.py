@@ -24,6 +24,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 
 from difftrain.training import checkpoint as ckpt
+from difftrain.writes import writing
 
 logger = logging.getLogger(__name__)
 
@@ -119,13 +120,11 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, 
         ckpt.begin_checkpoint(checkpoints_dir, step)
     accelerator.wait_for_everyone()
     tmp = checkpoints_dir / f".tmp-{ckpt.checkpoint_name(step)}"
-    try:
+    # A failure (ENOSPC mid-write, interrupt) removes the temporary; I/O failures become one WriteError line.
+    with writing(f"checkpoint {ckpt.checkpoint_name(step)}", checkpoints_dir,
+                 [tmp] if accelerator.is_main_process else []):
         accelerator.save_state(str(tmp))
         signal_if_injected(step)
-    except BaseException:
-        if accelerator.is_main_process:
-            ckpt.abandon_checkpoint(tmp)
-        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         path = ckpt.finish_checkpoint(checkpoints_dir, step, tmp, progress)

@@ -14,6 +14,7 @@ from difftrain.evaluation.evaluate import conditioning_for, held_out_test_split,
 from difftrain.pipeline import generate_conditioned
 from difftrain.sampling.schedulers import make_scheduler
 from difftrain.training.distributed import generate_sharded
+from difftrain.writes import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +86,7 @@ class TrainingEvaluator:
 
     def record_best(self, report: dict, step: int) -> None:
         path = self.best_dir / "best.json"
-        tmp = path.with_name(".best.json.tmp")
-        tmp.write_text(json.dumps({"step": step, "keep_best_by": self.cfg.train.keep_best_by, "metrics": report},
-                                  indent=2) + "\n")
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps({"step": step, "keep_best_by": self.cfg.train.keep_best_by,
+                                            "metrics": report}, indent=2) + "\n", "the best-export record")
         logger.info("best so far by %s at step %d: %s -> %s", self.cfg.train.keep_best_by, step,
                     report[self.cfg.train.keep_best_by], self.best_dir)

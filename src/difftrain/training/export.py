@@ -15,6 +15,7 @@ from difftrain.config import RunConfig
 from difftrain.errors import HubUploadError
 from difftrain.pipeline import ClassConditionalPipeline, TextToImagePipeline
 from difftrain.sampling.schedulers import make_scheduler
+from difftrain.writes import atomic_write_text, check_writable, state_bytes, writing
 
 logger = logging.getLogger(__name__)
 
@@ -41,21 +42,32 @@ def export_pipeline(
     save_pipeline_atomically(pipe, output_dir)
 
 
-def save_pipeline_atomically(pipe, output_dir: Path) -> None:
-    """save_pretrained into a temporary folder, then move each part into place."""
+def pipeline_modules(pipe) -> list:
+    """The registered parts of a diffusers pipeline (models, scheduler, tokenizer...): what save_pretrained writes."""
+    return [getattr(pipe, name, None) for name in pipe.config.keys() if not name.startswith("_")]
+
+
+def save_pipeline_atomically(pipe, output_dir: Path, what: str = "the exported pipeline") -> None:
+    """save_pretrained into a temporary folder, then move each part into place.
+
+    The folder is checked first (writable, room for the weights); a write that fails anyway removes
+    `.export-tmp/` and leaves the previous export as it was, so the same command can simply run again.
+    """
+    check_writable(output_dir, state_bytes(pipeline_modules(pipe)), what)
     tmp = output_dir / ".export-tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    for name in EXPORT_ENTRIES:
-        src, dst = tmp / name, output_dir / name
-        if not src.exists():
-            continue
-        if dst.is_dir():
-            shutil.rmtree(dst)
-        elif dst.exists():
-            dst.unlink()
-        src.replace(dst)
+    with writing(what, output_dir, [tmp]):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        for name in EXPORT_ENTRIES:
+            src, dst = tmp / name, output_dir / name
+            if not src.exists():
+                continue
+            if dst.is_dir():
+                shutil.rmtree(dst)
+            elif dst.exists():
+                dst.unlink()
+            src.replace(dst)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -145,9 +157,7 @@ Exported pipeline: `{pipeline_class}`.
 Sample with any scheduler from the command line:
 `difftrain sample {output_dir} --scheduler dpm++ --num-inference-steps 25 --out grid.png`
 """
-    tmp = output_dir / ".README.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(output_dir / "README.md")
+    atomic_write_text(output_dir / "README.md", text, "the model card")
 
 
 def push_to_hub(output_dir: Path, repo_id: str, private: bool) -> str:

@@ -17,7 +17,8 @@ from difftrain.models.lora import LORA_WEIGHTS_NAME, save_lora_weights
 from difftrain.models.pretrained import stable_diffusion_pipeline_class
 from difftrain.pipeline import ADAPTER_BASE_FILE
 from difftrain.sampling.schedulers import make_scheduler
-from difftrain.training.export import RunSummary, save_pipeline_atomically
+from difftrain.training.export import RunSummary, pipeline_modules, save_pipeline_atomically
+from difftrain.writes import atomic_write_text, check_writable, state_bytes, writing
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ def export_stable_diffusion(unet, vae, text_encoder, tokenizer, noise_scheduler:
 def export_lora(unet, text_encoder: Optional[torch.nn.Module], cfg: RunConfig, base: str, output_dir: Path) -> Path:
     """pytorch_lora_weights.safetensors + adapter_base.json; with lora.export_merged, OUTPUT_DIR/merged too."""
     path = save_lora_weights(output_dir, unet, text_encoder)
-    (output_dir / ADAPTER_BASE_FILE).write_text(json.dumps({"base_model": base}, indent=2) + "\n")
+    atomic_write_text(output_dir / ADAPTER_BASE_FILE, json.dumps({"base_model": base}, indent=2) + "\n",
+                      "the LoRA base-model note")
     if cfg.lora.export_merged:
         merged = output_dir / "merged"
         pipe = stable_diffusion_pipeline_class().from_pretrained(base, safety_checker=None,
@@ -44,13 +46,16 @@ def export_lora(unet, text_encoder: Optional[torch.nn.Module], cfg: RunConfig, b
         pipe.load_lora_weights(str(output_dir))
         pipe.fuse_lora()
         pipe.unload_lora_weights()
+        what = "the merged pipeline"
+        check_writable(output_dir, state_bytes(pipeline_modules(pipe)), what)
         tmp = output_dir / ".merged-tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
-        if merged.exists():
-            shutil.rmtree(merged)
-        tmp.replace(merged)
+        with writing(what, merged, [tmp]):
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            pipe.save_pretrained(str(tmp), safe_serialization=True)
+            if merged.exists():
+                shutil.rmtree(merged)
+            tmp.replace(merged)
         logger.info("merged pipeline: %s", merged)
     return path
 
@@ -109,6 +114,4 @@ pipeline_tag: text-to-image
 ## How to load
 {load}
 """
-    tmp = output_dir / ".README.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(output_dir / "README.md")
+    atomic_write_text(output_dir / "README.md", text, "the model card")

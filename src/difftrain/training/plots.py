@@ -5,6 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from difftrain.writes import check_writable, writing
+
+# Two small PNGs (about 600x350 and 1300x300 px at 100 dpi): their raw pixels bound their size.
+_PLOTS_BYTES = 2 * 1300 * 350 * 4
+
 
 def write_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
     import matplotlib
@@ -15,6 +20,7 @@ def write_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval"]) for r in rows if "eval" in r]
+    check_writable(out_dir, _PLOTS_BYTES, "plots")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     if losses:
@@ -44,7 +50,10 @@ def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with writing("a plot", path, [tmp]):
+            fig.savefig(tmp)
+            tmp.replace(path)
+    finally:
+        plt.close(fig)
     return path

@@ -22,6 +22,7 @@ from difftrain.data.transforms import from_model_range, random_hflip, to_model_r
 from difftrain.models.vae import build_scratch_vae, encode_distribution_params, measure_scaling_factor, sample_latents
 from difftrain.sampling.grid import make_grid, save_png_atomic
 from difftrain.training.data_order import sample_indices, step_generator
+from difftrain.writes import check_writable, state_bytes, writing
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +81,16 @@ def train_vae(cfg: RunConfig, images_uint8: torch.Tensor, output_dir: Path, devi
 
 
 def _save_vae(vae: AutoencoderKL, vae_dir: Path) -> None:
+    what = "the trained VAE"
+    check_writable(vae_dir.parent, state_bytes([vae]), what)
     tmp = vae_dir.with_name(vae_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    vae.save_pretrained(str(tmp), safe_serialization=True)
-    if vae_dir.exists():
-        shutil.rmtree(vae_dir)
-    tmp.replace(vae_dir)
+    with writing(what, vae_dir, [tmp]):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        vae.save_pretrained(str(tmp), safe_serialization=True)
+        if vae_dir.exists():
+            shutil.rmtree(vae_dir)
+        tmp.replace(vae_dir)
 
 
 @torch.no_grad()
@@ -96,7 +100,7 @@ def _reconstruction_grid(vae: AutoencoderKL, images_uint8: torch.Tensor, path: P
     reconstruction = from_model_range(vae.decode(vae.encode(x).latent_dist.mode()).sample).cpu()
     grid = make_grid(torch.cat([images_uint8, reconstruction]), ncols=images_uint8.shape[0],
                      row_labels=["original", "reconstruction"])
-    save_png_atomic(grid, path)
+    save_png_atomic(grid, path, "the VAE reconstruction grid")
 
 
 def train_vae_run(cfg: RunConfig) -> Path:
