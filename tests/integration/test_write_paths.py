@@ -163,16 +163,27 @@ def test_train_on_read_only_run_folder_is_one_line(unexported_run: Path, tmp_pat
         assert tree(ro) == before
 
 
-@pytest.mark.xfail(strict=True, reason="needs training/loop.py to call checkpoint.ensure_room_for_run before the "
-                                      "run's first write (today: 'OSError: [Errno 28] No space left on device', "
-                                      "no path); see docs/reliability.md")
 def test_train_on_full_disk_is_refused_before_writing(unexported_run: Path, tmp_path: Path, capsys):
     with full_folder(tmp_path / "full", fill_from=unexported_run) as full:
-        before = tree(full)
+        lock = Path(".difftrain") / "lock"  # the folder's lock names its new holder (a rewrite of its one block)
+        before = {name: data for name, data in tree(full).items() if name != str(lock)}
         assert cli.main(["train", CONFIG, "--output-dir", str(full)]) == 1
         line = one_error_line(capsys.readouterr().err, "train")
         assert f"not enough disk space for" in line and str(full) in line, line
-        assert tree(full) == before and temporaries(full) == []
+        assert {name: data for name, data in tree(full).items() if name != str(lock)} == before
+        assert temporaries(full) == []
+
+
+def test_run_without_room_for_its_first_checkpoint_stops_before_step_1(tmp_path: Path, monkeypatch, capsys):
+    """Room for the run record but not for a checkpoint and the export: refused before config.yaml or any step."""
+    from difftrain.writes import required_bytes
+
+    monkeypatch.setattr(writes, "free_bytes", lambda path: required_bytes(64 * 1024))
+    run = tmp_path / "run"
+    assert cli.main(["train", CONFIG, "--output-dir", str(run)]) == 1
+    line = one_error_line(capsys.readouterr().err, "train")
+    assert f"not enough disk space for the run's next checkpoint and its export in {run}" in line, line
+    assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
 
 
 def test_evaluation_report_to_read_only_folder_fails_before_sampling(trained_run: Path, tmp_path: Path, capsys):

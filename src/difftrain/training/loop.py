@@ -38,6 +38,7 @@ from difftrain.training.run_dir import RunLock, check_run_dir, claim_run_dir, wr
 from difftrain.training.setup import RunPlan, Trainables, build_trainables, make_accelerator, plan_run, precheck
 from difftrain.training.stop import StopRequested, StopSignals, signal_name
 from difftrain.training.vae_train import train_vae, vae_is_complete
+from difftrain.writes import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -407,9 +408,10 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
     cfg, t = plan.cfg, plan.cfg.train
     parts = build_trainables(plan, accelerator)
     if accelerator.is_main_process:
-        tmp_config = output_dir / ".config.yaml.tmp"  # a kill mid-write must not leave a cut config.yaml
-        tmp_config.write_text(dump_config(cfg))
-        tmp_config.replace(output_dir / "config.yaml")
+        # Room for the first checkpoint and the export, before the first write: a run that cannot checkpoint
+        # fails now, not after the steps it would lose.
+        ckpt.ensure_room_for_run(output_dir, [m for m in (parts.unet, parts.text_encoder) if m is not None])
+        atomic_write_text(output_dir / "config.yaml", dump_config(cfg), "the run's config")
         write_marker(output_dir, cfg.to_dict())
     accelerator.init_trackers("tensorboard")
     trained_models = [parts.unet] + ([parts.text_encoder] if parts.conditioner is not None and parts.conditioner.trainable else [])
@@ -418,9 +420,7 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
     logger.info("%s", guard.describe())
     num_params = sum(p.numel() for p in accelerator.unwrap_model(parts.unet).parameters())
     num_trained = sum(p.numel() for p in parts.ema_parameters(accelerator))
-    # Weights, two AdamW moments and the EMA copy of the trained parameters, plus the frozen rest.
-    state_bytes = sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1)
-                      for model in trained_models for p in model.parameters())
+    state_bytes = ckpt.training_state_bytes(trained_models)
     logger.info(
         "data: %s, %d images (%d skipped); model: %.2fM parameters (%.2fM trained); global batch %d (%d x %d accumulation x %d processes); "
         "%d steps (%.1f epochs) from step %d; device %s, mixed precision %s",
@@ -429,11 +429,6 @@ def _train(plan: RunPlan, accelerator: Accelerator, output_dir: Path, stop_at_st
         plan.max_steps, plan.max_steps / plan.steps_per_epoch, start, accelerator.device, t.mixed_precision,
     )
     end = plan.max_steps if stop_at_step is None else min(plan.max_steps, stop_at_step)
-    if accelerator.is_main_process and start < end:
-        # A run that cannot write its first checkpoint fails now, not after the steps it would lose.
-        checkpoints_dir = output_dir / "checkpoints"
-        ckpt.ensure_free_space(checkpoints_dir, ckpt.estimate_checkpoint_bytes(checkpoints_dir, state_bytes),
-                               "the first checkpoint of this run")
     progress = tqdm(total=plan.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process,
                     dynamic_ncols=True, mininterval=1.0)
     loss_sum = torch.zeros((), device=accelerator.device)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from difftrain.training import checkpoint as ckpt
+from difftrain.writes import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -140,13 +141,7 @@ def write_marker(output_dir: Path, config: Optional[dict] = None, migrated_from:
     }
     if migrated_from or previous.get("migrated_from"):
         record["migrated_from"] = migrated_from or previous.get("migrated_from")
-    tmp = path.with_name(f".{MARKER_FILE}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(record, indent=2), "the run record")
 
 
 @dataclasses.dataclass
@@ -228,8 +223,11 @@ def acquire_lock(output_dir: Path, what: str = "train") -> RunLock:
     info = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["difftrain", *sys.argv[1:]]) if sys.argv and sys.argv[0] else ""}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+    except OSError:
+        pass  # a full disk: the lock holds all the same, and a second process names its holder less precisely
     return RunLock(path, fd)
 
 

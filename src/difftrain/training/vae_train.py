@@ -108,12 +108,13 @@ def train_vae_run(cfg: RunConfig) -> Path:
     from difftrain.config import dump_config
     from difftrain.data.dataset import load_image_dataset
     from difftrain.training.run_dir import check_run_dir, claim_run_dir, write_marker
+    from difftrain.writes import atomic_write_text
 
     output_dir = Path(cfg.output_dir)
     check_run_dir(output_dir)  # a folder that is not difftrain's is refused before the data is decoded
     dataset = load_image_dataset(cfg.data, want_labels=False)
     with claim_run_dir(output_dir, "train-vae"):
-        (output_dir / "config.yaml").write_text(dump_config(cfg))
+        atomic_write_text(output_dir / "config.yaml", dump_config(cfg), "the run's config")
         write_marker(output_dir, cfg.to_dict())
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         train_vae(cfg, dataset.images, output_dir, device)
