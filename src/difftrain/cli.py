@@ -203,13 +203,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv = list(argv) if argv is not None else None
     _setup_logging()
     from difftrain.config import ConfigError
-    from difftrain.errors import HubUploadError
+    from difftrain.errors import HubUploadError, StopRequested
     from safetensors import SafetensorError  # how safetensors reports a failed write (disk full, ...)
 
     # Under a launcher each rank prints its own error; the rank says which one failed.
     rank = f" [rank {os.environ['RANK']}]" if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "RANK" in os.environ else ""
     debug = args.debug or os.environ.get("DIFFTRAIN_DEBUG", "").strip() not in ("", "0")
-    # Exit codes (docs/reliability.md#exit-codes): 0 done, 1 error, 2 config or command-line error, 130 Ctrl-C.
+    # Exit codes (docs/reliability.md#errors-and-exit-codes): 0 done, 1 error, 2 config or command-line error,
+    # 130 Ctrl-C, 143 SIGTERM.
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
@@ -220,17 +221,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # (which raise difftrain.errors.WriteError, both an OSError and a ValueError, naming the path).
         _report(f"difftrain {args.command}{rank}: error: {_describe(exc)}", debug)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted; the last complete checkpoint is kept and the same command resumes", file=sys.stderr)
-        return 130
-    except BaseException as exc:
-        from difftrain.training.stop import StopRequested
-
-        if not isinstance(exc, StopRequested):
-            raise
+    except StopRequested as exc:
         # SIGTERM / Ctrl-C during training: the loop has already kept what it could (see training/stop.py).
         print(f"difftrain {args.command}{rank}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; the last complete checkpoint is kept and the same command resumes", file=sys.stderr)
+        return 130
 
 
 def _describe(exc: BaseException) -> str:

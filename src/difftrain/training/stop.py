@@ -18,29 +18,13 @@ from typing import Iterator, Optional
 
 import torch
 
+from difftrain.errors import StopRequested, signal_name
+
+__all__ = ["StopRequested", "StopSignals", "signal_name"]
+
 logger = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class StopRequested(BaseException):
-    """A stop signal; a BaseException, like KeyboardInterrupt, so `except Exception` does not swallow it."""
-
-    def __init__(self, signum: int, message: str = "", logged: bool = False):
-        self.signum = int(signum)
-        self.logged = logged  # the training loop logged what it kept; other stops are logged by train()
-        super().__init__(message or f"stopped by {signal_name(signum)}")
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 class StopSignals:
