@@ -81,18 +81,21 @@ def test_measured_scaling_factor_gives_unit_variance_latents():
 def test_lora_adds_only_trainable_lora_parameters_and_saves_lora_keys():
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-                                norm_num_groups=4, layers_per_block=1, attention_head_dim=4)
+    def tiny_unet() -> UNet2DConditionModel:
+        return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                    norm_num_groups=4, layers_per_block=1, attention_head_dim=4)
+
+    unet = tiny_unet()
     count = add_lora(unet, 2, None, 0.0, ["to_q", "to_k", "to_v", "to_out.0"], "lora.unet_target_modules")
     trained = [n for n, p in unet.named_parameters() if p.requires_grad]
     assert count > 0 and trained and all("lora" in n for n in trained)
     assert all(p.dtype == torch.float32 for p in unet.parameters() if p.requires_grad)
     keys = list(lora_state_dict(unet))
     assert keys and all("lora" in k for k in keys)
-    with pytest.raises(ValueError, match="lora.unet_target_modules"):
-        add_lora(unet, 2, None, 0.0, ["no_such_module"], "lora.unet_target_modules")
+    with pytest.raises(ValueError, match=r"lora.unet_target_modules = \['no_such_module'\]: .*not found"):
+        add_lora(tiny_unet(), 2, None, 0.0, ["no_such_module"], "lora.unet_target_modules")
 
 
 def test_config_errors_for_dreambooth_and_lora_are_reported_together():
