@@ -125,6 +125,26 @@ def test_base_pipeline_checks_name_what_is_wrong(tmp_path: Path):
         check_base_pipeline(str(ddpm))
 
 
+def test_an_unknown_component_class_of_a_base_pipeline_is_named_with_the_folder(tmp_path: Path):
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DDPMScheduler"]}
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model_index.json").write_text(json.dumps(index))
+    assert check_base_pipeline(str(base))["text_encoder"] == ["transformers", "CLIPTextModel"]
+    for name, entry, fragment in (
+        ("text_encoder", ["transformers", "NoSuchTextModel"], "its text_encoder class 'NoSuchTextModel' is not in transformers"),
+        ("vae", ["diffusers", "NoSuchAutoencoder"], "its vae class 'NoSuchAutoencoder' is not in diffusers"),
+        ("scheduler", ["my_package", "MyScheduler"], "its scheduler comes from 'my_package'"),
+    ):
+        (base / "model_index.json").write_text(json.dumps({**index, name: entry}))
+        with pytest.raises(ValueError) as info:
+            check_base_pipeline(str(base))
+        assert str(info.value).startswith(f"model.pretrained = {str(base)!r}: model_index.json: {fragment}")
+
+
 def test_a_base_model_schedule_is_never_clipped_even_when_its_config_does_not_say(tmp_path: Path):
     from diffusers import EulerDiscreteScheduler
 

@@ -87,3 +87,16 @@ def test_evaluate_run_refuses_bad_arguments_before_reading_the_run(tmp_path: Pat
         evaluate_run(tmp_path / "missing", device="cpu", **kwargs)
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
     assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("class_name", ["NoSuchPipeline", "UNet2DModel", ["pipeline", "MyPipeline"], ""])
+def test_an_unknown_pipeline_class_names_the_class_and_the_folder(tiny_run: Path, tmp_path: Path, class_name):
+    import json
+
+    index = json.loads((tiny_run / "model_index.json").read_text())
+    (tiny_run / "model_index.json").write_text(json.dumps({**index, "_class_name": class_name}))
+    with pytest.raises(ValueError) as info:
+        sample_run(tiny_run, device="cpu", out=tmp_path / "grid.png")
+    assert str(info.value).startswith(f"{tiny_run}: model_index.json names the pipeline class {class_name!r}, "
+                                      "which is not a pipeline class of diffusers")
+    assert not (tmp_path / "grid.png").exists()
