@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -413,9 +412,9 @@ def _build(cls: type, values: Any, prefix: str, problems: list[str]) -> Any:
         if not ok:
             problems.append(f"'{dotted}' = {value!r}: expected {_type_name(tp)}")
             continue
-        where = _nonfinite_path(coerced)
-        if where is not None:  # YAML `.nan` / `.inf` / `1e999`, also inside model.unet kwargs or lists
-            problems.append(f"'{dotted}{where}' = {_value_at(coerced, where)!r}: {NON_FINITE}")
+        nonfinite = _first_nonfinite(coerced)
+        if nonfinite is not None:  # YAML `.nan` / `.inf` / `1e999`, also inside model.unet kwargs or lists
+            problems.append(f"'{dotted}{nonfinite[0]}' = {nonfinite[1]!r}: {NON_FINITE}")
             continue
         setattr(obj, key, coerced)
     return obj
@@ -440,23 +439,16 @@ def _nonfinite_text(value: Any) -> bool:
         return False
 
 
-def _nonfinite_path(value: Any) -> Optional[str]:
-    """'' when `value` itself is a non-finite float, '.key' / '[i]' for the first one inside it, else None."""
+def _first_nonfinite(value: Any) -> Optional[tuple[str, float]]:
+    """('', x) when `value` is a non-finite float x, ('.key' / '[i]', x) for the first one inside it, else None."""
     if isinstance(value, float):
-        return None if math.isfinite(value) else ""
+        return None if math.isfinite(value) else ("", value)
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for k, v in items:
-        inner = _nonfinite_path(v)
+        inner = _first_nonfinite(v)
         if inner is not None:
-            return (f".{k}" if isinstance(value, dict) else f"[{k}]") + inner
+            return (f".{k}" if isinstance(value, dict) else f"[{k}]") + inner[0], inner[1]
     return None
-
-
-def _value_at(value: Any, where: str) -> Any:
-    """The element `_nonfinite_path` named."""
-    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", where):
-        value = value[int(index)] if index else value[name]
-    return value
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
