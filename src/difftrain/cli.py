@@ -13,10 +13,26 @@ from typing import Optional, Sequence
 EPILOG = "Overrides are dotted keys: train.max_steps=200 data.resolution=32 model.unet.layers_per_block=1"
 
 
+class _VersionAction(argparse.Action):
+    """`--version`: difftrain's and its libraries' versions, read from package metadata when asked (no torch import)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: Optional[str] = None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from difftrain.versions import format_versions, library_versions
+
+        print(format_versions(library_versions()))
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difftrain", description="Train and sample diffusion image models.")
     parser.add_argument("--debug", action="store_true",
                         help="print the Python traceback of an error (also: DIFFTRAIN_DEBUG=1)")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions of difftrain, Python, torch, diffusers, transformers, accelerate, peft ...")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train or resume a run", epilog=EPILOG)
@@ -195,9 +211,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Overrides may come before or after options (`train digits --output-dir d a.b=1`), which plain
     # parse_args rejects, so stray key=value words are collected here.
     args, extra = parser.parse_known_args(argv)
-    stray = [word for word in extra if word.startswith("-") or "=" not in word]
-    if stray or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    options = [word for word in extra if word.startswith("-")]
+    if options or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(options or extra)}")
+    # A word that is neither an option nor key=value is an override missing its value (argparse would
+    # call it an unrecognized argument, or take it as the config); one line names it.
+    bad = [word for word in [*getattr(args, "overrides", []), *extra] if "=" not in word]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        print(f"difftrain {args.command}: error: expected key=value, got {bad[0]!r}{more}", file=sys.stderr)
+        return 2
     if extra:
         args.overrides = list(args.overrides) + extra
     args.argv = list(argv) if argv is not None else None

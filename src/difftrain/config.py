@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -409,11 +410,49 @@ def _build(cls: type, values: Any, prefix: str, problems: list[str]) -> Any:
             setattr(obj, key, _build(tp, value, f"{dotted}.", problems))
             continue
         ok, coerced = _check_value(value, tp)
+        if not ok and _accepts_float(tp) and _nonfinite_text(value):
+            problems.append(f"'{dotted}' = {value!r}: {NON_FINITE}")  # `lr=nan` on the command line
+            continue
         if not ok:
             problems.append(f"'{dotted}' = {value!r}: expected {_type_name(tp)}")
             continue
+        nonfinite = _first_nonfinite(coerced)
+        if nonfinite is not None:  # YAML `.nan` / `.inf` / `1e999`, also inside model.unet kwargs or lists
+            problems.append(f"'{dotted}{nonfinite[0]}' = {nonfinite[1]!r}: {NON_FINITE}")
+            continue
         setattr(obj, key, coerced)
     return obj
+
+
+NON_FINITE = "must be a finite number (not NaN or infinity)"
+
+
+def _accepts_float(tp: Any) -> bool:
+    if tp is float:
+        return True
+    return typing.get_origin(tp) in (Union, types.UnionType) and any(_accepts_float(a) for a in typing.get_args(tp))
+
+
+def _nonfinite_text(value: Any) -> bool:
+    """'nan', 'inf', '-Infinity' ...: what float() reads as non-finite (YAML 1.1 only knows `.nan` / `.inf`)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        return not math.isfinite(float(value))
+    except ValueError:
+        return False
+
+
+def _first_nonfinite(value: Any) -> Optional[tuple[str, float]]:
+    """('', x) when `value` is a non-finite float x, ('.key' / '[i]', x) for the first one inside it, else None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else ("", value)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        inner = _first_nonfinite(v)
+        if inner is not None:
+            return (f".{k}" if isinstance(value, dict) else f"[{k}]") + inner[0], inner[1]
+    return None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -434,7 +473,7 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
     problems: list[str] = []
     for item in overrides:
         if "=" not in item:
-            problems.append(f"override '{item}' is not of the form key.sub=value")
+            problems.append(f"expected key=value, got {item!r}")
             continue
         key, raw = item.split("=", 1)
         key = key.strip()
@@ -485,11 +524,18 @@ def load_config(name_or_path: str, overrides: list[str] | None = None, output_di
     """
     source = resolve_config_source(name_or_path)
     try:
-        raw = yaml.safe_load(source.read_text()) or {}
+        text = source.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:  # a binary file, or text in another encoding
+        raise ConfigError([f"{source}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                           "a config is a YAML file"], source=str(source)) from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{source}: not valid YAML: {exc}"], source=str(source)) from exc
+    raw = {} if raw is None else raw  # an empty file is an empty config
     if not isinstance(raw, dict):
-        raise ConfigError([f"{source}: top level must be a mapping of sections"], source=str(source))
+        raise ConfigError([f"{source}: top level must be a mapping of sections (data:, model:, train: ...), "
+                           f"got a {type(raw).__name__}"], source=str(source))
     raw = _fix_yaml_floats(raw)
     override_tree, problems = parse_overrides(overrides or [])
     merged = _deep_merge(raw, override_tree)

@@ -256,7 +256,28 @@ def pipeline_kind(path: Union[str, Path]) -> str:
     index = Path(path) / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"{path} is not a pipeline folder (no model_index.json); train a run first")
-    return json.loads(index.read_text()).get("_class_name", "")
+    try:
+        data = json.loads(index.read_bytes().decode("utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{index}: not a readable model_index.json ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{index}: expected a JSON object, got a {type(data).__name__}")
+    return data.get("_class_name", "")
+
+
+def diffusers_pipeline_class(kind: str, folder: Union[str, Path]) -> type:
+    """The diffusers pipeline class named `kind`; ValueError naming it and the folder when diffusers has none."""
+    import diffusers
+
+    # A list (custom pipeline code in the folder) is refused like any unknown name: its code is never imported.
+    found = getattr(diffusers, kind, None) if isinstance(kind, str) and kind else None
+    if not (isinstance(found, type) and issubclass(found, DiffusionPipeline)):
+        raise ValueError(
+            f"{folder}: model_index.json names the pipeline class {kind!r}, which is not a pipeline class of "
+            f"diffusers {diffusers.__version__}; difftrain opens its own exports (DDPMPipeline, "
+            "ClassConditionalPipeline, TextToImagePipeline, StableDiffusionPipeline) and other diffusers pipelines"
+        )
+    return found
 
 
 ADAPTER_BASE_FILE = "adapter_base.json"
@@ -288,7 +309,8 @@ def load_pipeline(path: Union[str, Path], device: Union[str, torch.device, None]
     elif kind == DDPMPipeline.__name__:
         pipe = DDPMPipeline.from_pretrained(str(path))
     else:
-        pipe = DiffusionPipeline.from_pretrained(str(path))
+        # Checked first: diffusers itself answers an unknown class with a bare AttributeError.
+        pipe = diffusers_pipeline_class(kind, path).from_pretrained(str(path))
     if device is not None:
         pipe = pipe.to(device)
     return pipe

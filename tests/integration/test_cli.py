@@ -157,3 +157,83 @@ def test_show_config_and_presets(tmp_path: Path):
     assert shown.returncode == 0 and yaml.safe_load(shown.stdout)["train"]["max_steps"] == 3
     listed = run_cli("presets", cwd=tmp_path)
     assert listed.returncode == 0 and "digits" in listed.stdout and "butterflies" in listed.stdout
+
+
+def test_version_lists_difftrain_and_its_libraries_without_importing_torch(tmp_path: Path):
+    result = run_cli("--version", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    assert line.startswith("difftrain 0.1.0 (python ") and "\n" not in line
+    for name in ("torch", "diffusers", "transformers", "accelerate", "peft"):
+        assert f" {name} " in line
+    script = ("import sys\nfrom difftrain.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit as e:\n"
+              "    assert e.code == 0\nassert 'torch' not in sys.modules, 'torch imported'\n")
+    quiet = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0, quiet.stderr
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_bad_inputs_get_one_line_before_anything_is_written(tmp_path: Path, capsys):
+    """Issue 16 item 5 through the command line: each bad value named, nothing written, no traceback."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from difftrain.cli import main
+
+    out = tmp_path / "out"
+    assert main(["train", "tiny/digits-class", "--output-dir", str(out), "train.max_steps"]) == 2
+    assert _one_error_line(capsys) == "difftrain train: error: expected key=value, got 'train.max_steps'"
+    assert main(["show-config", "digits", "train.max_steps=3", "batch_size", "x"]) == 2
+    assert _one_error_line(capsys) == "difftrain show-config: error: expected key=value, got 'batch_size' (and 1 more)"
+    assert main(["train", "tiny/digits-class", "--output-dir", str(out), "train.learning_rate=nan"]) == 2
+    assert _one_error_line(capsys) == "  - 'train.learning_rate' = 'nan': must be a finite number (not NaN or infinity)"
+    nan_yaml = tmp_path / "nan.yaml"
+    nan_yaml.write_text("train:\n  max_steps: 2\n  learning_rate: .nan\n")
+    assert main(["train", str(nan_yaml), "--output-dir", str(out)]) == 2
+    assert _one_error_line(capsys) == "  - 'train.learning_rate' = nan: must be a finite number (not NaN or infinity)"
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00")
+    assert main(["train", str(binary), "--output-dir", str(out)]) == 2
+    assert _one_error_line(capsys) == f"  - {binary}: not UTF-8 text (byte 0: b'\\x89'); a config is a YAML file"
+    assert not out.exists(), "a refused config leaves no output folder (no train.log)"
+
+    run = tmp_path / "run"
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(str(run))
+    before = sorted(str(p) for p in run.rglob("*"))
+    for args, message in (
+        (["--num-images", "0"], "--num-images 0: must be an integer >= 1"),
+        (["--num-inference-steps", "0"], "--num-inference-steps 0: must be an integer >= 1"),
+        (["--num-images", "-3"], "--num-images -3: must be an integer >= 1"),
+        (["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
+        (["--guidance-scale", "nan"], "--guidance-scale 'nan': expected finite numbers >= 0 (1 = no guidance), "
+                                      "like 5 or a sweep 0,5,10"),
+        (["--guidance-scale", "0,5,inf"], "--guidance-scale '0,5,inf': expected finite numbers >= 0 (1 = no guidance), "
+                                          "like 5 or a sweep 0,5,10"),
+    ):
+        assert main(["sample", str(run), "--device", "cpu", *args]) == 1, args
+        assert _one_error_line(capsys) == f"difftrain sample: error: {message}"
+    for args, message in (
+        (["--num-samples", "0"], "--num-samples 0: must be an integer >= 2"),
+        (["--num-reference", "-1"], "--num-reference -1: must be an integer >= 2"),
+        (["--num-inference-steps", "0"], "--num-inference-steps 0: must be an integer >= 1"),
+        (["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
+        (["--guidance-scale", "nan"], "--guidance-scale nan: must be a finite number >= 0 (1 = no guidance)"),
+    ):
+        assert main(["evaluate", str(run), "--device", "cpu", *args]) == 1, args
+        assert _one_error_line(capsys) == f"difftrain evaluate: error: {message}"
+    assert sorted(str(p) for p in run.rglob("*")) == before, "nothing written into the run folder"
+
+    index = json.loads((run / "model_index.json").read_text())
+    (run / "model_index.json").write_text(json.dumps({**index, "_class_name": "NoSuchPipeline"}))
+    assert main(["sample", str(run), "--device", "cpu", "--out", str(tmp_path / "g.png")]) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith(f"difftrain sample: error: {run}: model_index.json names the pipeline class "
+                           "'NoSuchPipeline', which is not a pipeline class of diffusers")
+    assert not (tmp_path / "g.png").exists()

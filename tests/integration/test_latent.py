@@ -114,6 +114,13 @@ def test_lora_run_resumes_exactly(tiny_sd: Path, instance_dir: Path, tmp_path: P
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # diffusers reads the export back, the text encoder's adapters included (peft's injection, not add_adapter).
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
+    pipe.load_lora_weights(str(resumed))
+    assert any("lora" in name for name, _ in pipe.text_encoder.named_parameters())
+    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
 
 
 def test_latent_setup_errors_come_before_any_model_loads(tmp_path: Path, instance_dir: Path):

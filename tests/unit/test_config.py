@@ -113,7 +113,7 @@ def test_bool_is_not_an_int_and_int_is_a_float():
         (["train.push_to_hub=true"], "'train.hub_model_id' is not set"),
         (["diffusion.beta_start=0.5", "diffusion.beta_end=0.1"], "need 0 < beta_start < beta_end < 1"),
         (["model.size=custom"], "'model.size' = 'custom' needs 'model.unet'"),
-        (["bad-override"], "not of the form key.sub=value"),
+        (["bad-override"], "expected key=value, got 'bad-override'"),
     ],
 )
 def test_cross_field_checks(overrides, fragment):
@@ -157,3 +157,69 @@ def test_one_section_of_a_saved_config_is_read_by_the_schema_alone():
         section_from_dict("train", {"batch_sise": 4})
     with pytest.raises(ValueError, match="'trian' is not a config section"):
         section_from_dict("trian", {})
+
+
+def _float_keys() -> list[str]:
+    """Every key of the schema whose type takes a float (float or Optional[float])."""
+    import dataclasses
+    import typing
+
+    from difftrain.config import RunConfig, _accepts_float
+
+    keys = []
+    for section, cls in typing.get_type_hints(RunConfig).items():
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        keys += [f"{section}.{name}" for name, tp in hints.items() if _accepts_float(tp)]
+    return keys
+
+
+def test_schema_has_the_float_keys_the_next_test_covers():
+    keys = _float_keys()
+    assert {"train.learning_rate", "train.max_grad_norm", "sample.guidance_scale", "lora.alpha",
+            "vae.scaling_factor", "diffusion.snr_gamma"} <= set(keys)
+    assert len(keys) >= 20
+
+
+@pytest.mark.parametrize("key", _float_keys())
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", ".nan", ".inf", "1e999"])
+def test_every_float_key_refuses_non_finite_values_on_the_command_line(key: str, text: str):
+    with pytest.raises(ConfigError) as info:
+        load_config("digits", [f"{key}={text}"])
+    assert f"'{key}' = " in str(info.value) and "must be a finite number" in str(info.value)
+    assert "expected float" not in str(info.value)
+
+
+def test_non_finite_values_in_a_yaml_file_name_the_key(tmp_path: Path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  max_steps: 2\n  learning_rate: .nan\ndiffusion:\n  snr_gamma: -.inf\n"
+                    "model:\n  unet:\n    norm_eps: .nan\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert info.value.problems == [
+        "'train.learning_rate' = nan: must be a finite number (not NaN or infinity)",
+        "'diffusion.snr_gamma' = -inf: must be a finite number (not NaN or infinity)",
+        "'model.unet.norm_eps' = nan: must be a finite number (not NaN or infinity)",
+    ]
+    # A string key keeps 'nan' as text; a float key still says what it expected for other words.
+    assert load_config("digits", ["data.path=nan"]).data.path == "nan"
+    with pytest.raises(ConfigError, match="'train.learning_rate' = 'fast': expected float"):
+        load_config("digits", ["train.learning_rate=fast"])
+
+
+def test_a_config_file_that_is_not_utf8_text_or_not_a_mapping_is_named(tmp_path: Path):
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(binary))
+    assert info.value.problems == [f"{binary}: not UTF-8 text (byte 0: b'\\x89'); a config is a YAML file"]
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("data:\n  caption_template: 'caf\xe9 {label}'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"{latin1}: not UTF-8 text"):
+        load_config(str(latin1))
+    for text, kind in (("- a\n- b\n", "list"), ("just words\n", "str"), ("3\n", "int")):
+        path = tmp_path / f"{kind}.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path))
+        assert info.value.problems == [
+            f"{path}: top level must be a mapping of sections (data:, model:, train: ...), got a {kind}"]

@@ -81,18 +81,21 @@ def test_measured_scaling_factor_gives_unit_variance_latents():
 def test_lora_adds_only_trainable_lora_parameters_and_saves_lora_keys():
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-                                norm_num_groups=4, layers_per_block=1, attention_head_dim=4)
+    def tiny_unet() -> UNet2DConditionModel:
+        return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                    norm_num_groups=4, layers_per_block=1, attention_head_dim=4)
+
+    unet = tiny_unet()
     count = add_lora(unet, 2, None, 0.0, ["to_q", "to_k", "to_v", "to_out.0"], "lora.unet_target_modules")
     trained = [n for n, p in unet.named_parameters() if p.requires_grad]
     assert count > 0 and trained and all("lora" in n for n in trained)
     assert all(p.dtype == torch.float32 for p in unet.parameters() if p.requires_grad)
     keys = list(lora_state_dict(unet))
     assert keys and all("lora" in k for k in keys)
-    with pytest.raises(ValueError, match="lora.unet_target_modules"):
-        add_lora(unet, 2, None, 0.0, ["no_such_module"], "lora.unet_target_modules")
+    with pytest.raises(ValueError, match=r"lora.unet_target_modules = \['no_such_module'\]: .*not found"):
+        add_lora(tiny_unet(), 2, None, 0.0, ["no_such_module"], "lora.unet_target_modules")
 
 
 def test_config_errors_for_dreambooth_and_lora_are_reported_together():
@@ -120,6 +123,26 @@ def test_base_pipeline_checks_name_what_is_wrong(tmp_path: Path):
          "scheduler": ["diffusers", "DDPMScheduler"]}))
     with pytest.raises(ValueError, match="not a Stable Diffusion style pipeline: it lacks vae, text_encoder, tokenizer"):
         check_base_pipeline(str(ddpm))
+
+
+def test_an_unknown_component_class_of_a_base_pipeline_is_named_with_the_folder(tmp_path: Path):
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DDPMScheduler"]}
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model_index.json").write_text(json.dumps(index))
+    assert check_base_pipeline(str(base))["text_encoder"] == ["transformers", "CLIPTextModel"]
+    for name, entry, fragment in (
+        ("text_encoder", ["transformers", "NoSuchTextModel"], "its text_encoder class 'NoSuchTextModel' is not in transformers"),
+        ("vae", ["diffusers", "NoSuchAutoencoder"], "its vae class 'NoSuchAutoencoder' is not in diffusers"),
+        ("scheduler", ["my_package", "MyScheduler"], "its scheduler comes from 'my_package'"),
+    ):
+        (base / "model_index.json").write_text(json.dumps({**index, name: entry}))
+        with pytest.raises(ValueError) as info:
+            check_base_pipeline(str(base))
+        assert str(info.value).startswith(f"model.pretrained = {str(base)!r}: model_index.json: {fragment}")
 
 
 def test_a_base_model_schedule_is_never_clipped_even_when_its_config_does_not_say(tmp_path: Path):

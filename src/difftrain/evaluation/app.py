@@ -21,6 +21,7 @@ from difftrain.evaluation.evaluate import (
     score_samples,
 )
 from difftrain.pipeline import generate_conditioned, load_pipeline, scheduler_for
+from difftrain.sampling.args import count_problem, raise_problems, scale_problem
 from difftrain.writes import atomic_write_text, check_file_writable
 
 logger = logging.getLogger(__name__)
@@ -89,9 +90,12 @@ def evaluate_run(
         quiet_other_ranks,
     )
 
+    # Arguments first, before the run or any model loads; None means the run's default, never 0.
+    raise_problems(count_problem("--num-samples", num_samples, minimum=2),
+                   count_problem("--num-reference", num_reference, minimum=2),
+                   count_problem("--num-inference-steps", num_inference_steps),
+                   count_problem("--batch-size", batch_size), scale_problem("--guidance-scale", guidance_scale))
     cfg = load_run_config(run_dir)
-    if num_samples < 2:
-        raise ValueError(f"--num-samples {num_samples}: need at least 2")
     start = time.perf_counter()
     state = process_state() if launched_world_size() > 1 else None
     main = state is None or state.is_main_process
@@ -113,7 +117,7 @@ def evaluate_run(
 
     pipe = load_pipeline(run_dir, device=device)
     sched = scheduler_for(pipe, scheduler or cfg.sample.scheduler)
-    steps = num_inference_steps or cfg.sample.num_inference_steps
+    steps = num_inference_steps if num_inference_steps is not None else cfg.sample.num_inference_steps
     guidance = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     labels, prompts = conditioning_for(cfg, class_names, num_samples)
     logger.info("sampling %d images (%s, %d steps, guidance %.2f) on %s", num_samples, type(sched).__name__, steps,

@@ -10,6 +10,7 @@ import torch
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
 from difftrain.models.pretrained import stable_diffusion_pipeline_class
@@ -24,8 +25,11 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: Optional[float], dropout:
     model.requires_grad_(False)
     config = PeftLoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
                             init_lora_weights="gaussian", target_modules=list(target_modules))
+    # peft's own injection, not diffusers'/transformers' `add_adapter` wrappers: those only call it after a
+    # version check of their own (transformers 5 refuses peft < 0.22), so they add a floor the code does not need.
+    # It leaves `model.peft_config` (read by get_peft_model_state_dict) and the adapter "default" active.
     try:
-        model.add_adapter(config)
+        inject_adapter_in_model(config, model, adapter_name="default")
     except ValueError as exc:  # peft: "Target modules ... not found in the base model"
         raise ValueError(f"{key} = {list(target_modules)}: {exc}") from exc
     cast_training_params(model, dtype=torch.float32)

@@ -6,7 +6,9 @@ reported before any weights are loaded.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import Optional
 
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
@@ -48,10 +50,25 @@ def check_base_pipeline(path: str, key: str = "model.pretrained") -> dict:
             f"{key} = {path!r} ({index.get('_class_name', 'unknown pipeline')}) is not a Stable Diffusion style "
             f"pipeline: it lacks {', '.join(missing)} (needs {', '.join(SD_COMPONENTS)})"
         )
+    for name in SD_COMPONENTS:
+        problem = _component_class_problem(name, *index[name][:2])
+        if problem:
+            raise ValueError(f"{key} = {path!r}: model_index.json: {problem}")
     unet_class = index["unet"][1]
     if unet_class != "UNet2DConditionModel":
         raise ValueError(f"{key} = {path!r}: its UNet is {unet_class}; fine-tuning supports UNet2DConditionModel")
     return dict(index)
+
+
+def _component_class_problem(name: str, library: str, class_name: str) -> Optional[str]:
+    """None when diffusers/transformers has the component's class; else what is wrong (without importing it
+    from anywhere else: a library named by a model folder is never imported just because it is named)."""
+    if library not in ("diffusers", "transformers"):
+        return f"its {name} comes from {library!r}; difftrain loads diffusers and transformers components only"
+    module = importlib.import_module(library)
+    if getattr(module, class_name, None) is None:
+        return f"its {name} class {class_name!r} is not in {library} {module.__version__}"
+    return None
 
 
 def load_base_unet(path: str) -> UNet2DConditionModel:

@@ -7,6 +7,7 @@ guidance scales make a sweep figure: one column per scale, every column from the
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -15,6 +16,7 @@ import yaml
 from PIL import Image
 
 from difftrain.pipeline import TextToImagePipeline, generate, generate_from_text, load_pipeline, null_class, scheduler_for
+from difftrain.sampling.args import count_problem, raise_problems
 from difftrain.sampling.grid import make_grid, png_bytes_estimate, save_png_atomic
 from difftrain.sampling.sample import parse_seeds
 from difftrain.writes import check_file_writable, check_writable
@@ -52,15 +54,16 @@ def parse_class_labels(text: str, class_names: list[str], num_classes: int) -> l
 
 
 def parse_guidance_scales(text: Optional[str]) -> Optional[list[float]]:
-    """'5' -> [5.0]; '0,5,10' -> a sweep."""
+    """'5' -> [5.0]; '0,5,10' -> a sweep; each a finite number >= 0."""
     if text is None:
         return None
     try:
         scales = [float(part) for part in str(text).split(",") if part.strip()]
     except ValueError:
         raise ValueError(f"--guidance-scale {text!r}: expected a number or a comma list like '0,5,10'") from None
-    if not scales or any(s < 0 for s in scales):
-        raise ValueError(f"--guidance-scale {text!r}: expected non-negative numbers")
+    if not scales or any(not math.isfinite(s) or s < 0 for s in scales):
+        raise ValueError(f"--guidance-scale {text!r}: expected finite numbers >= 0 (1 = no guidance), "
+                         "like 5 or a sweep 0,5,10")
     return scales
 
 
@@ -81,12 +84,16 @@ def sample_run(
     out_dir: Optional[Path] = None,
 ) -> Path:
     """Generate a grid (or a guidance sweep) from an exported run; returns the grid's path."""
+    # Arguments first, before any model loads; None means the run's default, 0 is refused.
+    raise_problems(count_problem("--num-inference-steps", num_inference_steps),
+                   count_problem("--num-images", num_images), count_problem("--batch-size", batch_size))
+    requested_scales = parse_guidance_scales(guidance_scale)
     defaults = _run_sample_defaults(run_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(run_dir, device=device)
     sched = scheduler_for(pipe, scheduler or defaults.get("scheduler"))
-    steps = num_inference_steps or defaults.get("num_inference_steps", 25)
-    scales = parse_guidance_scales(guidance_scale) or [float(defaults.get("guidance_scale", 1.0))]
+    steps = num_inference_steps if num_inference_steps is not None else defaults.get("num_inference_steps", 25)
+    scales = requested_scales or [float(defaults.get("guidance_scale", 1.0))]
     # Pixel text models (TextToImagePipeline) and Stable Diffusion style pipelines (with a VAE).
     is_text = isinstance(pipe, TextToImagePipeline) or getattr(pipe, "text_encoder", None) is not None
     vae = getattr(pipe, "vae", None)
@@ -112,7 +119,7 @@ def sample_run(
     elif len(scales) > 1 or scales[0] != 1.0:
         raise ValueError(f"--guidance-scale {guidance_scale} needs a conditional model; {run_dir} is unconditional")
     sweep = len(scales) > 1
-    per_row = num_images or (1 if sweep else (8 if rows != [None] else 16))
+    per_row = num_images if num_images is not None else (1 if sweep else (8 if rows != [None] else 16))
     base_seeds = parse_seeds(seed)
     count = len(rows) * per_row
     if len(base_seeds) == 1:
