@@ -17,18 +17,23 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from difftrain import cli
 from difftrain.config import dump_config, load_config
 from difftrain.training.checkpoint import list_checkpoints
 from difftrain.training.distributed import SIGNAL_STEP_ENV, SIGNAL_TIMES_ENV
 from difftrain.training.loop import train
 from difftrain.training.run_dir import RUN_FORMAT, marker_path
-from tests.integration.test_cli import run_cli
-
 pytestmark = pytest.mark.integration
 
 PRESET = "tiny/digits-class"
 UNET = Path("unet") / "diffusion_pytorch_model.safetensors"
 QUICK = ["train.sample_every_steps=null", "sample.num_inference_steps=1", "sample.images_per_class=1"]
+# Subprocesses only where a separate process is what is tested (a lock holder, a signal, the CLI's fast exit);
+# the rest runs in this process, which saves the import of torch and diffusers each time.
+
+
+def _train(run: Path, *overrides: str) -> Path:
+    return train(load_config(PRESET, [*QUICK, *overrides], output_dir=str(run)))
 
 
 def _env(extra: dict | None = None) -> dict:
@@ -63,7 +68,7 @@ def _same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("their_config", ["any", "difftrain"])
-def test_users_folder_is_refused_and_left_byte_for_byte(tmp_path: Path, their_config: str):
+def test_users_folder_is_refused_and_left_byte_for_byte(tmp_path: Path, their_config: str, capsys):
     """A project folder holding a README.md, a config.yaml (any YAML, even a valid difftrain config) and a
     train.py is not a run: refused with exit 1 before anything is written, every byte unchanged."""
     folder = tmp_path / "my-project"
@@ -73,55 +78,54 @@ def test_users_folder_is_refused_and_left_byte_for_byte(tmp_path: Path, their_co
     (folder / "config.yaml").write_text(config)
     (folder / "train.py").write_text("print('my own trainer')\n")
     before = _snapshot(folder)
-    result = run_cli("train", PRESET, "--output-dir", str(folder), "train.max_steps=1", cwd=tmp_path)
-    assert result.returncode == 1
-    assert "is not empty (README.md, config.yaml, train.py) and is not a difftrain run" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert cli.main(["train", PRESET, "--output-dir", str(folder), "train.max_steps=1"]) == 1
+    err = capsys.readouterr().err
+    assert "is not empty (README.md, config.yaml, train.py) and is not a difftrain run" in err
+    assert "Traceback" not in err
     assert _snapshot(folder) == before and sorted(p.name for p in folder.iterdir()) == sorted(before)
-    checked = run_cli("check", PRESET, "--output-dir", str(folder), "--no-step", cwd=tmp_path)
-    assert checked.returncode == 1 and "output folder refused" in checked.stdout + checked.stderr
+    assert cli.main(["check", PRESET, "--output-dir", str(folder), "--no-step"]) == 1
+    assert "output folder refused" in capsys.readouterr().out
     assert _snapshot(folder) == before
 
 
-def test_run_record_legacy_runs_and_newer_formats(tmp_path: Path):
+def test_run_record_legacy_runs_and_newer_formats(tmp_path: Path, caplog, capsys):
     """A run writes .difftrain/run.json (format, versions, resolved config). A run made before run records
     (no .difftrain/) is recognised by its checkpoints and marked; one from a newer format is refused."""
-    run = tmp_path / "run"
-    first = run_cli("train", PRESET, "--output-dir", str(run), "train.max_steps=2", *QUICK, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
+    caplog.set_level("INFO", logger="difftrain")
+    run = _train(tmp_path / "run", "train.max_steps=2")
     record = json.loads(marker_path(run).read_text())
     assert record["format"] == RUN_FORMAT and record["versions"]["torch"] == torch.__version__
     assert record["config"]["train"]["max_steps"] == 2 and record["config"] == yaml.safe_load((run / "config.yaml").read_text())
 
     shutil.rmtree(run / ".difftrain")  # as a run made by an earlier difftrain left it
-    legacy = run_cli("train", PRESET, "--output-dir", str(run), "train.max_steps=3", *QUICK, cwd=tmp_path)
-    assert legacy.returncode == 0, legacy.stderr[-3000:]
-    assert "made by difftrain 0.1.0 before run records; marked it" in legacy.stderr
-    assert "resumed from" in legacy.stderr and "(step 2)" in legacy.stderr
+    caplog.clear()
+    _train(run, "train.max_steps=3")
+    assert "made by difftrain 0.1.0 before run records; marked it" in caplog.text
+    assert "resumed from" in caplog.text and "(step 2)" in caplog.text
     record = json.loads(marker_path(run).read_text())
     assert record["migrated_from"] == "0.1.0" and record["config"]["train"]["max_steps"] == 3
 
     record["format"] = RUN_FORMAT + 1
     marker_path(run).write_text(json.dumps(record))
     before = _snapshot(run)
-    newer = run_cli("train", PRESET, "--output-dir", str(run), "train.max_steps=4", *QUICK, cwd=tmp_path)
-    assert newer.returncode == 1 and f"(run format {RUN_FORMAT + 1}); this difftrain" in newer.stderr
+    assert cli.main(["train", PRESET, "--output-dir", str(run), "train.max_steps=4", *QUICK]) == 1
+    assert f"(run format {RUN_FORMAT + 1}); this difftrain" in capsys.readouterr().err
     assert _snapshot(run) == before
 
 
-def test_one_trainer_per_folder_and_a_killed_holder_never_blocks(tmp_path: Path):
+def test_one_trainer_per_folder_and_a_killed_holder_never_blocks(tmp_path: Path, caplog):
     """Two trainers on one folder give one run: the second exits within seconds naming the holder and
     writes nothing; `sample` still reads the folder; after SIGKILL of the first a new one resumes."""
-    run = tmp_path / "run"
-    finished = run_cli("train", PRESET, "--output-dir", str(run), "train.max_steps=2", *QUICK, cwd=tmp_path)
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    run = _train(tmp_path / "run", "train.max_steps=2")
     first = _start(run, tmp_path, "train.max_steps=100000", "train.checkpoint_every_steps=20",
                    "train.log_every_steps=1", "train.checkpoints_total_limit=null")
     try:
         _wait_for_rows(first, run, 30)
         before = {name: data for name, data in _snapshot(run).items() if not name.startswith(("logs", "checkpoints"))}
         started = time.monotonic()
-        second = run_cli("train", PRESET, "--output-dir", str(run), "train.max_steps=100000", *QUICK, cwd=tmp_path)
+        second = subprocess.run([sys.executable, "-m", "difftrain", "train", PRESET, "--output-dir", str(run),
+                                 "train.max_steps=100000", *QUICK], cwd=tmp_path, env=_env(), capture_output=True,
+                                text=True, timeout=300)
         elapsed_s = time.monotonic() - started
         assert second.returncode == 1, second.stderr[-3000:]
         assert f"is in use by another difftrain process: difftrain train with pid {first.pid} on host" in second.stderr
@@ -130,18 +134,17 @@ def test_one_trainer_per_folder_and_a_killed_holder_never_blocks(tmp_path: Path)
         after = {name: data for name, data in _snapshot(run).items() if name in before}
         assert after.keys() == before.keys()
         assert after["train.log"].startswith(before["train.log"]) and b"in use" not in after["train.log"]
-        sampled = run_cli("sample", str(run), "--num-images", "1", "--num-inference-steps", "1",
-                          "--out", str(tmp_path / "while-training.png"), cwd=tmp_path)
-        assert sampled.returncode == 0, sampled.stderr[-3000:]
+        assert cli.main(["sample", str(run), "--num-images", "1", "--num-inference-steps", "1",
+                         "--out", str(tmp_path / "while-training.png")]) == 0
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
     finally:
         if first.poll() is None:
             first.kill()
     newest = list_checkpoints(run / "checkpoints")[-1][0]
-    resumed = run_cli("train", PRESET, "--output-dir", str(run), f"train.max_steps={newest + 2}", *QUICK, cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"(step {newest})" in resumed.stderr
+    caplog.set_level("INFO", logger="difftrain")
+    _train(run, f"train.max_steps={newest + 2}")
+    assert f"(step {newest})" in caplog.text
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == len(set(steps))  # one run's rows, none written twice
 
@@ -150,7 +153,7 @@ SIGNAL_RUN = ["train.max_steps=60", "train.checkpoint_every_steps=1000", "train.
               "train.checkpoints_total_limit=null"]
 
 
-def test_sigterm_mid_step_checkpoints_that_step_and_resumes_bit_identically(tmp_path: Path):
+def test_sigterm_mid_step_checkpoints_that_step_and_resumes_bit_identically(tmp_path: Path, caplog):
     run = tmp_path / "preempted"
     proc = _start(run, tmp_path, *SIGNAL_RUN)
     try:
@@ -168,22 +171,23 @@ def test_sigterm_mid_step_checkpoints_that_step_and_resumes_bit_identically(tmp_
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
     assert "stopped by SIGTERM after step" in (run / "train.log").read_text()
 
-    resumed = run_cli("train", PRESET, "--output-dir", str(run), *QUICK, *SIGNAL_RUN, cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"(step {step})" in resumed.stderr
-    straight = train(load_config(PRESET, [*QUICK, *SIGNAL_RUN], output_dir=str(tmp_path / "straight")))
+    caplog.set_level("INFO", logger="difftrain")
+    _train(run, *SIGNAL_RUN)
+    assert f"(step {step})" in caplog.text
+    straight = _train(tmp_path / "straight", *SIGNAL_RUN)
     _same_weights(straight, run)
 
 
 @pytest.mark.parametrize("signals", [1, 2])
-def test_sigterm_during_a_checkpoint_write_leaves_no_temporary(tmp_path: Path, signals: int):
+def test_sigterm_during_a_checkpoint_write_leaves_no_temporary(tmp_path: Path, signals: int, caplog):
     """One SIGTERM mid-write: the checkpoint completes, then the run stops. A second one abandons the write:
     its temporary folder is removed and the previous checkpoint is intact. Either way the same command
     resumes to bit-identical weights."""
     overrides = ["train.max_steps=8", "train.checkpoint_every_steps=2", "train.checkpoints_total_limit=null"]
     run = tmp_path / "run"
-    stopped = run_cli("train", PRESET, "--output-dir", str(run), *QUICK, *overrides, cwd=tmp_path,
-                      env_extra={SIGNAL_STEP_ENV: "4", SIGNAL_TIMES_ENV: str(signals)})
+    stopped = subprocess.run([sys.executable, "-m", "difftrain", "train", PRESET, "--output-dir", str(run), *QUICK,
+                              *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             env=_env({SIGNAL_STEP_ENV: "4", SIGNAL_TIMES_ENV: str(signals)}))
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
@@ -194,8 +198,8 @@ def test_sigterm_during_a_checkpoint_write_leaves_no_temporary(tmp_path: Path, s
     else:
         assert "stopped by SIGTERM before training completed" in stopped.stderr
 
-    resumed = run_cli("train", PRESET, "--output-dir", str(run), *QUICK, *overrides, cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"(step {kept[-1]})" in resumed.stderr
-    straight = train(load_config(PRESET, [*QUICK, *overrides], output_dir=str(tmp_path / "straight")))
+    caplog.set_level("INFO", logger="difftrain")
+    _train(run, *overrides)
+    assert f"(step {kept[-1]})" in caplog.text
+    straight = _train(tmp_path / "straight", *overrides)
     _same_weights(straight, run)
