@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from difftrain.errors import DiskSpaceError, WriteError
 
@@ -155,6 +155,23 @@ def writing(what: str, path: Path, temporaries: Iterable[Path] = ()) -> Iterator
                          "folder's permissions and run the same command again") from exc
 
 
+def save_folder_atomically(target: Path, tmp: Path, what: str, estimate_bytes: int,
+                           save: Callable[[Path], None]) -> Path:
+    """Write a folder through `save(tmp)`, then swap it in for `target`.
+
+    Checked first (writable, room for `estimate_bytes`); a failure removes `tmp` and leaves `target` as it was.
+    """
+    check_writable(target.parent, estimate_bytes, what)
+    with writing(what, target, [tmp]):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.replace(target)
+    return target
+
+
 def atomic_write_text(path: Path, text: str, what: str) -> Path:
     """Write `text` to `path` through a temporary name, checked first; a reader never sees half a file."""
     path = Path(path)
@@ -182,12 +199,8 @@ def state_bytes(modules: Iterable[object]) -> int:
 @contextmanager
 def best_effort(what: str, path: Path, temporaries: Iterable[Path] = ()) -> Iterator[None]:
     """Around an optional write (a cache): an I/O failure is logged as a warning and skipped, temporaries removed."""
-    temporaries = [Path(t) for t in temporaries]
     try:
-        yield
-    except BaseException as exc:
-        for temporary in temporaries:
-            remove_path(temporary)
-        if not _is_io_failure(exc):
-            raise
-        logger.warning("could not write %s to %s (%s); going on without it", what, path, reason(exc))
+        with writing(what, path, temporaries):
+            yield
+    except WriteError as exc:
+        logger.warning("could not write %s to %s (%s); going on without it", what, path, reason(exc.__cause__ or exc))

@@ -123,6 +123,20 @@ def test_lora_run_resumes_exactly(tiny_sd: Path, instance_dir: Path, tmp_path: P
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())
 
 
+def test_lora_export_merged_writes_a_plain_pipeline_folder(tiny_sd: Path, instance_dir: Path, tmp_path: Path):
+    """lora.export_merged: the base with the adapters fused, saved through writes.save_folder_atomically."""
+    overrides = [f"model.pretrained={tiny_sd}", f"data.instance_dir={instance_dir}", "lora.export_merged=true",
+                 f"data.class_dir={tmp_path / 'class'}", "train.max_steps=2"]
+    run = train(load_config("tiny/dreambooth-lora", overrides, output_dir=str(tmp_path / "merged-run")))
+    from diffusers import StableDiffusionPipeline
+
+    merged = StableDiffusionPipeline.from_pretrained(str(run / "merged"))
+    base = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
+    assert not any("lora" in name for name, _ in merged.unet.named_parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(merged.unet.parameters(), base.unet.parameters()))
+    assert not (run / ".merged-tmp").exists()
+
+
 def test_latent_setup_errors_come_before_any_model_loads(tmp_path: Path, instance_dir: Path):
     ddpm = tmp_path / "ddpm"
     ddpm.mkdir()

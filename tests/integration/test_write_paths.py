@@ -169,7 +169,7 @@ def test_train_on_full_disk_is_refused_before_writing(unexported_run: Path, tmp_
         before = {name: data for name, data in tree(full).items() if name != str(lock)}
         assert cli.main(["train", CONFIG, "--output-dir", str(full)]) == 1
         line = one_error_line(capsys.readouterr().err, "train")
-        assert f"not enough disk space for" in line and str(full) in line, line
+        assert "not enough disk space for" in line and str(full) in line, line
         assert {name: data for name, data in tree(full).items() if name != str(lock)} == before
         assert temporaries(full) == []
 

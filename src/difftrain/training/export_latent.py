@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +17,7 @@ from difftrain.models.pretrained import stable_diffusion_pipeline_class
 from difftrain.pipeline import ADAPTER_BASE_FILE
 from difftrain.sampling.schedulers import make_scheduler
 from difftrain.training.export import RunSummary, pipeline_modules, save_pipeline_atomically
-from difftrain.writes import atomic_write_text, check_writable, state_bytes, writing
+from difftrain.writes import atomic_write_text, save_folder_atomically, state_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +45,9 @@ def export_lora(unet, text_encoder: Optional[torch.nn.Module], cfg: RunConfig, b
         pipe.load_lora_weights(str(output_dir))
         pipe.fuse_lora()
         pipe.unload_lora_weights()
-        what = "the merged pipeline"
-        check_writable(output_dir, state_bytes(pipeline_modules(pipe)), what)
-        tmp = output_dir / ".merged-tmp"
-        with writing(what, merged, [tmp]):
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            pipe.save_pretrained(str(tmp), safe_serialization=True)
-            if merged.exists():
-                shutil.rmtree(merged)
-            tmp.replace(merged)
+        save_folder_atomically(merged, output_dir / ".merged-tmp", "the merged pipeline",
+                               state_bytes(pipeline_modules(pipe)),
+                               lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True))
         logger.info("merged pipeline: %s", merged)
     return path
 

@@ -8,7 +8,6 @@ latent scaling factor in its config; a run that finds it there skips this stage.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from difftrain.data.transforms import from_model_range, random_hflip, to_model_r
 from difftrain.models.vae import build_scratch_vae, encode_distribution_params, measure_scaling_factor, sample_latents
 from difftrain.sampling.grid import make_grid, save_png_atomic
 from difftrain.training.data_order import sample_indices, step_generator
-from difftrain.writes import check_writable, state_bytes, writing
+from difftrain.writes import save_folder_atomically, state_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +80,8 @@ def train_vae(cfg: RunConfig, images_uint8: torch.Tensor, output_dir: Path, devi
 
 
 def _save_vae(vae: AutoencoderKL, vae_dir: Path) -> None:
-    what = "the trained VAE"
-    check_writable(vae_dir.parent, state_bytes([vae]), what)
-    tmp = vae_dir.with_name(vae_dir.name + ".tmp")
-    with writing(what, vae_dir, [tmp]):
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        vae.save_pretrained(str(tmp), safe_serialization=True)
-        if vae_dir.exists():
-            shutil.rmtree(vae_dir)
-        tmp.replace(vae_dir)
+    save_folder_atomically(vae_dir, vae_dir.with_name(vae_dir.name + ".tmp"), "the trained VAE", state_bytes([vae]),
+                           lambda tmp: vae.save_pretrained(str(tmp), safe_serialization=True))
 
 
 @torch.no_grad()
