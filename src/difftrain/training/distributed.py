@@ -41,22 +41,25 @@ class InjectedFailure(RuntimeError):
     """Raised by the DIFFTRAIN_FAIL_ON_RANK test hook."""
 
 
-def launched_world_size() -> int:
-    """Processes the launcher (torchrun, accelerate launch, mpirun) started, from its environment."""
-    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+def _launcher_env(kind: str, default: int) -> int:
+    """An integer the launcher (torchrun/accelerate: RANK, WORLD_SIZE; MPI flavours: PMI_*, OMPI_COMM_WORLD_*,
+    MV2_COMM_WORLD_*) put in the environment; `kind` is 'SIZE' or 'RANK'."""
+    torchrun = "WORLD_SIZE" if kind == "SIZE" else "RANK"
+    for name in (torchrun, f"PMI_{kind}", f"OMPI_COMM_WORLD_{kind}", f"MV2_COMM_WORLD_{kind}"):
         value = os.environ.get(name)
         if value and value.isdigit():
             return int(value)
-    return 1
+    return default
+
+
+def launched_world_size() -> int:
+    """Processes the launcher (torchrun, accelerate launch, mpirun) started, from its environment."""
+    return _launcher_env("SIZE", 1)
 
 
 def launched_rank() -> int:
     """This process's global rank from the launcher's environment (0 when not launched as several)."""
-    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
-        value = os.environ.get(name)
-        if value and value.isdigit():
-            return int(value)
-    return 0
+    return _launcher_env("RANK", 0)
 
 
 def wants_cpu_process_group() -> bool:
