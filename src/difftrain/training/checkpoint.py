@@ -73,12 +73,6 @@ def begin_checkpoint(checkpoints_dir: Path, step: int) -> Path:
     return tmp
 
 
-def abandon_checkpoint(tmp: Path) -> None:
-    """Remove a temporary checkpoint whose write failed."""
-    # A failed write (disk full, interrupt) must not leave a partial copy eating the space the next try needs.
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 def finish_checkpoint(checkpoints_dir: Path, step: int, tmp: Path, progress: dict[str, Any]) -> Path:
     """Add progress.json to a saved temporary checkpoint and rename it into place."""
     final = checkpoints_dir / checkpoint_name(step)
