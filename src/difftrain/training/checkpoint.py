@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from difftrain.errors import DiskSpaceError  # noqa: F401 - raised by ensure_free_space; importable from here
-from difftrain.writes import check_writable, writing
+from difftrain.writes import check_writable, state_bytes, writing
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +162,7 @@ def ensure_room_for_run(output_dir: Path, models: Iterable[Any]) -> None:
     Without it a run on a full or read-only disk would train until its first checkpoint and lose those steps.
     """
     models = list(models)
-    export_bytes = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
-    needed = estimate_checkpoint_bytes(output_dir / "checkpoints", training_state_bytes(models)) + export_bytes
+    needed = estimate_checkpoint_bytes(output_dir / "checkpoints", training_state_bytes(models)) + state_bytes(models)
     check_writable(output_dir, needed, "the run's next checkpoint and its export", hint=(
         "Free some space or choose an --output-dir on another disk. (The estimate is the previous checkpoint's "
         "size, or the model and optimizer size before the first, plus the exported weights.)"))

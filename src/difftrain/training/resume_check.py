@@ -17,6 +17,7 @@ from accelerate import Accelerator
 
 from difftrain.config import ConfigError, RunConfig, config_from_dict, section_from_dict
 from difftrain.training import checkpoint as ckpt
+from difftrain.writes import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -196,9 +197,7 @@ def trim_metrics(metrics_path: Path, start: int) -> None:
     lines = metrics_path.read_text().splitlines()
     kept = [line for line in lines if line.strip() and _row_step(line) <= start]
     if len(kept) != len(lines):
-        tmp = metrics_path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(metrics_path)
+        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept), "the trimmed metrics log")
 
 
 def _row_step(line: str) -> float:
