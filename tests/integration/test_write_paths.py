@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from difftrain import cli, writes
 from difftrain.errors import DiskSpaceError, WriteError
 from difftrain.pipeline import load_pipeline
-from difftrain.training.export import EXPORT_ENTRIES, save_pipeline_atomically
+from difftrain.families.export import EXPORT_ENTRIES, save_pipeline_atomically
 from tests.conftest import REPO
 from tests.filesystems import fill, full_folder, mount_tmpfs, read_only_folder, tree, unmount
 
@@ -197,7 +197,7 @@ def test_evaluation_report_to_read_only_folder_fails_before_sampling(trained_run
 
 def test_class_images_into_read_only_folder_fail_before_loading_the_base_model(tmp_path: Path):
     from difftrain.config import load_config
-    from difftrain.training.class_images import ensure_class_images
+    from difftrain.families.class_images import ensure_class_images
 
     with read_only_folder(tmp_path / "ro") as ro:
         # The base model does not exist: the check must come before it is loaded.

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from difftrain.training.data_order import (
+from difftrain.data.order import (
     epoch_permutation,
     micro_batch_generator,
     sample_indices,

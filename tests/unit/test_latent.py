@@ -15,7 +15,7 @@ from difftrain.diffusion.schedule import build_noise_scheduler
 from difftrain.models.lora import add_lora, lora_state_dict
 from difftrain.models.pretrained import check_base_pipeline
 from difftrain.models.vae import build_scratch_vae, encode_distribution_params, measure_scaling_factor, sample_latents
-from difftrain.training.latents import LatentEncoder
+from difftrain.families.latents import LatentEncoder
 
 
 def test_prior_preservation_loss_equals_the_two_separate_mses():

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 from diffusers import DDPMScheduler
 
+from difftrain.diffusion.prediction import parameterisation
 from difftrain.diffusion.schedule import min_snr_weights, snr
 
 
@@ -26,14 +27,7 @@ def sample_noise(shape: torch.Size, generator: torch.Generator, device: torch.de
 
 def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the network should output for `scheduler.config.prediction_type`."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(x0, noise, timesteps)
-    if kind == "sample":
-        return x0
-    raise ValueError(f"prediction_type {kind!r}: expected epsilon, v_prediction or sample")
+    return parameterisation(scheduler.config.prediction_type).target(scheduler, x0, noise, timesteps)
 
 
 def denoising_loss(

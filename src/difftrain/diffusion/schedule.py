@@ -6,6 +6,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from difftrain.config import DiffusionConfig
+from difftrain.diffusion.prediction import parameterisation
 
 
 def build_noise_scheduler(cfg: DiffusionConfig, latent: bool = False) -> DDPMScheduler:
@@ -39,11 +40,6 @@ def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> 
     The paper's weight on the x0 loss is min(SNR, gamma). Expressed on each parameterisation's own MSE:
     epsilon: min(SNR, gamma) / SNR; v: min(SNR, gamma) / (SNR + 1); sample (x0): min(SNR, gamma).
     """
+    divisor = parameterisation(prediction_type).snr_divisor
     clipped = torch.clamp(snr_t, max=gamma)
-    if prediction_type == "epsilon":
-        return clipped / snr_t
-    if prediction_type == "v_prediction":
-        return clipped / (snr_t + 1.0)
-    if prediction_type == "sample":
-        return clipped
-    raise ValueError(f"prediction_type {prediction_type!r}: expected epsilon, v_prediction or sample")
+    return clipped if divisor is None else clipped / divisor(snr_t)

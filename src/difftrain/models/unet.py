@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Optional
 
 from diffusers import UNet2DConditionModel, UNet2DModel
-
-from difftrain.config import ModelConfig
 
 # Attention only at the lowest resolutions: on CPU full-resolution attention costs far more than it
 # buys (see shared/design/calibration.md), and small data sets do not need it.
@@ -69,31 +67,22 @@ COND_UNET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def unet_class(conditioning: str) -> type:
-    return UNet2DConditionModel if conditioning == "text" else UNet2DModel
-
-
-def unet_kwargs(model_cfg: ModelConfig, resolution: int, channels: int, num_classes: int,
-                cross_attention_dim: int | None = None) -> dict[str, Any]:
-    """The full UNet kwargs for this config (preset, then `model.unet` overrides)."""
-    presets = COND_UNET_PRESETS if model_cfg.conditioning == "text" else UNET_PRESETS
-    kwargs: dict[str, Any] = {} if model_cfg.size == "custom" else dict(presets[model_cfg.size])
-    kwargs.update(sample_size=resolution, in_channels=channels, out_channels=channels)
-    if model_cfg.conditioning == "class":
-        # One extra embedding row is the null class used for classifier-free guidance.
-        kwargs["num_class_embeds"] = num_classes + 1
-    if model_cfg.conditioning == "text":
-        kwargs["cross_attention_dim"] = cross_attention_dim
-    kwargs.update(model_cfg.unet)
+def unet_kwargs(presets: dict[str, dict[str, Any]], size: str, explicit: dict, sample_size: int, channels: int,
+                conditioning_kwargs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The full UNet kwargs: the size preset (none for 'custom'), the data's geometry, the family's conditioning
+    kwargs (e.g. num_class_embeds, cross_attention_dim), then the config's explicit `model.unet` kwargs."""
+    kwargs: dict[str, Any] = {} if size == "custom" else dict(presets[size])
+    kwargs.update(sample_size=sample_size, in_channels=channels, out_channels=channels)
+    kwargs.update(conditioning_kwargs or {})
+    kwargs.update(explicit)
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
         if key in kwargs:
             kwargs[key] = tuple(kwargs[key])
     return kwargs
 
 
-def check_unet_kwargs(kwargs: dict[str, Any], resolution: int, conditioning: str = "none") -> list[str]:
-    """Problems that diffusers would only report as obscure shape errors (or silently ignore)."""
-    cls = unet_class(conditioning)
+def check_unet_kwargs(kwargs: dict[str, Any], resolution: int, cls: type = UNet2DModel) -> list[str]:
+    """Problems that diffusers would only report as obscure shape errors (or silently ignore) for `cls`."""
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
     problems = [
         f"model.unet.{key}: not a {cls.__name__} argument (allowed: {', '.join(sorted(allowed))})"
@@ -118,8 +107,8 @@ def check_unet_kwargs(kwargs: dict[str, Any], resolution: int, conditioning: str
     return problems
 
 
-def build_unet(kwargs: dict[str, Any], conditioning: str = "none") -> UNet2DModel | UNet2DConditionModel:
+def build_unet(kwargs: dict[str, Any], cls: type = UNet2DModel) -> UNet2DModel | UNet2DConditionModel:
     try:
-        return unet_class(conditioning)(**kwargs)
+        return cls(**kwargs)
     except TypeError as exc:
         raise ValueError(f"model.unet: {exc}") from exc

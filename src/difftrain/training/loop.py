@@ -26,7 +26,7 @@ from difftrain.sampling.grid import make_grid, save_png_atomic
 from difftrain.sampling.schedulers import make_scheduler
 from difftrain.training import checkpoint as ckpt
 from difftrain.training import distributed
-from difftrain.training.data_order import micro_batch_generator, sample_indices, stream_position
+from difftrain.data.order import micro_batch_generator, sample_indices, stream_position
 from difftrain.training.export import RunSummary, export_pipeline, push_to_hub, write_model_card
 from difftrain.training.class_images import ensure_class_images
 from difftrain.training.export_latent import export_lora, export_stable_diffusion, write_latent_model_card

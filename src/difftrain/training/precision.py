@@ -168,29 +168,22 @@ def resolve_auto_precision(build_unet: Callable[[], torch.nn.Module], unet_confi
     return share(decided)[0]
 
 
-def resolve_plan_precision(plan, accelerator, make_accelerator: Callable) -> tuple[Any, Any]:
-    """The plan with "auto" replaced by the measured choice (so config.yaml and checkpoints save the
-    choice), and an accelerator for it: a fresh one from `make_accelerator(cfg)` when it is not fp32,
-    since accelerate fixes the precision when it is created (no trackers have started yet)."""
+def resolve_mixed_precision(cfg, family, processes) -> Any:
+    """The config with `train.mixed_precision: auto` replaced by the measured choice (other values as they are).
+
+    Called once, before the Accelerator exists (accelerate fixes the precision when it is created), by training
+    and by `difftrain check`, so config.yaml and every checkpoint save the choice. `family` (planned) gives the
+    network to time; `processes` is accelerate's PartialState (the main process decides, the others follow).
+    """
+    if cfg.train.mixed_precision != "auto":
+        return cfg
     from accelerate.utils import broadcast_object_list
 
-    from difftrain.models.pretrained import load_base_unet, load_base_unet_config
-    from difftrain.models.unet import build_unet
-
-    cfg = plan.cfg
-
-    def build() -> torch.nn.Module:
-        return build_unet(plan.unet_kwargs, cfg.model.conditioning) if plan.base is None else load_base_unet(plan.base)
-
-    unet_config = ({"conditioning": cfg.model.conditioning, **plan.unet_kwargs} if plan.base is None
-                   else dict(load_base_unet_config(plan.base)))
+    spec = family.network_spec()
 
     def share(values: list) -> list:
-        return broadcast_object_list(values) if accelerator.num_processes > 1 else values
+        return broadcast_object_list(values) if processes.num_processes > 1 else values
 
-    text_length = plan.text.max_length if plan.text is not None else None
-    choice = resolve_auto_precision(build, unet_config, accelerator.device, cfg.train.batch_size, text_length,
-                                    accelerator.is_main_process, share)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=choice))
-    plan = dataclasses.replace(plan, cfg=cfg)
-    return plan, (make_accelerator(cfg) if choice != "no" else accelerator)
+    choice = resolve_auto_precision(spec.build, spec.config, processes.device, cfg.train.batch_size,
+                                    spec.text_length, processes.is_main_process, share)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=choice))

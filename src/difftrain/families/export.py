@@ -1,45 +1,19 @@
-"""Turn a finished run into a diffusers pipeline folder with a model card; optionally push it."""
+"""Pipeline folders written whole (save_pretrained into a temporary folder, then moved into place) and the model
+card of pixel-space runs."""
 
 from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-
-from diffusers import DDPMPipeline, UNet2DModel
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from difftrain.config import RunConfig
-from difftrain.errors import HubUploadError
-from difftrain.pipeline import ClassConditionalPipeline, TextToImagePipeline
-from difftrain.sampling.schedulers import make_scheduler
+from difftrain.families.base import RunSummary
 from difftrain.writes import atomic_write_text, check_writable, state_bytes, writing
 
 logger = logging.getLogger(__name__)
 
 EXPORT_ENTRIES = ("model_index.json", "unet", "scheduler", "text_encoder", "tokenizer", "vae")
-
-
-def export_pipeline(
-    unet: UNet2DModel, noise_scheduler: SchedulerMixin, cfg: RunConfig, class_names: list[str], output_dir: Path,
-    text: Optional[tuple] = None,
-) -> None:
-    """Save the pipeline into `output_dir`, replacing a previous export only once the new one is whole.
-
-    Args:
-        text: (text_encoder, tokenizer) for text-conditioned runs.
-    """
-    if cfg.model.conditioning == "text":
-        scheduler = make_scheduler(cfg.sample.scheduler, noise_scheduler.config)
-        pipe = TextToImagePipeline(unet=unet, scheduler=scheduler, text_encoder=text[0], tokenizer=text[1])
-    elif cfg.model.conditioning == "class":
-        scheduler = make_scheduler(cfg.sample.scheduler, noise_scheduler.config)
-        pipe = ClassConditionalPipeline(unet=unet, scheduler=scheduler, class_names=class_names)
-    else:
-        pipe = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
-    save_pipeline_atomically(pipe, output_dir)
 
 
 def pipeline_modules(pipe) -> list:
@@ -69,20 +43,6 @@ def save_pipeline_atomically(pipe, output_dir: Path, what: str = "the exported p
                 dst.unlink()
             src.replace(dst)
     shutil.rmtree(tmp, ignore_errors=True)
-
-
-@dataclass
-class RunSummary:
-    data_description: str
-    num_images: int
-    num_skipped: int
-    steps: int
-    images_seen: int
-    epochs: float
-    num_parameters: int
-    train_seconds: float
-    final_loss: Optional[float]
-    sample_grid: Optional[str]
 
 
 def write_model_card(cfg: RunConfig, summary: RunSummary, class_names: list[str], output_dir: Path) -> None:
@@ -158,24 +118,3 @@ Sample with any scheduler from the command line:
 `difftrain sample {output_dir} --scheduler dpm++ --num-inference-steps 25 --out grid.png`
 """
     atomic_write_text(output_dir / "README.md", text, "the model card")
-
-
-def push_to_hub(output_dir: Path, repo_id: str, private: bool) -> str:
-    """Upload the exported folder (without training checkpoints). Raises HubUploadError with the reason."""
-    from huggingface_hub import create_repo, upload_folder
-
-    try:
-        create_repo(repo_id, private=private, exist_ok=True)
-        info = upload_folder(
-            repo_id=repo_id,
-            folder_path=str(output_dir),
-            ignore_patterns=["checkpoints/*", ".*", "**/.*"],
-            commit_message="Upload difftrain run",
-        )
-    except Exception as exc:  # network, auth, permissions: all reported the same way
-        raise HubUploadError(
-            f"could not push {output_dir} to the hub as {repo_id!r}: {type(exc).__name__}: {exc}. "
-            f"The local export in {output_dir} is complete; push it later with "
-            f"`huggingface-cli upload {repo_id} {output_dir}`."
-        ) from exc
-    return str(getattr(info, "commit_url", repo_id))

@@ -15,19 +15,17 @@ from difftrain.config import RunConfig
 from difftrain.models.lora import LORA_WEIGHTS_NAME, save_lora_weights
 from difftrain.models.pretrained import stable_diffusion_pipeline_class
 from difftrain.pipeline import ADAPTER_BASE_FILE
-from difftrain.sampling.schedulers import make_scheduler
-from difftrain.training.export import RunSummary, pipeline_modules, save_pipeline_atomically
+from difftrain.families.base import RunSummary
+from difftrain.families.export import pipeline_modules, save_pipeline_atomically
 from difftrain.writes import atomic_write_text, save_folder_atomically, state_bytes
 
 logger = logging.getLogger(__name__)
 
 
-def export_stable_diffusion(unet, vae, text_encoder, tokenizer, noise_scheduler: SchedulerMixin, cfg: RunConfig,
-                            output_dir: Path) -> None:
+def export_stable_diffusion(unet, vae, text_encoder, tokenizer, scheduler: SchedulerMixin, output_dir: Path) -> None:
     """A folder that plain `StableDiffusionPipeline.from_pretrained(output_dir)` loads (safety checker off)."""
     pipe = stable_diffusion_pipeline_class()(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=make_scheduler(cfg.sample.scheduler, noise_scheduler.config),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     save_pipeline_atomically(pipe, output_dir)

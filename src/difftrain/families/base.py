@@ -1,0 +1,221 @@
+"""The family interface: what differs between kinds of model, behind one small class per kind.
+
+A family owns its components (denoising network, conditioner, tokenizer, VAE), turns data rows into
+model inputs, calls the network, says which parameters train, builds the sampler for previews and
+evaluation, and exports the pipeline folder. The training loop, the step, sampling and evaluation call
+only this interface; the objective (diffusion/objective.py) decides noise, times, target and weighting.
+
+Life of a family in a run, in call order:
+    check_files -> prepare_before_data -> load_data -> plan -> prepare_after_data      (no model built yet)
+    network_spec (mixed-precision probe) -> build_models -> use_prepared               (after the Accelerator)
+    per micro-batch: rows -> batch -> network (inside autocast) -> reduce_loss
+    sampler / preview_conditions / evaluation_conditions -> export -> write_model_card
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
+
+import torch
+
+from difftrain.config import RunConfig
+from difftrain.data.dataset import ImageDataset
+from difftrain.data.order import sample_indices
+from difftrain.diffusion.objective import Network, Objective
+
+if TYPE_CHECKING:  # only for annotations: the sampler and the run folder sit in other layers
+    from difftrain.sampling.generate import ImageSampler
+
+
+@dataclass
+class Batch:
+    """One micro-batch as model inputs: x0 (pixels in [-1, 1] or scaled latents) and the family's condition
+    (class labels or caption ids after condition dropout, or None), on the device."""
+
+    x0: torch.Tensor
+    condition: Any = None
+
+
+@dataclass
+class Models:
+    """What a family trains and uses, before accelerate prepares it."""
+
+    network: torch.nn.Module
+    """The denoising network (its trained parameters are the ones the EMA follows)."""
+    trained: list[tuple[torch.nn.Module, Optional[float]]] = field(default_factory=list)
+    """Other trained modules and their learning rate (None: train.learning_rate)."""
+    frozen: list[torch.nn.Module] = field(default_factory=list)
+    """Modules the step uses without training them; moved to the device."""
+
+
+@dataclass
+class NetworkSpec:
+    """The denoising network as the mixed-precision probe sees it (training/precision.py)."""
+
+    build: Callable[[], torch.nn.Module]
+    config: dict
+    """Describes the network for the probe's cache key (a cache hit builds nothing)."""
+    text_length: Optional[int] = None
+    """Tokens per prompt of cross-attention inputs, None without text."""
+
+
+@dataclass
+class PreviewLayout:
+    """A preview grid: one row per class or prompt (row_names), or a square grid of unconditional samples."""
+
+    count: int
+    per_row: int
+    labels: Optional[list[int]] = None
+    prompts: Optional[list[str]] = None
+    row_names: Optional[list[str]] = None
+
+
+@dataclass
+class RunSummary:
+    """Numbers of a finished run for the model card."""
+
+    data_description: str
+    num_images: int
+    num_skipped: int
+    steps: int
+    images_seen: int
+    epochs: float
+    num_parameters: int
+    train_seconds: float
+    final_loss: Optional[float]
+    sample_grid: Optional[str]
+
+
+class Family(ABC):
+    """One kind of model. Subclasses set `name`, implement the abstract methods and are listed in
+    families/__init__.py's FAMILIES; `handles(cfg)` says which configs they train."""
+
+    name: ClassVar[str]
+    latent: ClassVar[bool] = False
+    """Whether x0 is a VAE latent (the objective's schedule then never clips x0 to [-1, 1])."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.dataset: Optional[ImageDataset] = None
+        self.num_train_images = 0
+        """Images the epoch count refers to (DreamBooth: the instance images; class images follow them)."""
+
+    @classmethod
+    @abstractmethod
+    def handles(cls, cfg: RunConfig) -> bool:
+        """Whether this family trains `cfg` (the registry asks each family in turn)."""
+
+    # -- before any model is built: nothing here writes unless it starts the run folder itself --------------------
+
+    def check_files(self) -> None:
+        """Checks that need files but no model (a base pipeline's layout, an instance folder)."""
+        instance_dir = self.cfg.data.instance_dir
+        if instance_dir is not None:
+            from difftrain.data.sources import open_source
+
+            if len(open_source(instance_dir, "folder", "train", "image", None, False, None)) == 0:
+                raise ValueError(f"data.instance_dir = {instance_dir!r} holds no images")
+
+    def prepare_before_data(self, run_folder: Any, processes: Any) -> None:
+        """Files the data needs, written into the run folder (e.g. DreamBooth class images).
+
+        `run_folder.start()` creates and locks the folder first; `processes` is accelerate's PartialState.
+        """
+
+    def data_wants(self) -> tuple[bool, bool]:
+        """(labels, captions) the data must provide."""
+        return False, False
+
+    def class_images_dir(self) -> Optional[Path]:
+        """DreamBooth: the folder of class images that follow the instance images in the data set, if any."""
+        return None
+
+    def load_data(self) -> ImageDataset:
+        """Decode the training data (DreamBooth: instance images, then class images); sets `dataset` and
+        `num_train_images`."""
+        from difftrain.data.dataset import load_dreambooth_dataset, load_image_dataset
+
+        if self.cfg.data.instance_dir is not None:
+            self.dataset, self.num_train_images = load_dreambooth_dataset(self.cfg.data, self.class_images_dir())
+        else:
+            labels, captions = self.data_wants()
+            self.dataset = load_image_dataset(self.cfg.data, want_labels=labels, want_captions=captions)
+            self.num_train_images = len(self.dataset)
+        return self.dataset
+
+    @abstractmethod
+    def plan(self) -> None:
+        """Decisions that need the data (classes, captions, text encoder, latent size, network shape); raises
+        ConfigError/ValueError for a bad combination, before anything is written."""
+
+    def prepare_after_data(self, run_folder: Any, processes: Any) -> None:
+        """Work written into the (started) run folder before training (e.g. a latent run's VAE stage)."""
+
+    def base_schedule(self) -> Optional[Any]:
+        """The noise schedule of a fine-tuned base model, which the objective takes over `diffusion.*`."""
+        return None
+
+    # -- models ----------------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def network_spec(self) -> NetworkSpec:
+        """The network to time for `train.mixed_precision: auto`."""
+
+    @abstractmethod
+    def build_models(self, mixed_precision: str) -> Models:
+        """Build or load the components (weights from the seeded global RNG, so after `torch.manual_seed`)."""
+
+    @abstractmethod
+    def use_prepared(self, network: torch.nn.Module, trained: list[torch.nn.Module], accelerator: Any) -> None:
+        """Take the modules accelerate prepared (same order as build_models gave them) and finish the set-up
+        that needs them on `accelerator.device` (text caches, latent caches)."""
+
+    # -- the step --------------------------------------------------------------------------------------------------
+
+    def rows(self, position: int, batch_size: int) -> torch.Tensor:
+        """Data set rows of the micro-batch at `position` of the data stream (data/order.py)."""
+        return sample_indices(self.num_train_images, self.cfg.train.seed, position, batch_size)
+
+    @abstractmethod
+    def batch(self, rows: torch.Tensor, generator: torch.Generator, device: torch.device) -> Batch:
+        """x0 and the condition of these rows, with condition dropout; random draws from `generator`, x0's first."""
+
+    @abstractmethod
+    def network(self, condition: Any) -> Network:
+        """The network bound to a batch's condition (called inside the step's autocast)."""
+
+    def reduce_loss(self, per_example: torch.Tensor) -> torch.Tensor:
+        """The step's loss from the objective's per-example losses."""
+        return per_example.mean()
+
+    def row_names(self, rows: Sequence[int]) -> list[str]:
+        """Names of data set rows for messages (file paths where the source has them)."""
+        names = self.dataset.names if self.dataset is not None else None
+        return [names[r] if names else f"data set row {r}" for r in rows]
+
+    # -- sampling and export ---------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def sampler(self, network: torch.nn.Module) -> "ImageSampler":
+        """An ImageSampler of `network` (the unwrapped network, e.g. carrying the EMA weights) with this family's
+        condition encoder and decoder."""
+
+    @abstractmethod
+    def preview_conditions(self) -> PreviewLayout:
+        """What the preview grids show (sample.* section)."""
+
+    def evaluation_conditions(self, class_names: Sequence[str], num_samples: int,
+                              ) -> tuple[Optional[list[int]], Optional[list[str]]]:
+        """Labels to score (round-robin over classes) and prompts of `num_samples` evaluation samples."""
+        return None, None
+
+    @abstractmethod
+    def export(self, network: torch.nn.Module, objective: Objective, output_dir: Path) -> None:
+        """Write the pipeline folder (or adapters) that diffusers loads."""
+
+    @abstractmethod
+    def write_model_card(self, summary: RunSummary, objective: Objective, output_dir: Path) -> None:
+        """Write OUTPUT_DIR/README.md for the export."""

@@ -1,0 +1,74 @@
+"""Class-conditional pixel-space UNet from scratch: a class embedding whose last row is the null class
+(classifier-free guidance), exported as difftrain's ClassConditionalPipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from difftrain.config import ConfigError, RunConfig
+from difftrain.diffusion.objective import Network, Objective
+from difftrain.families.base import PreviewLayout, RunSummary
+from difftrain.families.export import save_pipeline_atomically, write_model_card
+from difftrain.families.unconditional import UnconditionalPixelFamily
+from difftrain.pipeline import ClassConditionalPipeline
+
+
+class ClassConditionalPixelFamily(UnconditionalPixelFamily):
+    name = "pixel-class"
+
+    @classmethod
+    def handles(cls, cfg: RunConfig) -> bool:
+        return cfg.model.conditioning == "class" and cfg.model.space == "pixel" and cfg.model.pretrained is None
+
+    def data_wants(self) -> tuple[bool, bool]:
+        return True, False
+
+    def plan(self) -> None:
+        dataset = self.dataset
+        self.num_classes = self.cfg.model.num_classes or dataset.num_classes
+        if dataset.labels is not None and int(dataset.labels.max()) >= self.num_classes:
+            raise ConfigError([f"'model.num_classes' = {self.num_classes} but the data has labels up to "
+                               f"{int(dataset.labels.max())}"])
+        if not dataset.class_names or len(dataset.class_names) != self.num_classes:
+            dataset.class_names = [str(i) for i in range(self.num_classes)]
+        super().plan()
+
+    def conditioning_kwargs(self) -> dict[str, Any]:
+        # One extra embedding row is the null class used for classifier-free guidance.
+        return {"num_class_embeds": self.num_classes + 1}
+
+    def condition(self, rows: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        labels = self.dataset.labels[rows].to(device)
+        dropout = self.cfg.train.condition_dropout
+        if dropout > 0:
+            drop = torch.rand(labels.shape, generator=generator, device=device) < dropout
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return labels
+
+    def network(self, condition: Any) -> Network:
+        unet = self.unet
+        return lambda x, t: unet(x, t, class_labels=condition).sample
+
+    def preview_conditions(self) -> PreviewLayout:
+        s = self.cfg.sample
+        classes = list(range(min(self.num_classes, 16)))
+        labels = [c for c in classes for _ in range(s.images_per_class)]
+        return PreviewLayout(count=len(labels), per_row=s.images_per_class, labels=labels,
+                             row_names=[self.dataset.class_names[c] for c in classes])
+
+    def evaluation_conditions(self, class_names: Sequence[str], num_samples: int,
+                              ) -> tuple[Optional[list[int]], Optional[list[str]]]:
+        if not class_names:
+            return None, None
+        return [i % len(class_names) for i in range(num_samples)], None
+
+    def export(self, network: torch.nn.Module, objective: Objective, output_dir: Path) -> None:
+        scheduler = objective.inference_scheduler(self.cfg.sample.scheduler)
+        pipe = ClassConditionalPipeline(unet=network, scheduler=scheduler, class_names=self.dataset.class_names)
+        save_pipeline_atomically(pipe, output_dir)
+
+    def write_model_card(self, summary: RunSummary, objective: Objective, output_dir: Path) -> None:
+        write_model_card(self.cfg, summary, self.dataset.class_names, output_dir)

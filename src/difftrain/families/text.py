@@ -1,0 +1,167 @@
+"""Text-conditioned pixel-space UNet from scratch (diffusers UNet2DConditionModel with cross-attention on a
+transformers text encoder, pretrained or built from the captions), exported as difftrain's TextToImagePipeline.
+
+Its text machinery (captions as ids into a vocabulary, caption dropout to the empty prompt, the encoder
+trained or frozen) is shared by the latent families, which subclass it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from difftrain.config import RunConfig
+from difftrain.diffusion.objective import Network, Objective
+from difftrain.families.base import Models, PreviewLayout, RunSummary
+from difftrain.families.export import save_pipeline_atomically, write_model_card
+from difftrain.families.unconditional import UnconditionalPixelFamily
+from difftrain.models.conditioning import TextConditioner, caption_vocabulary, drop_captions
+from difftrain.models.text import (build_caption_tokenizer, build_scratch_text_encoder, load_pretrained_text_encoder,
+                                   text_hidden_size)
+from difftrain.models.unet import COND_UNET_PRESETS
+from difftrain.pipeline import TextToImagePipeline
+from difftrain.sampling.generate import ImageSampler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TextSetup:
+    """Text conditioning of a run: the encoder, its tokenizer and the captions as ids."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    trainable: bool
+    vocab: list[str]
+    """Distinct captions; the last entry is the empty prompt."""
+    caption_ids: torch.Tensor
+    """(N,) index into vocab per image."""
+    max_length: int = 77
+    """Tokens per prompt."""
+
+
+class TextPixelFamily(UnconditionalPixelFamily):
+    name = "pixel-text"
+    unet_class = UNet2DConditionModel
+    presets = COND_UNET_PRESETS
+
+    @classmethod
+    def handles(cls, cfg: RunConfig) -> bool:
+        return cfg.model.conditioning == "text" and cfg.model.space == "pixel" and cfg.model.pretrained is None
+
+    def data_wants(self) -> tuple[bool, bool]:
+        # Text runs captioned from labels keep the labels: evaluation scores samples per class.
+        return self.cfg.data.caption_template is not None, True
+
+    # -- planning ------------------------------------------------------------------------------------------------
+
+    def text_components(self, vocab: list[str]) -> tuple[Any, torch.nn.Module, bool, int]:
+        """(tokenizer, encoder, trained?, tokens per prompt): a pretrained encoder, or one built from `vocab`."""
+        te = self.cfg.text_encoder
+        if te.pretrained is not None:
+            tokenizer, encoder = load_pretrained_text_encoder(te.pretrained)
+            return tokenizer, encoder, bool(te.train), te.max_length
+        tokenizer = build_caption_tokenizer(vocab, te.max_length)
+        torch.manual_seed(self.cfg.train.seed)  # a from-scratch encoder starts from the run seed
+        return tokenizer, build_scratch_text_encoder(tokenizer, te), True, te.max_length
+
+    def plan(self) -> None:
+        vocab, ids = caption_vocabulary(self.dataset.captions)
+        tokenizer, encoder, trainable, max_length = self.text_components(vocab)
+        tokenizer.model_max_length = max_length  # sampling must use the length the UNet was trained on
+        self.text = TextSetup(tokenizer, encoder, trainable, vocab, ids, max_length)
+        super().plan()
+
+    def conditioning_kwargs(self) -> dict[str, Any]:
+        return {"cross_attention_dim": text_hidden_size(self.text.text_encoder)}
+
+    def network_spec(self):
+        spec = super().network_spec()
+        spec.text_length = self.text.max_length
+        return spec
+
+    # -- models --------------------------------------------------------------------------------------------------
+
+    def text_encoder_models(self, network: torch.nn.Module) -> Models:
+        """`network` with the text encoder: trained (own learning rate) or frozen."""
+        encoder = self.text.text_encoder
+        adapters = self.text_adapters_wanted()
+        encoder.requires_grad_(self.text.trainable and not adapters)
+        if adapters:
+            self.add_text_adapters(encoder)
+        if self.text.trainable:
+            encoder.train()
+            return Models(network, trained=[(encoder, self.cfg.text_encoder.learning_rate)])
+        encoder.eval()
+        return Models(network, frozen=[encoder])
+
+    def text_adapters_wanted(self) -> bool:
+        """Train adapters on the encoder instead of the encoder itself (LoRA fine-tuning); not here."""
+        return False
+
+    def add_text_adapters(self, encoder: torch.nn.Module) -> None:
+        raise NotImplementedError(f"the {self.name} family trains no text-encoder adapters")
+
+    def build_models(self, mixed_precision: str) -> Models:
+        return self.text_encoder_models(super().build_models(mixed_precision).network)
+
+    def use_prepared(self, network: torch.nn.Module, trained: list[torch.nn.Module], accelerator: Any) -> None:
+        super().use_prepared(network, trained, accelerator)
+        # A trained encoder is prepared (checkpointed, synchronised); a frozen one was only moved to the device.
+        self.text_encoder = trained[0] if self.text.trainable else self.text.text_encoder
+        self.exported_text_encoder = accelerator.unwrap_model(self.text_encoder)
+        self.conditioner = TextConditioner(self.text.tokenizer, self.text_encoder, self.text.vocab,
+                                           self.text.max_length, self.text.trainable).to(accelerator.device)
+        self.conditioner.precompute()
+
+    # -- the step ------------------------------------------------------------------------------------------------
+
+    def condition(self, rows: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        return drop_captions(self.text.caption_ids[rows].to(device), self.conditioner.null_index,
+                             self.cfg.train.condition_dropout, generator)
+
+    def network(self, condition: Any) -> Network:
+        unet, states = self.unet, self.conditioner(condition)
+        return lambda x, t: unet(x, t, encoder_hidden_states=states).sample
+
+    # -- sampling and export -------------------------------------------------------------------------------------
+
+    def sampler(self, network: torch.nn.Module) -> ImageSampler:
+        return ImageSampler(network, self.text.tokenizer, self.text_encoder)
+
+    def preview_conditions(self) -> PreviewLayout:
+        s = self.cfg.sample
+        names = list(s.prompts) or self.text.vocab[:-1][:10]
+        prompts = [p for p in names for _ in range(s.images_per_class)]
+        return PreviewLayout(count=len(prompts), per_row=s.images_per_class, prompts=prompts, row_names=names)
+
+    def evaluation_conditions(self, class_names: Sequence[str], num_samples: int,
+                              captions: Optional[Sequence[str]] = None,
+                              ) -> tuple[Optional[list[int]], Optional[list[str]]]:
+        """Runs captioned from labels get each label's caption; DreamBooth runs the instance prompt; other text
+        runs (free captions) `sample.prompts`, else the training captions, round-robin, with no labels to score."""
+        d = self.cfg.data
+        template = d.caption_template
+        if not (template and "{label}" in template and class_names):
+            if captions is None:
+                captions = [c for c in self.text.vocab if c] if hasattr(self, "text") else ()
+            fixed = [d.instance_prompt] if d.instance_dir and d.instance_prompt else list(self.cfg.sample.prompts or captions)
+            if not fixed:
+                raise ValueError("this text model has no per-class captions (data.caption_template with {label}), "
+                                 "no instance prompt and no sample.prompts: set sample.prompts to evaluate it")
+            return None, [fixed[i % len(fixed)] for i in range(num_samples)]
+        labels = [i % len(class_names) for i in range(num_samples)]
+        return labels, [template.format(label=class_names[k]) for k in labels]
+
+    def export(self, network: torch.nn.Module, objective: Objective, output_dir: Path) -> None:
+        pipe = TextToImagePipeline(unet=network, scheduler=objective.inference_scheduler(self.cfg.sample.scheduler),
+                                   text_encoder=self.exported_text_encoder, tokenizer=self.text.tokenizer)
+        save_pipeline_atomically(pipe, output_dir)
+
+    def write_model_card(self, summary: RunSummary, objective: Objective, output_dir: Path) -> None:
+        write_model_card(self.cfg, summary, self.dataset.class_names, output_dir)
