@@ -204,3 +204,17 @@ def best_effort(what: str, path: Path, temporaries: Iterable[Path] = ()) -> Iter
             yield
     except WriteError as exc:
         logger.warning("could not write %s to %s (%s); going on without it", what, path, reason(exc.__cause__ or exc))
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk where the OS allows it; errors are ignored."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -17,16 +17,7 @@ from difftrain.data.check import scan_data
 from difftrain.training import checkpoint as ckpt
 from difftrain.training.numerics import NanInjector, scale_lr
 from difftrain.training.resume_check import check_resume_config, config_changes, is_unsafe, trim_metrics
-
-
-def _state_saver(tensors: dict):
-    def save(directory: Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(directory / "model.safetensors"))
-        torch.save({"state": {}, "param_groups": []}, directory / "optimizer.bin")
-
-    return save
+from tests.checkpoints import save, tiny_accelerator
 
 
 def test_free_space_check_refuses_before_writing(tmp_path: Path):
@@ -39,17 +30,20 @@ def test_free_space_check_refuses_before_writing(tmp_path: Path):
 def test_size_estimate_is_the_previous_checkpoint(tmp_path: Path):
     root = tmp_path / "checkpoints"
     assert ckpt.estimate_checkpoint_bytes(root, 12345) == 12345  # no checkpoint yet: the model-size estimate
-    path = ckpt.write_checkpoint(root, 2, _state_saver({"w": torch.ones(1000)}), {"step": 2})
+    with tiny_accelerator(features=32) as accelerator:
+        path = save(accelerator, root, 2)
     size = ckpt.estimate_checkpoint_bytes(root, 12345)
-    assert size == sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) and size > 4000
+    assert size == sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) and size > 32 * 33 * 4
 
 
 def test_verify_refuses_truncated_and_code_carrying_files(tmp_path: Path):
     root = tmp_path / "checkpoints"
-    good = ckpt.write_checkpoint(root, 2, _state_saver({"w": torch.arange(100.0)}), {"step": 2})
+    with tiny_accelerator() as accelerator:
+        good = save(accelerator, root, 2)
+        truncated = save(accelerator, root, 4)
+        evil = save(accelerator, root, 6)
     ckpt.verify_checkpoint(good)
 
-    truncated = ckpt.write_checkpoint(root, 4, _state_saver({"w": torch.arange(100.0)}), {"step": 4})
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"model.safetensors: cannot be read safely"):
@@ -61,7 +55,6 @@ def test_verify_refuses_truncated_and_code_carrying_files(tmp_path: Path):
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    evil = ckpt.write_checkpoint(root, 6, _state_saver({"w": torch.zeros(1)}), {"step": 6})
     (evil / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Payload()))
     with pytest.raises(ValueError, match=r"custom_checkpoint_0.pkl: cannot be read safely"):
         ckpt.verify_checkpoint(evil)

@@ -16,10 +16,13 @@ from difftrain.training.run_dir import (RUN_FORMAT, RunDirError, check_before_cl
 
 
 def _legacy_run(folder: Path) -> None:
-    """What a run made before run records leaves: a checkpoint whose progress.json names the version."""
+    """What a run made before run records leaves: a checkpoint whose progress.json names the version (as 0.1.0
+    wrote it: without the later `numerics`)."""
     checkpoint = folder / "checkpoints" / "step-000004"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "progress.json").write_text(json.dumps({"step": 4, "difftrain_version": "0.1.0", "config": {}}))
+    (checkpoint / "progress.json").write_text(json.dumps({"step": 4, "images_seen": 32, "epoch": 0.5,
+                                                          "num_processes": 1, "difftrain_version": "0.1.0",
+                                                          "config": {}}))
     (folder / "config.yaml").write_text("train: {}\n")
 
 

@@ -1,28 +1,29 @@
-"""Training-state checkpoints: atomic writes, discovery of the newest one, rotation.
+"""Training-state checkpoints: the one writer, discovery of the newest one, rotation, verification.
 
 A checkpoint is a directory `checkpoints/step-000500/` holding accelerate's `save_state` output
-(model, optimizer, LR schedule, EMA, grad scaler) plus `progress.json`. It is written under a
+(model, optimizer, LR schedule, EMA, grad scaler) plus `progress.json` (progress.py). It is written under a
 temporary name and renamed only when complete, and `progress.json` is written last, so a crash
 mid-write never leaves a directory that looks valid.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from difftrain.errors import DiskSpaceError  # noqa: F401 - raised by ensure_free_space; importable from here
-from difftrain.writes import check_writable, state_bytes, writing
+from difftrain.training.progress import PROGRESS_FILE, ProgressRecord, read_progress, write_progress
+from difftrain.writes import check_writable, fsync_dir, state_bytes, writing
+
+if TYPE_CHECKING:  # accelerate imports torch; run_dir.py imports this module before torch is needed
+    from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
-PROGRESS_FILE = "progress.json"
 
 
 def checkpoint_name(step: int) -> str:
@@ -46,47 +47,20 @@ def latest_checkpoint(checkpoints_dir: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
-def read_progress(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / PROGRESS_FILE).read_text())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def begin_checkpoint(checkpoints_dir: Path, step: int) -> Path:
-    """Create the empty temporary directory a checkpoint is saved into."""
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    tmp = checkpoints_dir / f".tmp-{checkpoint_name(step)}"
+def _begin(tmp: Path) -> None:
+    """Create the empty temporary directory a checkpoint is saved into (a crash's leftover is replaced)."""
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    return tmp
 
 
-def finish_checkpoint(checkpoints_dir: Path, step: int, tmp: Path, progress: dict[str, Any]) -> Path:
-    """Add progress.json to a saved temporary checkpoint and rename it into place."""
-    final = checkpoints_dir / checkpoint_name(step)
-    with writing(f"checkpoint {checkpoint_name(step)}", checkpoints_dir, [tmp]):
-        progress_tmp = tmp / f".{PROGRESS_FILE}.tmp"
-        with open(progress_tmp, "w") as f:
-            json.dump(progress, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        progress_tmp.replace(tmp / PROGRESS_FILE)
-        _fsync_dir(tmp)
+def _finish(checkpoints_dir: Path, tmp: Path, final: Path, record: ProgressRecord) -> None:
+    """Add progress.json, last, to a saved temporary checkpoint and rename it into place."""
+    with writing(f"checkpoint {final.name}", checkpoints_dir, [tmp]):
+        write_progress(tmp, record)
     if final.exists():
         # Re-saving the same step (e.g. the final step after a resume): swap atomically-ish.
-        old = checkpoints_dir / f".old-{checkpoint_name(step)}"
+        old = checkpoints_dir / f".old-{final.name}"
         if old.exists():
             shutil.rmtree(old)
         final.replace(old)
@@ -94,21 +68,41 @@ def finish_checkpoint(checkpoints_dir: Path, step: int, tmp: Path, progress: dic
         shutil.rmtree(old)
     else:
         tmp.replace(final)
-    _fsync_dir(checkpoints_dir)
-    return final
+    fsync_dir(checkpoints_dir)
 
 
-def write_checkpoint(checkpoints_dir: Path, step: int, save_state: Callable[[Path], None], progress: dict[str, Any]) -> Path:
-    """Write a checkpoint atomically: save into a temp dir, add progress.json, then rename.
+def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, record: ProgressRecord,
+                    needed_bytes: int, keep: Optional[int]) -> Path:
+    """Write checkpoints/step-N atomically with `save_state` called on every rank; returns its path.
 
-    Args:
-        save_state: writes the training state into the given (existing, empty) directory.
-        progress: JSON-serialisable bookkeeping (step, images seen, config, version...).
+    FSDP and DeepSpeed write shards from every rank and DDP writes one RNG file per rank, so all ranks
+    save into the main process's temporary directory; only the main process checks the free space
+    (`needed_bytes`), creates, completes, renames and rotates it (keeping the newest `keep`, None: all).
+    One process takes the same path. Every rank must call it.
     """
-    tmp = begin_checkpoint(checkpoints_dir, step)
-    with writing(f"checkpoint {checkpoint_name(step)}", checkpoints_dir, [tmp]):  # a failure removes tmp
-        save_state(tmp)
-    return finish_checkpoint(checkpoints_dir, step, tmp, progress)
+    # Imported here: distributed.py imports torch, which this module must not need at import time.
+    from difftrain.training.distributed import signal_if_injected
+
+    if record.step != step:
+        raise ValueError(f"checkpoint step {step} with a progress record of step {record.step}: they must match")
+    name = checkpoint_name(step)
+    tmp = checkpoints_dir / f".tmp-{name}"
+    final = checkpoints_dir / name
+    if accelerator.is_main_process:
+        ensure_free_space(checkpoints_dir, needed_bytes, f"checkpoint {name}")
+        _begin(tmp)
+    accelerator.wait_for_everyone()
+    # A failure (ENOSPC mid-write, interrupt) removes the temporary; I/O failures become one WriteError line.
+    with writing(f"checkpoint {name}", checkpoints_dir, [tmp] if accelerator.is_main_process else []):
+        accelerator.save_state(str(tmp))
+        signal_if_injected(step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _finish(checkpoints_dir, tmp, final, record)
+        rotate_checkpoints(checkpoints_dir, keep)
+        logger.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
 
 
 def rotate_checkpoints(checkpoints_dir: Path, keep: Optional[int]) -> list[Path]:
@@ -190,9 +184,8 @@ def verify_checkpoint(checkpoint: Path) -> None:
     from safetensors.torch import load_file
 
     try:
-        progress = read_progress(checkpoint)
-        int(progress["step"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        read_progress(checkpoint)
+    except OSError as exc:
         raise ValueError(f"{checkpoint / PROGRESS_FILE}: unreadable ({type(exc).__name__}: {exc})") from exc
     for path in sorted(checkpoint.rglob("*")):
         if not path.is_file() or path.name == PROGRESS_FILE:

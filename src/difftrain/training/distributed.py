@@ -17,14 +17,13 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 
-from difftrain.training import checkpoint as ckpt
-from difftrain.writes import writing
+from difftrain.training.progress import ProgressRecord
 
 logger = logging.getLogger(__name__)
 
@@ -110,44 +109,18 @@ def global_mean(accelerator: Accelerator, value: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(value.detach().clone(), reduction="mean")
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, progress: dict[str, Any],
-                    needed_bytes: int, keep: Optional[int]) -> None:
-    """Write checkpoints/step-N atomically with `save_state` called on every rank.
-
-    FSDP and DeepSpeed write shards from every rank and DDP writes one RNG file per rank, so all ranks
-    save into the main process's temporary directory; only the main process creates, completes,
-    renames and rotates it. Single-process runs take the same path as before.
-    """
-    if accelerator.is_main_process:
-        ckpt.ensure_free_space(checkpoints_dir, needed_bytes, f"checkpoint {ckpt.checkpoint_name(step)}")
-        ckpt.begin_checkpoint(checkpoints_dir, step)
-    accelerator.wait_for_everyone()
-    tmp = checkpoints_dir / f".tmp-{ckpt.checkpoint_name(step)}"
-    # A failure (ENOSPC mid-write, interrupt) removes the temporary; I/O failures become one WriteError line.
-    with writing(f"checkpoint {ckpt.checkpoint_name(step)}", checkpoints_dir,
-                 [tmp] if accelerator.is_main_process else []):
-        accelerator.save_state(str(tmp))
-        signal_if_injected(step)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        path = ckpt.finish_checkpoint(checkpoints_dir, step, tmp, progress)
-        ckpt.rotate_checkpoints(checkpoints_dir, keep)
-        logger.info("saved checkpoint %s", path)
-    accelerator.wait_for_everyone()
-
-
-def note_process_count(progress: dict[str, Any], accelerator: Accelerator, lr_scheduler: Any = None) -> None:
+def note_process_count(progress: ProgressRecord, accelerator: Accelerator, lr_scheduler: Any = None) -> None:
     """Say what a resume on a different number of processes keeps and what it changes.
 
     accelerate steps a prepared LR schedule once per process per optimizer step (setup.py scales the
     schedule's lengths to match), so a schedule saved by N_old processes sits at step x N_old; it is
     moved to step x N_new here, or the learning rate would jump.
     """
-    saved = progress.get("num_processes")
-    if saved is None or int(saved) == accelerator.num_processes:
+    saved = progress.num_processes
+    if saved == accelerator.num_processes:
         return
     if lr_scheduler is not None:
-        _move_schedule(lr_scheduler, int(progress["step"]) * accelerator.num_processes)
+        _move_schedule(lr_scheduler, progress.step * accelerator.num_processes)
     logger.warning(
         "resuming a checkpoint written by %s processes on %d: weights, optimizer, EMA and LR schedule load, but the "
         "global batch is now batch_size x accumulation x %d, so the data order and per-step noise from here on "

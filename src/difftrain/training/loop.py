@@ -32,6 +32,7 @@ from difftrain.training.class_images import ensure_class_images
 from difftrain.training.export_latent import export_lora, export_stable_diffusion, write_latent_model_card
 from difftrain.training.numerics import NonFiniteGuard
 from difftrain.training.precision import resolve_plan_precision
+from difftrain.training.progress import ProgressRecord, read_progress
 from difftrain.training.resume_check import (check_before_resume, keep_resolved_precision, load_newest_checkpoint,
                                              read_saved_config, trim_metrics)
 from difftrain.training.run_dir import RunLock, check_run_dir, claim_run_dir, write_marker
@@ -220,19 +221,18 @@ def save_training_state(plan: RunPlan, accelerator: Accelerator, output_dir: Pat
         numerics: the non-finite policy's state (remedies taken), restored on resume.
         state_bytes: size estimate of the first checkpoint (model, optimizer, EMA); later ones use the previous size.
     """
-    progress = {
-        "step": step,
-        "images_seen": step * plan.global_batch_size,
-        "epoch": step * plan.global_batch_size / plan.num_train_images,
-        "num_processes": accelerator.num_processes,
-        "difftrain_version": difftrain.__version__,
-        "config": plan.cfg.to_dict(),
-        "numerics": numerics or {},
-    }
+    record = ProgressRecord(
+        step=step,
+        images_seen=step * plan.global_batch_size,
+        epoch=step * plan.global_batch_size / plan.num_train_images,
+        num_processes=accelerator.num_processes,
+        difftrain_version=difftrain.__version__,
+        config=plan.cfg.to_dict(),
+        numerics=numerics or {},
+    )
     checkpoints_dir = output_dir / "checkpoints"
     needed = ckpt.estimate_checkpoint_bytes(checkpoints_dir, state_bytes) if accelerator.is_main_process else 0
-    distributed.save_checkpoint(accelerator, checkpoints_dir, step, progress, needed,
-                                plan.cfg.train.checkpoints_total_limit)
+    ckpt.save_checkpoint(accelerator, checkpoints_dir, step, record, needed, plan.cfg.train.checkpoints_total_limit)
 
 
 def resume(accelerator: Accelerator, output_dir: Path, partial: bool = False,
@@ -252,10 +252,10 @@ def resume(accelerator: Accelerator, output_dir: Path, partial: bool = False,
     _, latest = load_newest_checkpoint(accelerator, checkpoints_dir, partial)
     if latest is None:
         return 0
-    progress = ckpt.read_progress(latest)
-    step = int(progress["step"])
+    progress = read_progress(latest)
+    step = progress.step
     if guard is not None:
-        guard.load_state(progress.get("numerics"))
+        guard.load_state(progress.numerics)
     distributed.note_process_count(progress, accelerator, lr_scheduler)
     logger.info("resumed from %s (step %d)", latest, step)
     return step

@@ -24,6 +24,7 @@ import torch
 from accelerate import Accelerator
 
 from difftrain.config import TrainConfig
+from difftrain.training.progress import read_progress
 
 logger = logging.getLogger(__name__)
 
@@ -199,10 +200,8 @@ class NonFiniteGuard:
             resume_at, where = step + 1, "no checkpoint yet: kept the current weights"
             checkpoint_lr_scale = self.state.lr_scale
         else:
-            from difftrain.training.checkpoint import read_progress
-
             resume_at, where = loaded_step, f"rolled back to {path.name}"
-            checkpoint_lr_scale = float(read_progress(path).get("numerics", {}).get("lr_scale", 1.0))
+            checkpoint_lr_scale = float(read_progress(path).numerics.get("lr_scale", 1.0))
         kind, target = self._next_remedy()
         if kind == "precision":
             self.set_precision(target)

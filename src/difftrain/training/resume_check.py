@@ -17,6 +17,7 @@ from accelerate import Accelerator
 
 from difftrain.config import ConfigError, RunConfig, config_from_dict, section_from_dict
 from difftrain.training import checkpoint as ckpt
+from difftrain.training.progress import read_progress
 from difftrain.writes import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -112,11 +113,9 @@ def _checkpoint_config(output_dir: Path) -> tuple[Optional[dict], Optional[Path]
     """The config saved in the newest checkpoint whose progress file reads back."""
     for _, path in reversed(ckpt.list_checkpoints(output_dir / "checkpoints")):
         try:
-            saved = ckpt.read_progress(path).get("config")
+            return read_progress(path).config, path
         except (OSError, ValueError):
             continue  # a damaged checkpoint is reported when it is loaded; the one before it decides
-        if isinstance(saved, dict):
-            return saved, path
     return None, None
 
 
@@ -183,7 +182,7 @@ def load_newest_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, part
             logger.warning("checkpoint %s could not be loaded (%s: %s); trying the previous one", path,
                            type(exc).__name__, str(exc)[:300])
             continue
-        return int(ckpt.read_progress(path).get("step", step)), path
+        return read_progress(path).step, path
     if failures:
         raise ValueError(f"no checkpoint in {checkpoints_dir} could be loaded:\n" + "\n".join(
             f"  - {f}" for f in failures) + "\nMove the checkpoints folder away to start this run from step 0.")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from difftrain.training import checkpoint as ckpt
+from difftrain.training.progress import read_progress
 from difftrain.writes import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -69,11 +70,9 @@ def legacy_run_version(output_dir: Path) -> Optional[str]:
     """
     for _, path in reversed(ckpt.list_checkpoints(output_dir / "checkpoints")):
         try:
-            progress = ckpt.read_progress(path)
-        except (OSError, UnicodeDecodeError, ValueError):
+            return read_progress(path).difftrain_version
+        except (OSError, ValueError):  # ValueError: damaged, or not a progress file difftrain wrote
             continue
-        if isinstance(progress, dict) and "difftrain_version" in progress and isinstance(progress.get("config"), dict):
-            return str(progress["difftrain_version"])
     return None
 
 
