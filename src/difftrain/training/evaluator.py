@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from difftrain.evaluation.evaluate import conditioning_for, held_out_test_split, reference_from_dataset, score_samples
-from difftrain.pipeline import generate_conditioned
-from difftrain.sampling.schedulers import make_scheduler
+from difftrain.evaluation.evaluate import held_out_test_split, reference_from_dataset, score_samples
 from difftrain.training.distributed import generate_sharded
+from difftrain.training.previews import EmaWeights
+from difftrain.training.run_files import MetricsLog
+from difftrain.training.step import TrainingRun
 from difftrain.writes import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -29,39 +31,34 @@ class TrainingEvaluator:
     Only the scoring process builds the reference set, so its caches have one writer.
     """
 
-    def __init__(self, plan, output_dir: Path, device: torch.device, scores: bool = True):
-        cfg, t = plan.cfg, plan.cfg.train
+    def __init__(self, run: TrainingRun, output_dir: Path, scores: bool = True):
+        cfg, t, dataset = run.cfg, run.cfg.train, run.plan.dataset
         self.cfg = cfg
-        labelled = plan.dataset.labels is not None
+        labelled = dataset.labels is not None
         test = held_out_test_split(cfg.data, True) if labelled and cfg.data.instance_dir is None else None
         self.ref = None
         if scores:
-            self.ref = reference_from_dataset(plan.dataset, t.eval_num_reference, t.eval_inception, labelled, device,
-                                              test)
+            self.ref = reference_from_dataset(dataset, t.eval_num_reference, t.eval_inception, labelled,
+                                              run.accelerator.device, test)
         self.best_dir = output_dir / "best"
-        self.device = device
 
     @torch.no_grad()
-    def evaluate(self, plan, parts, unet) -> Optional[dict]:
+    def evaluate(self, run: TrainingRun, network: torch.nn.Module) -> Optional[dict]:
         """Sample (sharded over the processes; every rank must call this) and score; None on non-scoring ranks."""
-        cfg, s, n = self.cfg, self.cfg.sample, self.cfg.train.eval_num_samples
-        captions = [c for c in plan.text.vocab if c] if plan.text is not None else ()
-        # The reference set is built from plan.dataset, so its class names are the data set's on every rank.
-        class_names = self.ref.class_names if self.ref is not None else list(plan.dataset.class_names or [])
-        labels, prompts = conditioning_for(cfg, class_names, n, captions)
-        scheduler = make_scheduler(s.scheduler, parts.noise_scheduler.config)
-
-        text = plan.text is not None
+        s, n = self.cfg.sample, self.cfg.train.eval_num_samples
+        # The reference set is built from the training data, so its class names are the data set's on every rank.
+        class_names = self.ref.class_names if self.ref is not None else list(run.plan.dataset.class_names or [])
+        labels, prompts = run.family.evaluation_conditions(class_names, n)
+        scheduler = run.objective.inference_scheduler(s.scheduler)
+        sampler = run.family.sampler(network)
 
         def make(indices: list[int]) -> torch.Tensor:
-            return generate_conditioned(
-                unet, scheduler, [s.seed + _EVAL_SEED_OFFSET + i for i in indices],
+            return sampler.generate(
+                scheduler, [s.seed + _EVAL_SEED_OFFSET + i for i in indices],
                 num_inference_steps=s.num_inference_steps,
                 labels=[labels[i] for i in indices] if labels is not None else None,
                 prompts=[prompts[i] for i in indices] if prompts is not None else None,
-                tokenizer=plan.text.tokenizer if text else None, text_encoder=parts.text_encoder if text else None,
-                vae=parts.latents.vae if text and parts.latents else None, guidance_scale=s.guidance_scale,
-                batch_size=s.batch_size)
+                guidance_scale=s.guidance_scale, batch_size=s.batch_size)
 
         samples = generate_sharded(make, n)
         if self.ref is None:
@@ -90,3 +87,22 @@ class TrainingEvaluator:
                                             "metrics": report}, indent=2) + "\n", "the best-export record")
         logger.info("best so far by %s at step %d: %s -> %s", self.cfg.train.keep_best_by, step,
                     report[self.cfg.train.keep_best_by], self.best_dir)
+
+
+def evaluate_during_training(run: TrainingRun, evaluator: TrainingEvaluator, output_dir: Path, metrics: MetricsLog,
+                             step: int) -> None:
+    """Score EMA samples, log them, and keep the best export when they beat it."""
+    start = time.perf_counter()
+    with EmaWeights(run) as network:
+        report = evaluator.evaluate(run, network)  # every rank samples a share; the main one scores
+        if report is None:
+            return
+        numbers = {k: v for k, v in report.items() if isinstance(v, float)}
+        run.accelerator.get_tracker("tensorboard", unwrap=False).log({f"eval/{k}": v for k, v in numbers.items()},
+                                                                     step=step)
+        metrics.append({"step": step, "eval": report})
+        logger.info("eval at step %d (%.0f s): %s", step, time.perf_counter() - start,
+                    ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
+        if evaluator.improves(report):
+            run.family.export(network, run.objective, evaluator.best_dir)
+            evaluator.record_best(report, step)

@@ -81,11 +81,16 @@ def build_objective(cfg: RunConfig, family: Family) -> Objective:
     return OBJECTIVES["ddpm"].from_config(cfg.diffusion, latent=family.latent, base_schedule=family.base_schedule())
 
 
+def check_mixed_precision(cfg: RunConfig) -> None:
+    """Refuse a precision this machine cannot run, before anything is read or written."""
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(["'train.mixed_precision' = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on CPU"])
+
+
 def make_accelerator(cfg: RunConfig, output_dir: Path) -> Accelerator:
     """The run's Accelerator, for a config whose mixed precision is resolved (training/precision.py)."""
     assert cfg.train.mixed_precision != "auto", "resolve_mixed_precision runs before the Accelerator exists"
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError(["'train.mixed_precision' = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on CPU"])
+    check_mixed_precision(cfg)
     # accelerate keeps mixed precision and accumulation settings in process-wide singletons; a second
     # run in the same process (library use, tests) must start from a clean state. The process-group
     # part (PartialState) is kept, so distributed launches are unaffected.
@@ -134,6 +139,8 @@ class Trainables:
     """The prepared denoising network."""
     trained: list[torch.nn.Module]
     """Every prepared trained module: the network first, then the family's other trained modules."""
+    frozen: list[torch.nn.Module]
+    """Modules the family uses without training them (a frozen text encoder, the VAE)."""
     ema: Optional[EMAModel]
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -180,7 +187,7 @@ def build_trainables(cfg: RunConfig, family: Family, max_steps: int, accelerator
     partial = any(not p.requires_grad for model in trained for p in model.parameters())
     if partial:
         trainable_only_checkpoints(accelerator)
-    parts = Trainables(trained[0], trained, None, optimizer, lr_scheduler, partial_checkpoints=partial)
+    parts = Trainables(trained[0], trained, models.frozen, None, optimizer, lr_scheduler, partial_checkpoints=partial)
     if t.use_ema:
         # foreach: one multi-tensor update instead of one per parameter (benchmarks/step_components.py).
         parts.ema = DeviceEMAModel(parts.ema_parameters(accelerator), decay=t.ema_decay,
