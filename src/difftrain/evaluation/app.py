@@ -20,8 +20,9 @@ from difftrain.evaluation.evaluate import (
     prepare_reference,
     score_samples,
 )
-from difftrain.pipeline import generate_conditioned, load_pipeline, scheduler_for
+from difftrain.pipeline import load_pipeline, scheduler_for
 from difftrain.sampling.args import count_problem, raise_problems, scale_problem
+from difftrain.sampling.generate import generate_conditioned
 from difftrain.writes import atomic_write_text, check_file_writable
 
 logger = logging.getLogger(__name__)

@@ -15,8 +15,9 @@ import torch
 import yaml
 from PIL import Image
 
-from difftrain.pipeline import TextToImagePipeline, generate, generate_from_text, load_pipeline, null_class, scheduler_for
+from difftrain.pipeline import TextToImagePipeline, load_pipeline, scheduler_for
 from difftrain.sampling.args import count_problem, raise_problems
+from difftrain.sampling.generate import generate, generate_from_text, null_class
 from difftrain.sampling.grid import make_grid, png_bytes_estimate, save_png_atomic
 from difftrain.sampling.sample import parse_seeds
 from difftrain.writes import check_file_writable, check_writable

@@ -40,7 +40,8 @@ def ensure_class_images(cfg: RunConfig, device: torch.device, rank: int = 0, wor
     (distinct files, so no two processes write one), and `barrier` runs after every rank has listed the
     folder, so no rank counts another's new images as already there.
     """
-    from difftrain.pipeline import generate_from_text, scheduler_for
+    from difftrain.pipeline import scheduler_for
+    from difftrain.sampling.generate import generate_from_text
     from difftrain.models.pretrained import resolve, stable_diffusion_pipeline_class
 
     folder = class_dir_for(cfg)

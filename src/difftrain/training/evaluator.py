@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from difftrain.evaluation.evaluate import conditioning_for, held_out_test_split, reference_from_dataset, score_samples
-from difftrain.pipeline import generate_conditioned
+from difftrain.sampling.generate import generate_conditioned
 from difftrain.sampling.schedulers import make_scheduler
 from difftrain.training.distributed import generate_sharded
 from difftrain.writes import atomic_write_text

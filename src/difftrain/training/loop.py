@@ -21,7 +21,7 @@ from difftrain.config import RunConfig, dump_config
 from difftrain.data.transforms import random_hflip, to_model_range
 from difftrain.diffusion.loss import denoising_loss, prior_preservation_loss, sample_noise
 from difftrain.models.conditioning import drop_captions
-from difftrain.pipeline import generate_conditioned
+from difftrain.sampling.generate import generate_conditioned
 from difftrain.sampling.grid import make_grid, save_png_atomic
 from difftrain.sampling.schedulers import make_scheduler
 from difftrain.training import checkpoint as ckpt
