@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine  # noqa: E402
 
-from difftrain.evaluation.app import generate_for_run, load_run_config, run_reference  # noqa: E402
+from difftrain.commands.evaluate import generate_for_run, load_run_config, run_reference  # noqa: E402
 from difftrain.evaluation.evaluate import conditioning_for, score_samples  # noqa: E402
 from difftrain.pipeline import load_pipeline, scheduler_for  # noqa: E402
 
