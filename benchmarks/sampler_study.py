@@ -21,9 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine  # noqa: E402
 
-from difftrain.evaluation.app import generate_for_run, load_run_config, run_reference  # noqa: E402
+from difftrain.commands.evaluate import load_run_config, run_reference  # noqa: E402
 from difftrain.evaluation.evaluate import conditioning_for, score_samples  # noqa: E402
 from difftrain.pipeline import load_pipeline, scheduler_for  # noqa: E402
+from difftrain.sampling.generate import ImageSampler  # noqa: E402
 
 
 def main() -> None:
@@ -46,6 +47,7 @@ def main() -> None:
     ref = run_reference(cfg, num_reference=2000, use_inception=use_inception)
     metric = "fid" if use_inception else "classifier_fid"
     pipe = load_pipeline(args.run_dir, device="cpu")
+    sampler = ImageSampler.from_pipeline(pipe)
     guidance = cfg.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
     labels, prompts = conditioning_for(cfg, ref.class_names, args.num_samples)
     seeds = list(range(args.seed_offset, args.seed_offset + args.num_samples))
@@ -56,9 +58,8 @@ def main() -> None:
     results = []
     for name, steps in points:
         start = time.perf_counter()
-        samples = generate_for_run(pipe, cfg, scheduler_for(pipe, name), seeds, labels, prompts,
-                                   num_inference_steps=steps, guidance_scale=guidance, batch_size=args.batch_size,
-                                   device="cpu")
+        samples = sampler.generate(scheduler_for(pipe, name), seeds, num_inference_steps=steps, labels=labels,
+                                   prompts=prompts, guidance_scale=guidance, batch_size=args.batch_size, device="cpu")
         seconds = time.perf_counter() - start
         report = score_samples(ref, samples, labels)
         row = {"scheduler": name, "steps": steps, metric: report[metric], "accuracy": report.get("accuracy"),

@@ -99,7 +99,7 @@ def main() -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     print(f"Machine: {describe_machine()}", flush=True)
 
-    from difftrain.evaluation.app import run_reference
+    from difftrain.commands.evaluate import run_reference
     from difftrain.evaluation.evaluate import conditioning_for
 
     cfg = preset_config(args.mnist)

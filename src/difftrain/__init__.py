@@ -3,7 +3,8 @@
 Public API (imported lazily, so `difftrain --help` does not load torch):
     load_config, RunConfig, ConfigError                 configuration (difftrain.config)
     train                                               run or resume training (difftrain.training.loop)
-    load_pipeline, ClassConditionalPipeline, generate   inference on exported runs (difftrain.pipeline)
+    load_pipeline, ClassConditionalPipeline             inference on exported runs (difftrain.pipeline)
+    generate, generate_from_text                        sampling from a UNet (difftrain.sampling.generate)
 """
 
 from importlib import import_module
@@ -17,10 +18,10 @@ _LAZY = {
     "load_config": "difftrain.config",
     "train": "difftrain.training.loop",
     "ClassConditionalPipeline": "difftrain.pipeline",
-    "generate": "difftrain.pipeline",
+    "generate": "difftrain.sampling.generate",
     "load_pipeline": "difftrain.pipeline",
     "TextToImagePipeline": "difftrain.pipeline",
-    "generate_from_text": "difftrain.pipeline",
+    "generate_from_text": "difftrain.sampling.generate",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -178,7 +178,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from difftrain.sampling.app import sample_run
+    from difftrain.commands.sample import sample_run
 
     path = sample_run(
         Path(args.run_dir), scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
@@ -191,7 +191,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from difftrain.evaluation.app import evaluate_run
+    from difftrain.commands.evaluate import evaluate_run
 
     evaluate_run(
         Path(args.run_dir), reference=args.reference, reference_split=args.reference_split,

@@ -208,7 +208,7 @@ def test_a_failing_rank_ends_the_launch_with_its_error(tmp_path: Path):
 
 
 def test_evaluate_shards_its_seeds_over_two_processes(two_process_run: Path, tmp_path: Path):
-    from difftrain.evaluation.app import evaluate_run
+    from difftrain.commands.evaluate import evaluate_run
 
     args = ["--num-samples", "9", "--num-reference", "40", "--num-inference-steps", "2", "--no-inception"]
     out = tmp_path / "two.json"

@@ -11,7 +11,7 @@ import pytest
 from difftrain.config import DataConfig, load_config
 from difftrain.data.dataset import load_image_dataset
 from difftrain.evaluation.evaluate import reference_from_dataset, score_samples
-from difftrain.pipeline import generate
+from difftrain.sampling.generate import generate
 from difftrain.sampling.schedulers import make_scheduler
 from difftrain.training.loop import train
 

@@ -8,7 +8,7 @@ from diffusers import UNet2DModel
 
 from difftrain.config import DiffusionConfig
 from difftrain.diffusion.schedule import build_noise_scheduler
-from difftrain.pipeline import generate
+from difftrain.sampling.generate import generate
 from difftrain.sampling.grid import make_grid
 from difftrain.sampling.guidance import guided_prediction
 from difftrain.sampling.sample import parse_seeds, sample

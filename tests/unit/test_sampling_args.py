@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from difftrain.evaluation.app import evaluate_run
-from difftrain.sampling.app import parse_guidance_scales, sample_run
+from difftrain.commands.evaluate import evaluate_run
+from difftrain.commands.sample import parse_guidance_scales, sample_run
 from difftrain.sampling.args import count_problem, scale_problem
 
 

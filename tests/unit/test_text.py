@@ -137,7 +137,7 @@ def test_generate_conditioned_samples_text_in_eval_mode_and_restores_the_mode():
     that the mnist-text preset uses (addition_embed_type "text")."""
     from diffusers import UNet2DConditionModel
 
-    from difftrain.pipeline import generate_conditioned, generate_from_text
+    from difftrain.sampling.generate import generate_conditioned, generate_from_text
     from difftrain.sampling.schedulers import make_scheduler
 
     tokenizer, encoder = _encoder()

@@ -40,7 +40,8 @@ def ensure_class_images(cfg: RunConfig, device: torch.device, rank: int = 0, wor
     (distinct files, so no two processes write one), and `barrier` runs after every rank has listed the
     folder, so no rank counts another's new images as already there.
     """
-    from difftrain.pipeline import generate_from_text, scheduler_for
+    from difftrain.pipeline import scheduler_for
+    from difftrain.sampling.generate import ImageSampler
     from difftrain.models.pretrained import resolve, stable_diffusion_pipeline_class
 
     folder = class_dir_for(cfg)
@@ -66,16 +67,15 @@ def ensure_class_images(cfg: RunConfig, device: torch.device, rank: int = 0, wor
     pipe.to(device)
     s = cfg.sample
     scheduler = scheduler_for(pipe, s.scheduler)
+    sampler = ImageSampler.from_pipeline(pipe)
     for start in range(0, len(indices), s.batch_size):
         chunk = indices[start : start + s.batch_size]
-        images = generate_from_text(
-            pipe.unet, scheduler, pipe.tokenizer, pipe.text_encoder, [cfg.data.class_prompt] * len(chunk), chunk,
-            num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, batch_size=s.batch_size,
-            device=device, vae=pipe.vae,
-        )
+        images = sampler.generate(scheduler, chunk, num_inference_steps=s.num_inference_steps,
+                                  prompts=[cfg.data.class_prompt] * len(chunk), guidance_scale=s.guidance_scale,
+                                  batch_size=s.batch_size, device=device)
         for index, image in zip(chunk, images):
             array = image.permute(1, 2, 0).numpy()
             save_png_atomic(Image.fromarray(array[..., 0] if array.shape[2] == 1 else array),
                             folder / f"class-{index:05d}.png", "a class image")
-    del pipe
+    del pipe, sampler
     return folder

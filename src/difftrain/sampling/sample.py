@@ -2,13 +2,14 @@
 
 Image i starts from noise drawn by its own generator seeded with seeds[i], and stochastic schedulers
 draw their step noise from the same per-image generators, so an image depends on its seed only, not
-on the batch it was generated in.
+on the batch it was generated in. A caller may pass its own torch.Generator for an image instead of
+a seed (the pipelines' `generator=`, as in diffusers).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -16,12 +17,17 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from difftrain.sampling.guidance import Denoiser, guided_prediction
 
+# What decides an image's noise: an int seed (a fresh generator on the sampling device is seeded with it)
+# or a generator of the caller's, which is drawn from as it stands. One generator given for several images
+# is drawn from image after image, so those images depend on the batch, as with diffusers' one generator.
+Seed = Union[int, torch.Generator]
+
 
 def sample(
     denoiser: Denoiser,
     scheduler: SchedulerMixin,
     shape: tuple[int, int, int],
-    seeds: Sequence[int],
+    seeds: Sequence[Seed],
     *,
     num_inference_steps: int,
     cond: Optional[torch.Tensor] = None,
@@ -34,6 +40,7 @@ def sample(
     """Generate len(seeds) samples of `shape` (C, H, W); returns float tensors in model space.
 
     Args:
+        seeds: one per image, an int or a torch.Generator (`Seed`).
         denoiser: (x_t, t, cond) -> model output in the scheduler's prediction type.
         scheduler: a fresh diffusers scheduler (it is reset for every batch).
         cond: per-image conditioning, batch-first with len(seeds) rows, or None.
@@ -54,7 +61,8 @@ def sample(
     outputs = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
-        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in chunk]
+        generators = [s if isinstance(s, torch.Generator) else torch.Generator(device=device).manual_seed(int(s))
+                      for s in chunk]
         x = randn_tensor((len(chunk), *shape), generator=generators, device=device)
         scheduler.set_timesteps(num_inference_steps, device=device)
         if hasattr(scheduler, "set_begin_index"):

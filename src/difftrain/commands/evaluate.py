@@ -20,26 +20,15 @@ from difftrain.evaluation.evaluate import (
     prepare_reference,
     score_samples,
 )
-from difftrain.pipeline import generate_conditioned, load_pipeline, scheduler_for
+from difftrain.pipeline import load_pipeline, scheduler_for
 from difftrain.sampling.args import count_problem, raise_problems, scale_problem
+from difftrain.sampling.generate import ImageSampler
 from difftrain.writes import atomic_write_text, check_file_writable
 
 logger = logging.getLogger(__name__)
 
 # A JSON report with per-class accuracies of up to a few thousand classes stays well under this.
 _REPORT_BYTES = 1 << 20
-
-
-def generate_for_run(pipe, cfg: RunConfig, scheduler, seeds: list[int], labels: Optional[list[int]],
-                     prompts: Optional[list[str]], *, num_inference_steps: int, guidance_scale: float,
-                     batch_size: int = 64, device: Optional[str] = None) -> torch.Tensor:
-    """Samples of a loaded run for the labels/prompts of `conditioning_for`: uint8 (N, C, H, W)."""
-    text = cfg.model.conditioning == "text"
-    return generate_conditioned(pipe.unet, scheduler, seeds, num_inference_steps=num_inference_steps, labels=labels,
-                                prompts=prompts, tokenizer=pipe.tokenizer if text else None,
-                                text_encoder=pipe.text_encoder if text else None,
-                                vae=getattr(pipe, "vae", None) if text else None, guidance_scale=guidance_scale,
-                                batch_size=batch_size, device=device)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -119,16 +108,16 @@ def evaluate_run(
     sched = scheduler_for(pipe, scheduler or cfg.sample.scheduler)
     steps = num_inference_steps if num_inference_steps is not None else cfg.sample.num_inference_steps
     guidance = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
+    sampler = ImageSampler.from_pipeline(pipe)
     labels, prompts = conditioning_for(cfg, class_names, num_samples)
     logger.info("sampling %d images (%s, %d steps, guidance %.2f) on %s", num_samples, type(sched).__name__, steps,
                 guidance, device)
 
     def make(indices: list[int]) -> torch.Tensor:
-        return generate_for_run(pipe, cfg, sched, [seed + i for i in indices],
-                                [labels[i] for i in indices] if labels is not None else None,
-                                [prompts[i] for i in indices] if prompts is not None else None,
-                                num_inference_steps=steps, guidance_scale=guidance, batch_size=batch_size,
-                                device=device)
+        return sampler.generate(sched, [seed + i for i in indices], num_inference_steps=steps,
+                                labels=[labels[i] for i in indices] if labels is not None else None,
+                                prompts=[prompts[i] for i in indices] if prompts is not None else None,
+                                guidance_scale=guidance, batch_size=batch_size, device=device)
 
     samples = generate_sharded(make, num_samples)
     if not main:

@@ -15,8 +15,9 @@ import torch
 import yaml
 from PIL import Image
 
-from difftrain.pipeline import TextToImagePipeline, generate, generate_from_text, load_pipeline, null_class, scheduler_for
+from difftrain.pipeline import load_pipeline, scheduler_for
 from difftrain.sampling.args import count_problem, raise_problems
+from difftrain.sampling.generate import ImageSampler
 from difftrain.sampling.grid import make_grid, png_bytes_estimate, save_png_atomic
 from difftrain.sampling.sample import parse_seeds
 from difftrain.writes import check_file_writable, check_writable
@@ -94,13 +95,12 @@ def sample_run(
     sched = scheduler_for(pipe, scheduler or defaults.get("scheduler"))
     steps = num_inference_steps if num_inference_steps is not None else defaults.get("num_inference_steps", 25)
     scales = requested_scales or [float(defaults.get("guidance_scale", 1.0))]
-    # Pixel text models (TextToImagePipeline) and Stable Diffusion style pipelines (with a VAE).
-    is_text = isinstance(pipe, TextToImagePipeline) or getattr(pipe, "text_encoder", None) is not None
-    vae = getattr(pipe, "vae", None)
-    null = None if is_text else null_class(pipe.unet)
+    sampler = ImageSampler.from_pipeline(pipe)
+    # Text: pixel text models (TextToImagePipeline) and Stable Diffusion style pipelines (with a VAE).
+    is_text = sampler.kind == "text"
     if prompts and not is_text:
         raise ValueError(f"--prompt needs a text-conditioned model; {run_dir} is not one")
-    if class_label is not None and (is_text or null is None):
+    if class_label is not None and sampler.kind != "class":
         raise ValueError(f"--class-label {class_label!r} needs a class-conditional model; {run_dir} is not one")
     if negative_prompt is not None and not is_text:
         raise ValueError(f"--negative-prompt needs a text-conditioned model; {run_dir} is not one")
@@ -112,9 +112,10 @@ def sample_run(
         if not rows:
             raise ValueError(f"{run_dir} is a text-to-image model: give --prompt \"...\" (repeat for several)")
         row_labels = rows
-    elif null is not None:
-        class_names = list(getattr(pipe.config, "class_names", None) or [str(i) for i in range(null)])
-        rows = parse_class_labels(class_label, class_names, null) if class_label else list(range(null))
+    elif sampler.kind == "class":
+        num_classes = sampler.num_classes
+        class_names = list(getattr(pipe.config, "class_names", None) or [str(i) for i in range(num_classes)])
+        rows = parse_class_labels(class_label, class_names, num_classes) if class_label else list(range(num_classes))
         row_labels = [class_names[c] for c in rows]
     elif len(scales) > 1 or scales[0] != 1.0:
         raise ValueError(f"--guidance-scale {guidance_scale} needs a conditional model; {run_dir} is unconditional")
@@ -139,14 +140,11 @@ def sample_run(
         seeds = [s for _, s in chosen]
         logger.info("sampling %d images with %s, %d steps, guidance %.2f on %s", len(seeds), type(sched).__name__,
                     steps, scale, device)
-        if is_text:
-            out_images = generate_from_text(pipe.unet, sched, pipe.tokenizer, pipe.text_encoder, [r for r, _ in chosen],
-                                            seeds, num_inference_steps=steps, negative_prompt=negative_prompt or "",
-                                            guidance_scale=scale, batch_size=batch_size, device=device, vae=vae)
-        else:
-            labels = None if null is None else [r for r, _ in chosen]
-            out_images = generate(pipe.unet, sched, seeds, num_inference_steps=steps, class_labels=labels,
-                                  guidance_scale=scale, batch_size=batch_size, device=device)
+        conditions = [r for r, _ in chosen]
+        out_images = sampler.generate(sched, seeds, num_inference_steps=steps,
+                                      labels=conditions if sampler.kind == "class" else None,
+                                      prompts=conditions if is_text else None, negative_prompt=negative_prompt or "",
+                                      guidance_scale=scale, batch_size=batch_size, device=device)
         if images.numel() == 0:
             images = torch.empty((len(entries), *out_images.shape[1:]), dtype=torch.uint8)
         positions = [i for i, (_, _, sc) in enumerate(entries) if sc == scale]
