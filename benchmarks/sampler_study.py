@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine  # noqa: E402
 
 from difftrain.commands.evaluate import load_run_config, run_reference  # noqa: E402
-from difftrain.evaluation.evaluate import conditioning_for, score_samples  # noqa: E402
+from difftrain.evaluation.evaluate import score_samples  # noqa: E402
+from difftrain.families import family_for  # noqa: E402
 from difftrain.pipeline import load_pipeline, scheduler_for  # noqa: E402
 from difftrain.sampling.generate import ImageSampler  # noqa: E402
 
@@ -49,7 +50,7 @@ def main() -> None:
     pipe = load_pipeline(args.run_dir, device="cpu")
     sampler = ImageSampler.from_pipeline(pipe)
     guidance = cfg.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    labels, prompts = conditioning_for(cfg, ref.class_names, args.num_samples)
+    labels, prompts = family_for(cfg).evaluation_conditions(ref.class_names, args.num_samples)
     seeds = list(range(args.seed_offset, args.seed_offset + args.num_samples))
 
     points = [(name, int(n)) for name in args.schedulers.split(",") for n in args.steps.split(",")]

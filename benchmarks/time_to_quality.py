@@ -100,13 +100,13 @@ def main() -> None:
     print(f"Machine: {describe_machine()}", flush=True)
 
     from difftrain.commands.evaluate import run_reference
-    from difftrain.evaluation.evaluate import conditioning_for
+    from difftrain.families import family_for
 
     cfg = preset_config(args.mnist)
     ref = run_reference(cfg, use_inception=False)
     print(f"reference classifier: test accuracy {ref.classifier.test_accuracy:.4f} on {ref.classifier.num_test} "
           "MNIST test images", flush=True)
-    labels, prompts = conditioning_for(cfg, ref.class_names, args.num_samples)
+    labels, prompts = family_for(cfg).evaluation_conditions(ref.class_names, args.num_samples)
 
     ours, sampler = train_difftrain(args)
     seed = run_seed(args, ref, labels, prompts)

@@ -114,13 +114,15 @@ def test_channels_last_changes_the_memory_layout_not_the_math(tmp_path: Path):
 
 
 def test_compile_is_in_place_so_parameter_names_stay_plain(tmp_path: Path):
+    from difftrain.families import family_for
     from difftrain.training.setup import build_trainables, make_accelerator, plan_run
 
     cfg = load_config("tiny/digits-class", ["train.compile=true", "train.mixed_precision=no"],
                       output_dir=str(tmp_path / "run"))
     accelerator = make_accelerator(cfg, tmp_path / "run")
-    parts = build_trainables(plan_run(cfg), accelerator)
-    unet = accelerator.unwrap_model(parts.unet)
+    family = family_for(cfg)
+    parts = build_trainables(cfg, family, plan_run(cfg, family).max_steps, accelerator)
+    unet = accelerator.unwrap_model(parts.network)
     # nn.Module.compile() wraps the module's call, not the module: no OptimizedModule, no "_orig_mod."
     # prefixes in checkpoints, the EMA or the export. (Compilation itself happens at the first call.)
     assert unet._compiled_call_impl is not None

@@ -61,7 +61,10 @@ def test_classifier_cache_key_changes_with_the_data(tmp_path: Path, monkeypatch)
 
 def test_evaluation_prompts_follow_how_the_run_was_captioned():
     from difftrain.config import load_config
-    from difftrain.evaluation.evaluate import conditioning_for
+    from difftrain.families import family_for
+
+    def conditioning_for(cfg, names, n, captions=None):
+        return family_for(cfg).evaluation_conditions(names, n, captions)
 
     names = [str(i) for i in range(10)]
     labelled = load_config("tiny/digits-text")

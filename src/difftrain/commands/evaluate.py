@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from difftrain.config import ConfigError, RunConfig, config_from_dict
+from difftrain.families import family_for
 from difftrain.evaluation.evaluate import (
     ReferenceSet,
-    conditioning_for,
     format_table,
     prepare_reference,
     score_samples,
@@ -109,7 +109,7 @@ def evaluate_run(
     steps = num_inference_steps if num_inference_steps is not None else cfg.sample.num_inference_steps
     guidance = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     sampler = ImageSampler.from_pipeline(pipe)
-    labels, prompts = conditioning_for(cfg, class_names, num_samples)
+    labels, prompts = family_for(cfg).evaluation_conditions(class_names, num_samples)
     logger.info("sampling %d images (%s, %d steps, guidance %.2f) on %s", num_samples, type(sched).__name__, steps,
                 guidance, device)
 

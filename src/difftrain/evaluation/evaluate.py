@@ -149,32 +149,6 @@ def score_samples(ref: ReferenceSet, samples: torch.Tensor, sample_labels: Optio
     return report
 
 
-def conditioning_for(cfg: RunConfig, class_names: list[str], num_samples: int,
-                     captions: Sequence[str] = (),
-                     ) -> tuple[Optional[list[int]], Optional[list[str]]]:
-    """Labels (round-robin over classes) and, for text runs, the prompt of each sample.
-
-    Text runs captioned from labels get the caption of each label; DreamBooth runs the instance prompt;
-    other text runs (free captions) the `sample.prompts`, else the training `captions`, round-robin,
-    with no labels to score.
-    """
-    if cfg.model.conditioning == "none":
-        return None, None
-    template = cfg.data.caption_template
-    if cfg.model.conditioning == "text" and not (template and "{label}" in template and class_names):
-        fixed = [cfg.data.instance_prompt] if cfg.data.instance_dir and cfg.data.instance_prompt else list(cfg.sample.prompts or captions)
-        if not fixed:
-            raise ValueError("this text model has no per-class captions (data.caption_template with {label}), "
-                             "no instance prompt and no sample.prompts: set sample.prompts to evaluate it")
-        return None, [fixed[i % len(fixed)] for i in range(num_samples)]
-    if not class_names:
-        return None, None
-    labels = [i % len(class_names) for i in range(num_samples)]
-    if cfg.model.conditioning == "class":
-        return labels, None
-    return labels, [template.format(label=class_names[k]) for k in labels]
-
-
 def format_table(report: dict) -> str:
     rows = [("metric", "value")]
     for key in ("fid", "kid", "kid_std", "classifier_fid", "accuracy", "classifier_test_accuracy", "num_samples",

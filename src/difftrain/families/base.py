@@ -208,8 +208,12 @@ class Family(ABC):
         """What the preview grids show (sample.* section)."""
 
     def evaluation_conditions(self, class_names: Sequence[str], num_samples: int,
+                              captions: Optional[Sequence[str]] = None,
                               ) -> tuple[Optional[list[int]], Optional[list[str]]]:
-        """Labels to score (round-robin over classes) and prompts of `num_samples` evaluation samples."""
+        """Labels to score (round-robin over classes) and prompts of `num_samples` evaluation samples.
+
+        `captions` stand in for the training captions when the family has not read the data (`difftrain evaluate`).
+        """
         return None, None
 
     @abstractmethod

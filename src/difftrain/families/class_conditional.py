@@ -60,6 +60,7 @@ class ClassConditionalPixelFamily(UnconditionalPixelFamily):
                              row_names=[self.dataset.class_names[c] for c in classes])
 
     def evaluation_conditions(self, class_names: Sequence[str], num_samples: int,
+                              captions: Optional[Sequence[str]] = None,
                               ) -> tuple[Optional[list[int]], Optional[list[str]]]:
         if not class_names:
             return None, None

@@ -222,9 +222,9 @@ class NonFiniteGuard:
         """Switch the autocast of the step; the prepared models' own autocast wrapper is removed."""
         self.state.precision = precision
         for model in self.models:
-            original = model.__dict__.get("_original_forward")
-            if original is not None:
-                model.forward = original
+            # accelerate's public way to drop the autocast wrapper `prepare` put on the forward (in place, on the
+            # module inside any DDP wrapper); the step's own autocast (`autocast()` above) then decides.
+            self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
 
     def load_state(self, saved: Optional[dict]) -> None:
         """Restore the policy's counters and remedies from a resumed checkpoint's progress.json."""

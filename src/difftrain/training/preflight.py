@@ -34,36 +34,37 @@ class StepReport:
 
 
 def measure_step(cfg: RunConfig) -> StepReport:
-    """Build the run in a temporary directory and time one optimizer step after a warm-up step."""
-    from difftrain.training.loop import train_step
-    from difftrain.training.setup import build_trainables, make_accelerator, plan_run
+    """Build the run in a temporary directory, as training does, and time one optimizer step after a warm-up step."""
+    from difftrain.families import family_for
+    from difftrain.training.distributed import process_state
+    from difftrain.training.precision import resolve_mixed_precision
+    from difftrain.training.setup import build_objective, build_trainables, make_accelerator, plan_run
+    from difftrain.training.step import TrainingRun, train_step
 
     with tempfile.TemporaryDirectory(prefix="difftrain-check-") as tmp:
         cfg = dataclasses.replace(cfg, output_dir=tmp)
+        processes = process_state()
+        family = family_for(cfg)
+        data_logger = logging.getLogger("difftrain.data")
+        level = data_logger.level
+        data_logger.setLevel(logging.ERROR)  # the scan already reported every skipped file
+        try:
+            plan = plan_run(cfg, family, world_size=processes.num_processes)
+        finally:
+            data_logger.setLevel(level)
+        cfg = resolve_mixed_precision(cfg, family, processes)  # time the precision the run would use
+        plan = dataclasses.replace(plan, cfg=cfg)
         accelerator = make_accelerator(cfg, Path(tmp))
         try:
-            data_logger = logging.getLogger("difftrain.data")
-            level = data_logger.level
-            data_logger.setLevel(logging.ERROR)  # the scan already reported every skipped file
-            try:
-                plan = plan_run(cfg, world_size=accelerator.num_processes)
-            finally:
-                data_logger.setLevel(level)
-            if cfg.train.mixed_precision == "auto":  # time the precision the run would use
-                from difftrain.training.precision import resolve_plan_precision
-
-                plan, accelerator = resolve_plan_precision(plan, accelerator, lambda c: make_accelerator(c, Path(tmp)))
-            if plan.latent and plan.vae is None:
-                raise ValueError("this latent run trains its VAE first (no vae.pretrained); check times the UNet "
-                                 "step only with a VAE: run `difftrain train-vae` and pass vae.pretrained=DIR")
-            parts = build_trainables(plan, accelerator)
+            parts = build_trainables(cfg, family, plan.max_steps, accelerator)
+            run = TrainingRun(plan, family, build_objective(cfg, family), accelerator, parts)
             cuda = accelerator.device.type == "cuda"
-            train_step(plan, parts, accelerator, 0).item()  # warm-up: allocator, kernels, lazy init
+            train_step(run, 0).item()  # warm-up: allocator, kernels, lazy init
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            loss = train_step(plan, parts, accelerator, 1).item()  # .item() waits for the device
+            loss = train_step(run, 1).item()  # .item() waits for the device
             seconds = time.perf_counter() - start
             if cuda:
                 peak, kind = torch.cuda.max_memory_allocated(), "GPU memory allocated"
@@ -101,13 +102,14 @@ def run_check(cfg: RunConfig, with_step: bool = True, show_all: bool = False, ou
             out(f"resume: {cfg.output_dir} would resume with {key}: {old!r} -> {new!r} (allowed)")
     except ValueError as exc:
         findings.append(Finding(cfg.output_dir, "error", "resume refused", str(exc)))
-    m = cfg.model
-    keep_labels = cfg.uses_labels
+    from difftrain.families import family_for
+
+    keep_labels, want_captions = family_for(cfg).data_wants()
     data_cfg = cfg.data
-    if cfg.data.instance_dir is not None:
+    if cfg.data.instance_dir is not None:  # DreamBooth: the instance images, all captioned by instance_prompt
         data_cfg = dataclasses.replace(cfg.data, path=cfg.data.instance_dir, source="folder", max_images=None)
-    report: ScanReport = scan_data(data_cfg, want_labels=keep_labels,
-                                   want_captions=m.conditioning == "text" and cfg.data.instance_dir is None)
+        keep_labels = want_captions = False
+    report: ScanReport = scan_data(data_cfg, want_labels=keep_labels, want_captions=want_captions)
     findings = report.findings + findings
     shown: dict[str, int] = {}
     for finding in findings:
