@@ -1,4 +1,4 @@
-"""Regenerate docs/config.md from the schema in src/difftrain/config.py (field docstrings included).
+"""Regenerate docs/config.md from the schema in src/difftrain/config/schema.py (field docstrings included).
 
     python scripts/gen_config_docs.py            # write docs/config.md
     python scripts/gen_config_docs.py --check    # exit 1 if docs/config.md is stale
@@ -16,11 +16,11 @@ SECTIONS = {"RunConfig": "", "DataConfig": "data", "ModelConfig": "model", "Text
 
 
 def render() -> str:
-    tree = ast.parse((ROOT / "src" / "difftrain" / "config.py").read_text())
+    tree = ast.parse((ROOT / "src" / "difftrain" / "config" / "schema.py").read_text())
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `src/difftrain/config.py` by `python scripts/gen_config_docs.py`; do not edit by hand.",
+        "Generated from `src/difftrain/config/schema.py` by `python scripts/gen_config_docs.py`; do not edit by hand.",
         "Set keys in a YAML file or on the command line as dotted overrides (`train.max_steps=200`).",
         "",
     ]

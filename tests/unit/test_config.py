@@ -164,7 +164,8 @@ def _float_keys() -> list[str]:
     import dataclasses
     import typing
 
-    from difftrain.config import RunConfig, _accepts_float
+    from difftrain.config import RunConfig
+    from difftrain.config.loading import _accepts_float
 
     keys = []
     for section, cls in typing.get_type_hints(RunConfig).items():

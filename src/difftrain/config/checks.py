@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from difftrain.config import RunConfig
+from difftrain.config.schema import RunConfig
 
 
 def check_config(cfg: RunConfig) -> list[str]:
