@@ -58,18 +58,24 @@ def build(preset: str, overrides: list[str]) -> tuple[torch.nn.Module, object, i
     tokens it cross-attends to (0 for a UNet without text)."""
     from difftrain.config import load_config
     from difftrain.diffusion.schedule import build_noise_scheduler
-    from difftrain.models.unet import build_unet, unet_kwargs
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    from difftrain.models.unet import COND_UNET_PRESETS, UNET_PRESETS, build_unet, unet_kwargs
 
     cfg = load_config(preset, overrides)
     if cfg.model.space != "pixel" or cfg.model.pretrained is not None:
         raise ValueError(f"preset {preset!r}: only pixel-space UNets trained from scratch are timed here")
-    cross_dim = text_width(cfg) if cfg.model.conditioning == "text" else None
+    text = cfg.model.conditioning == "text"
+    cross_dim = text_width(cfg) if text else None
     torch.manual_seed(cfg.train.seed)
     # The class count only sizes the label embedding; 10 stands in where the data would tell.
-    kwargs = unet_kwargs(cfg.model, cfg.data.resolution, cfg.data.channels, num_classes=cfg.model.num_classes or 10,
-                         cross_attention_dim=cross_dim)
+    extra = ({"cross_attention_dim": cross_dim} if text else
+             {"num_class_embeds": (cfg.model.num_classes or 10) + 1} if cfg.model.conditioning == "class" else {})
+    kwargs = unet_kwargs(COND_UNET_PRESETS if text else UNET_PRESETS, cfg.model.size, cfg.model.unet,
+                         cfg.data.resolution, cfg.data.channels, extra)
     text_tokens = cfg.text_encoder.max_length if cross_dim else 0
-    return build_unet(kwargs, cfg.model.conditioning), build_noise_scheduler(cfg.diffusion), text_tokens
+    cls = UNet2DConditionModel if text else UNet2DModel
+    return build_unet(kwargs, cls), build_noise_scheduler(cfg.diffusion), text_tokens
 
 
 def sync(device: torch.device) -> None:
