@@ -141,6 +141,8 @@ class TextEncoderConfig:
 
 @dataclass
 class DiffusionConfig:
+    objective: Literal["ddpm"] = "ddpm"
+    """Training objective (diffusion/objective.py): 'ddpm' draws discrete timesteps and trains the prediction_type target."""
     num_train_timesteps: int = 1000
     """Discrete diffusion timesteps of the training schedule."""
     beta_schedule: BetaSchedule = "linear"

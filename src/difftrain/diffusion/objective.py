@@ -29,6 +29,13 @@ Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 class Objective(ABC):
     name: ClassVar[str]
+    """Its `diffusion.objective` value."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: DiffusionConfig, latent: bool = False, base_schedule: Optional[Any] = None) -> "Objective":
+        """The objective of `diffusion.*`; `latent`: x0 is a VAE latent (never clipped to [-1, 1] when sampling);
+        `base_schedule`: a fine-tuned base model's own schedule, which wins over `diffusion.*` (and says so)."""
 
     @abstractmethod
     def sample_noise(self, shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -73,7 +80,7 @@ class DDPMObjective(Objective):
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig, latent: bool = False,
-                    base_schedule: Optional[DDPMScheduler] = None) -> "DDPMObjective":
+                    base_schedule: Optional[Any] = None) -> "DDPMObjective":
         """From `diffusion.*`, or from a fine-tuned base model's own schedule when `base_schedule` is given.
 
         A base model was trained on its schedule and prediction type; training it on others would undo what it

@@ -31,7 +31,7 @@ UNSAFE_KEYS: dict[str, Any] = {
     "data": {"path", "source", "split", "image_column", "label_column", "resolution", "channels", "center_crop",
              "captions", "caption_template", "caption_column", "max_images", "max_image_pixels", "instance_dir",
              "instance_prompt", "class_prompt", "class_dir", "num_class_images"},
-    "diffusion": {"num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type"},
+    "diffusion": {"objective", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type"},
     "text_encoder": {"pretrained", "train", "max_length", "hidden_size", "num_layers", "num_heads"},
     "vae": {"pretrained", "scaling_factor", "block_out_channels", "layers_per_block", "latent_channels"},
     "lora": {"rank", "alpha", "unet_target_modules", "train_text_encoder", "text_encoder_target_modules"},

@@ -78,7 +78,8 @@ def plan_run(cfg: RunConfig, family: Family, world_size: int = 1) -> RunPlan:
 
 def build_objective(cfg: RunConfig, family: Family) -> Objective:
     """The training objective, on the base model's schedule when the family fine-tunes one."""
-    return OBJECTIVES["ddpm"].from_config(cfg.diffusion, latent=family.latent, base_schedule=family.base_schedule())
+    return OBJECTIVES[cfg.diffusion.objective].from_config(cfg.diffusion, latent=family.latent,
+                                                           base_schedule=family.base_schedule())
 
 
 def check_mixed_precision(cfg: RunConfig) -> None:
