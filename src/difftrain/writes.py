@@ -172,17 +172,36 @@ def save_folder_atomically(target: Path, tmp: Path, what: str, estimate_bytes: i
     return target
 
 
-def atomic_write_text(path: Path, text: str, what: str) -> Path:
-    """Write `text` to `path` through a temporary name, checked first; a reader never sees half a file."""
+def replace_file(path: Path, write: Callable[[Path], None], what: str, durable: bool = False,
+                 keep_suffix: bool = False) -> Path:
+    """Replace the file `path` whole: `write(tmp)` fills a temporary beside it, which is then renamed over `path`,
+    so a reader sees the old file or the new one, never half of one; a failure removes the temporary (and I/O
+    failures become WriteError, see `writing`). The one way difftrain replaces a file.
+
+    Args:
+        durable: fsync the file and its folder, so the rename survives a power cut (checkpoint progress files).
+        keep_suffix: name the temporary `.stem.tmp.suffix`, for writers that pick the format by extension.
+    """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = f".{path.stem}.tmp{path.suffix}" if keep_suffix else f".{path.name}.tmp"
+    tmp = path.with_name(name)
+    with writing(what, path, [tmp]):
+        write(tmp)
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        tmp.replace(path)
+    if durable:
+        fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: Path, text: str, what: str, durable: bool = False) -> Path:
+    """Write `text` to `path` through `replace_file`, after checking the folder takes it."""
     data = text.encode()
     check_file_writable(path, len(data), what)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(what, path, [tmp]):
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    return path
+    return replace_file(path, lambda tmp: tmp.write_bytes(data), what, durable=durable)
 
 
 def state_bytes(modules: Iterable[object]) -> int:

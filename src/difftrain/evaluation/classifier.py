@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from difftrain.cache import cache_root
 from difftrain.data.transforms import to_model_range
-from difftrain.writes import best_effort
+from difftrain.writes import best_effort, replace_file
 
 logger = logging.getLogger(__name__)
 
@@ -126,14 +126,13 @@ def get_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
     model.eval()
     trained = TrainedClassifier(model, 0.0, int(test[0].shape[0]), key)
     trained.test_accuracy = float((trained.predict(test[0]) == test[1]).float().mean())
-    tmp = path.with_name(f".{path.name}.tmp")
-    with best_effort("the reference-classifier cache", path, [tmp]):  # a cache: an unwritable one costs time only
-        path.parent.mkdir(parents=True, exist_ok=True)
+    what = "the reference-classifier cache"
+    with best_effort(what, path):  # a cache: an unwritable one costs time only
         # The .json first: the weights file is what marks a cache entry as complete.
-        path.with_suffix(".json").write_text(json.dumps({"test_accuracy": trained.test_accuracy,
-                                                         "num_test": trained.num_test, "num_classes": num_classes}))
-        save_file(model.state_dict(), str(tmp))
-        tmp.replace(path)
+        facts = json.dumps({"test_accuracy": trained.test_accuracy, "num_test": trained.num_test,
+                            "num_classes": num_classes})
+        replace_file(path.with_suffix(".json"), lambda tmp: tmp.write_text(facts), what)
+        replace_file(path, lambda tmp: save_file(model.state_dict(), str(tmp)), what)
     logger.info("reference classifier: test accuracy %.4f on %d held-out images%s",
                 trained.test_accuracy, trained.num_test, f"; cached at {path}" if path.is_file() else "")
     return trained

@@ -18,13 +18,13 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from difftrain.config import DataConfig, RunConfig
+from difftrain.config import DataConfig
 from difftrain.data.dataset import ImageDataset, load_image_dataset
 from difftrain.cache import cache_root
 from difftrain.evaluation.classifier import TrainedClassifier, get_classifier
 from difftrain.evaluation.inception import InceptionFeatures, InceptionUnavailable
 from difftrain.evaluation.metrics import frechet_distance, kernel_distance
-from difftrain.writes import best_effort
+from difftrain.writes import best_effort, replace_file
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +70,8 @@ def _cached_reference_features(model: InceptionFeatures, images: torch.Tensor) -
         return torch.load(path, weights_only=True)
     start = time.perf_counter()
     features = _inception_features(model, images)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with best_effort("the reference-feature cache", path, [tmp]):  # a cache: an unwritable one costs time only
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(features, tmp)
-        tmp.replace(path)
+    with best_effort("the reference-feature cache", path):  # a cache: an unwritable one costs time only
+        replace_file(path, lambda tmp: torch.save(features, tmp), "the reference-feature cache")
     logger.info("reference Inception features of %d images in %.0f s%s", images.shape[0],
                 time.perf_counter() - start, f", cached at {path}" if path.is_file() else "")
     return features

@@ -72,4 +72,4 @@ class ClassConditionalPixelFamily(UnconditionalPixelFamily):
         save_pipeline_atomically(pipe, output_dir)
 
     def write_model_card(self, summary: RunSummary, objective: Objective, output_dir: Path) -> None:
-        write_model_card(self.cfg, summary, self.dataset.class_names, output_dir)
+        write_model_card(self.cfg, summary, self.dataset.class_names, objective.describe(), output_dir)

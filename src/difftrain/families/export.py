@@ -45,7 +45,9 @@ def save_pipeline_atomically(pipe, output_dir: Path, what: str = "the exported p
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_model_card(cfg: RunConfig, summary: RunSummary, class_names: list[str], output_dir: Path) -> None:
+def write_model_card(cfg: RunConfig, summary: RunSummary, class_names: list[str], objective: str,
+                     output_dir: Path) -> None:
+    """OUTPUT_DIR/README.md of a pixel-space run; `objective` is the objective's `describe()`."""
     conditional = cfg.model.conditioning == "class"
     kind = cfg.model.conditioning
     pipeline_class = {"class": "ClassConditionalPipeline", "text": "TextToImagePipeline"}.get(kind, "DDPMPipeline")
@@ -102,8 +104,7 @@ A {dict(none='unconditional', text='text-to-image').get(kind, 'class-conditional
   {cfg.data.channels} channel(s){f'; {summary.num_skipped} file(s) skipped (unreadable, too large, dangling links or without a caption; named in train.log)' if summary.num_skipped else ''}{classes}
 - Steps: {summary.steps} optimizer steps, {summary.images_seen} images seen ({summary.epochs:.1f} epochs),
   batch {cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps} accumulation
-- Schedule: {cfg.diffusion.beta_schedule} betas, {cfg.diffusion.num_train_timesteps} timesteps,
-  {cfg.diffusion.prediction_type} prediction{f', min-SNR-{cfg.diffusion.snr_gamma:g} weighting' if cfg.diffusion.snr_gamma else ''}
+- Objective: {objective}
 - Optimizer: AdamW, learning rate {cfg.train.learning_rate:g} ({cfg.train.lr_scheduler}, {cfg.train.lr_warmup_steps} warm-up steps),
   mixed precision {cfg.train.mixed_precision}; weights exported {'as the EMA' if cfg.train.use_ema else 'as trained (no EMA)'}
 - Final training loss: {loss}; training time: {summary.train_seconds / 60:.1f} min

@@ -92,4 +92,4 @@ class UnconditionalPixelFamily(Family):
         save_pipeline_atomically(DDPMPipeline(unet=network, scheduler=objective.training_scheduler()), output_dir)
 
     def write_model_card(self, summary: RunSummary, objective: Objective, output_dir: Path) -> None:
-        write_model_card(self.cfg, summary, [], output_dir)
+        write_model_card(self.cfg, summary, [], objective.describe(), output_dir)

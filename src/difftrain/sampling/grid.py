@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from difftrain.writes import check_file_writable, writing
+from difftrain.writes import check_file_writable, replace_file
 
 
 def _label_font() -> ImageFont.ImageFont:
@@ -68,8 +68,4 @@ def png_bytes_estimate(width: int, height: int, channels: int = 3, count: int = 
 def save_png_atomic(image: Image.Image, path: Path, what: str = "image") -> None:
     """Write a PNG via a temporary name so a reader never sees half a file; checked first, no temporary left on failure."""
     check_file_writable(path, png_bytes_estimate(image.width, image.height, len(image.getbands())), what)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(what, path, [tmp]):
-        image.save(tmp, format="PNG")
-        tmp.replace(path)
+    replace_file(path, lambda tmp: image.save(tmp, format="PNG"), what)

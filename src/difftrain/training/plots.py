@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from difftrain.writes import check_writable, writing
+from difftrain.writes import check_writable, replace_file
 
 # Two small PNGs (about 600x350 and 1300x300 px at 100 dpi): their raw pixels bound their size.
 _PLOTS_BYTES = 2 * 1300 * 350 * 4
@@ -49,11 +49,8 @@ def write_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.stem}.tmp.png")
     try:
-        with writing("a plot", path, [tmp]):
-            fig.savefig(tmp)
-            tmp.replace(path)
+        replace_file(path, fig.savefig, "a plot", keep_suffix=True)  # matplotlib picks the format by extension
     finally:
         plt.close(fig)
     return path

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import platform
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from difftrain.cache import cache_root
+from difftrain.writes import best_effort, replace_file
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +142,8 @@ def measure_precision(build_unet: Callable[[], torch.nn.Module], unet_config: di
         torch.cuda.empty_cache()
     result = {"choice": choose_precision(ms), "ms_per_step": ms, "device": device_name(device),
               "batch_size": batch_size}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
+    with best_effort("the precision probe cache", path):  # a cache: an unwritable one costs a probe next time
+        replace_file(path, lambda tmp: tmp.write_text(json.dumps(result, indent=1)), "the precision probe cache")
     return {**result, "source": "probe"}
 
 

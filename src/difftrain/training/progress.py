@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from difftrain.writes import fsync_dir
+from difftrain.writes import replace_file
 
 PROGRESS_FILE = "progress.json"
 
@@ -49,15 +48,9 @@ _OPTIONAL: dict[str, tuple[tuple[type, ...], Any]] = {
 
 def write_progress(checkpoint_dir: Path, record: ProgressRecord) -> Path:
     """Write `checkpoint_dir/progress.json` through a temporary name, fsynced: it marks the checkpoint whole."""
-    path = checkpoint_dir / PROGRESS_FILE
-    tmp = checkpoint_dir / f".{PROGRESS_FILE}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(dataclasses.asdict(record), f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    fsync_dir(checkpoint_dir)
-    return path
+    text = json.dumps(dataclasses.asdict(record), indent=2)
+    return replace_file(checkpoint_dir / PROGRESS_FILE, lambda tmp: tmp.write_text(text), "the checkpoint's progress file",
+                        durable=True)
 
 
 def _type_names(types: tuple[type, ...]) -> str:
