@@ -11,7 +11,7 @@ from diffusers import UNet2DModel
 
 from difftrain.config import RunConfig, TrainConfig, dump_config, load_config
 from difftrain.training import precision
-from difftrain.training.resume_check import keep_resolved_precision, read_saved_config
+from difftrain.training.resume_check import config_changes, read_saved_config
 
 
 def _tiny_unet() -> UNet2DModel:
@@ -71,19 +71,21 @@ def test_auto_resolves_without_a_probe_where_there_is_nothing_to_gain():
 
 
 def test_resumed_auto_run_keeps_its_resolved_precision(tmp_path: Path):
+    def resolve(cfg: RunConfig) -> RunConfig:
+        # A run that resolved before never times anything, so no family or process state is needed here.
+        return precision.resolve_mixed_precision(cfg, None, None, read_saved_config(tmp_path))
+
     auto = RunConfig(output_dir=str(tmp_path), train=TrainConfig(mixed_precision="auto"))
-    assert keep_resolved_precision(auto, tmp_path) is auto  # nothing saved yet: resolve afresh
+    assert precision.resolved_before(read_saved_config(tmp_path)) is None  # nothing saved yet: resolve afresh
     saved = dataclasses.replace(auto, train=dataclasses.replace(auto.train, mixed_precision="bf16"))
     (tmp_path / "config.yaml").write_text(dump_config(saved))
-    assert keep_resolved_precision(auto, tmp_path).train.mixed_precision == "bf16"
+    assert resolve(auto).train.mixed_precision == "bf16"
+    assert config_changes(saved.to_dict(), auto) == []  # "auto" against the choice it resolved to is no change
     forced = load_config("tiny/digits-class", ["train.mixed_precision='no'"])
-    assert keep_resolved_precision(forced, tmp_path).train.mixed_precision == "no"  # an explicit value wins
+    assert resolve(forced).train.mixed_precision == "no"  # an explicit value wins
     # A run that resolved to fp32 saved `mixed_precision: no`, which YAML 1.1 reads back as false.
     (tmp_path / "config.yaml").write_text(dump_config(saved).replace("mixed_precision: bf16", "mixed_precision: no"))
-    assert keep_resolved_precision(auto, tmp_path).train.mixed_precision == "no"
-    # The saved config is read once by train() and handed to both checks; reading it here gives the same.
-    read = read_saved_config(tmp_path)
-    assert read.checkpoint is None and keep_resolved_precision(auto, tmp_path, read).train.mixed_precision == "no"
+    assert resolve(auto).train.mixed_precision == "no"
 
 
 @pytest.mark.parametrize("value", ["auto", "no", "bf16"])

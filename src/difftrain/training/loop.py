@@ -25,8 +25,7 @@ from difftrain.training.finish import finish_run
 from difftrain.training.numerics import NonFiniteGuard
 from difftrain.training.precision import resolve_mixed_precision
 from difftrain.training.previews import save_samples
-from difftrain.training.resume_check import check_before_resume, keep_resolved_precision, load_newest_checkpoint, \
-    read_saved_config
+from difftrain.training.resume_check import check_before_resume, load_newest_checkpoint, read_saved_config
 from difftrain.training.run_dir import write_marker
 from difftrain.training.run_files import MetricsLog, RunFolder
 from difftrain.training.setup import build_objective, build_trainables, check_mixed_precision, make_accelerator, \
@@ -57,7 +56,6 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
     try:
         with StopSignals() as stop:
             saved = read_saved_config(output_dir)
-            cfg = keep_resolved_precision(cfg, output_dir, saved)
             changes = check_before_resume(cfg, output_dir, saved)  # unsafe changes refused before any decoding
             family = family_for(cfg)
             family.check_files()
@@ -70,7 +68,7 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
             family.prepare_after_data(folder, processes)  # e.g. a latent run's VAE stage
             for key, old, new in changes:
                 logger.info("config change on resume: %s: %r -> %r", key, old, new)
-            cfg = resolve_mixed_precision(cfg, family, processes)  # once, before the Accelerator exists
+            cfg = resolve_mixed_precision(cfg, family, processes, saved)  # once, before the Accelerator exists
             plan = dataclasses.replace(plan, cfg=cfg)
             accelerator = make_accelerator(cfg, output_dir)
             objective = build_objective(cfg, family)

@@ -166,22 +166,43 @@ def resolve_auto_precision(build_unet: Callable[[], torch.nn.Module], unet_confi
     return share(decided)[0]
 
 
-def resolve_mixed_precision(cfg, family, processes) -> Any:
-    """The config with `train.mixed_precision: auto` replaced by the measured choice (other values as they are).
+def resolved_before(saved: Any) -> Optional[str]:
+    """The precision a run resolved "auto" to when it started, from its saved config (resume_check.SavedConfig;
+    None when there is none, or it was "auto" or does not validate)."""
+    if saved is None or saved.values is None:
+        return None
+    from difftrain.config import ConfigError, section_from_dict
 
-    Called once, before the Accelerator exists (accelerate fixes the precision when it is created), by training
-    and by `difftrain check`, so config.yaml and every checkpoint save the choice. `family` (planned) gives the
-    network to time; `processes` is accelerate's PartialState (the main process decides, the others follow).
+    try:
+        # The schema reads the value as a new config would (e.g. YAML's bare `no`, which loads as false).
+        previous = section_from_dict("train", saved.values.get("train")).mixed_precision
+    except ConfigError as exc:
+        logger.warning("mixed precision auto: the saved config does not validate (%s); resolving afresh", exc)
+        return None
+    return None if previous == "auto" else previous
+
+
+def resolve_mixed_precision(cfg: Any, family: Any, processes: Any, saved: Any = None) -> Any:
+    """The config with `train.mixed_precision: auto` replaced by a concrete choice (other values as they are).
+
+    The one place "auto" is resolved: by training and by `difftrain check`, before the Accelerator exists
+    (accelerate fixes the precision when it is created), so config.yaml and every checkpoint save the choice.
+    A resumed run keeps what it resolved to before (`saved`: resume_check.SavedConfig); otherwise the family's
+    network is timed (`processes`: accelerate's PartialState; the main process decides, the others follow).
     """
     if cfg.train.mixed_precision != "auto":
         return cfg
-    from accelerate.utils import broadcast_object_list
+    choice = resolved_before(saved)
+    if choice is not None:
+        logger.info("mixed precision auto: keeping %r, which this run resolved to before", choice)
+    else:
+        from accelerate.utils import broadcast_object_list
 
-    spec = family.network_spec()
+        spec = family.network_spec()
 
-    def share(values: list) -> list:
-        return broadcast_object_list(values) if processes.num_processes > 1 else values
+        def share(values: list) -> list:
+            return broadcast_object_list(values) if processes.num_processes > 1 else values
 
-    choice = resolve_auto_precision(spec.build, spec.config, processes.device, cfg.train.batch_size,
-                                    spec.text_length, processes.is_main_process, share)
+        choice = resolve_auto_precision(spec.build, spec.config, processes.device, cfg.train.batch_size,
+                                        spec.text_length, processes.is_main_process, share)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=choice))

@@ -41,6 +41,9 @@ def measure_step(cfg: RunConfig) -> StepReport:
     from difftrain.training.setup import build_objective, build_trainables, make_accelerator, plan_run
     from difftrain.training.step import TrainingRun, train_step
 
+    from difftrain.training.resume_check import read_saved_config
+
+    saved = read_saved_config(Path(cfg.output_dir))  # a run being resumed keeps its precision
     with tempfile.TemporaryDirectory(prefix="difftrain-check-") as tmp:
         cfg = dataclasses.replace(cfg, output_dir=tmp)
         processes = process_state()
@@ -52,7 +55,7 @@ def measure_step(cfg: RunConfig) -> StepReport:
             plan = plan_run(cfg, family, world_size=processes.num_processes)
         finally:
             data_logger.setLevel(level)
-        cfg = resolve_mixed_precision(cfg, family, processes)  # time the precision the run would use
+        cfg = resolve_mixed_precision(cfg, family, processes, saved)  # time the precision the run would use
         plan = dataclasses.replace(plan, cfg=cfg)
         accelerator = make_accelerator(cfg, Path(tmp))
         try:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from accelerate import Accelerator
 
-from difftrain.config import ConfigError, RunConfig, config_from_dict, section_from_dict
+from difftrain.config import ConfigError, RunConfig, config_from_dict
 from difftrain.training import checkpoint as ckpt
 from difftrain.training.progress import read_progress
 from difftrain.writes import atomic_write_text
@@ -58,6 +58,8 @@ def config_changes(saved: dict, now: RunConfig) -> list[tuple[str, Any, Any]]:
             continue
         old = old if isinstance(old, dict) else {}
         for key, value in values.items():
+            if (section, key, value) == ("train", "mixed_precision", "auto"):
+                continue  # "auto" resolves to what the run resolved to before (precision.resolve_mixed_precision)
             if old.get(key) != value:
                 changes.append((f"{section}.{key}", old.get(key), value))
     return changes
@@ -131,28 +133,6 @@ def _yaml_config(output_dir: Path) -> Optional[dict]:
         logger.warning("could not read the previous %s: %s", saved_path, exc)
         return None
     return saved if isinstance(saved, dict) else None
-
-
-def keep_resolved_precision(cfg: RunConfig, output_dir: Path, saved: Optional[SavedConfig] = None) -> RunConfig:
-    """With `train.mixed_precision: auto`, a run being resumed keeps the precision it resolved to.
-
-    `saved` is what `read_saved_config(output_dir)` returned (read here when not given).
-    """
-    if cfg.train.mixed_precision != "auto":
-        return cfg
-    saved = saved if saved is not None else read_saved_config(output_dir)
-    if saved.values is None:
-        return cfg
-    try:
-        # The schema reads the value as a new config would (e.g. YAML's bare `no`, which loads as false).
-        previous = section_from_dict("train", saved.values.get("train")).mixed_precision
-    except ConfigError as exc:
-        logger.warning("mixed precision auto: the saved config does not validate (%s); resolving afresh", exc)
-        return cfg
-    if previous == "auto":
-        return cfg
-    logger.info("mixed precision auto: keeping %r, which this run resolved to before", previous)
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=previous))
 
 
 def load_newest_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, partial: bool = False,
