@@ -15,7 +15,7 @@ from difftrain.evaluation.evaluate import held_out_test_split, reference_from_da
 from difftrain.training.distributed import generate_sharded
 from difftrain.training.previews import EmaWeights
 from difftrain.training.run_files import MetricsLog
-from difftrain.training.step import TrainingRun
+from difftrain.training.setup import TrainingRun
 from difftrain.writes import atomic_write_text
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from typing import Optional
 from difftrain.errors import HubUploadError
 from difftrain.families.base import RunSummary
 from difftrain.training.previews import EmaWeights, save_samples
-from difftrain.training.step import TrainingRun
+from difftrain.training.setup import TrainingRun
 
 logger = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from difftrain.training.previews import save_samples
 from difftrain.training.resume_check import check_before_resume, load_newest_checkpoint, read_saved_config
 from difftrain.training.run_dir import write_marker
 from difftrain.training.run_files import MetricsLog, RunFolder
-from difftrain.training.setup import build_objective, build_trainables, check_mixed_precision, make_accelerator, \
-    plan_run
+from difftrain.training.setup import (TrainingRun, build_objective, build_trainables, check_mixed_precision,
+                                      make_accelerator, plan_run)
 from difftrain.training.state import resume, save_training_state, stop_on_signal
-from difftrain.training.step import TrainingRun, batch_files, train_step
+from difftrain.training.step import batch_files, train_step
 from difftrain.training.stop import StopRequested, StopSignals
 from difftrain.writes import atomic_write_text
 

@@ -38,8 +38,8 @@ def measure_step(cfg: RunConfig) -> StepReport:
     from difftrain.families import family_for
     from difftrain.training.distributed import process_state
     from difftrain.training.precision import resolve_mixed_precision
-    from difftrain.training.setup import build_objective, build_trainables, make_accelerator, plan_run
-    from difftrain.training.step import TrainingRun, train_step
+    from difftrain.training.setup import TrainingRun, build_objective, build_trainables, make_accelerator, plan_run
+    from difftrain.training.step import train_step
 
     from difftrain.training.resume_check import read_saved_config
 
@@ -52,6 +52,7 @@ def measure_step(cfg: RunConfig) -> StepReport:
         level = data_logger.level
         data_logger.setLevel(logging.ERROR)  # the scan already reported every skipped file
         try:
+            family.check_files()
             plan = plan_run(cfg, family, world_size=processes.num_processes)
         finally:
             data_logger.setLevel(level)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from difftrain.sampling.grid import make_grid, save_png_atomic
-from difftrain.training.step import TrainingRun
+from difftrain.training.setup import TrainingRun
 
 
 class EmaWeights:

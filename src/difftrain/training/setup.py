@@ -54,9 +54,8 @@ def _every(steps: Optional[int], epochs: Optional[int], steps_per_epoch: int) ->
 
 
 def plan_run(cfg: RunConfig, family: Family, world_size: int = 1) -> RunPlan:
-    """Load the data through the family and resolve sizes and intervals. Raises ValueError/FileNotFoundError/
-    ConfigError; writes nothing."""
-    family.check_files()
+    """Load the data through the family (after `family.check_files`) and resolve sizes and intervals. Raises
+    ValueError/FileNotFoundError/ConfigError; writes nothing."""
     family.load_data()
     family.plan()
     t = cfg.train
@@ -151,6 +150,21 @@ class Trainables:
     def ema_parameters(self, accelerator: Accelerator) -> list[torch.nn.Parameter]:
         """The network parameters the EMA tracks: the trained ones."""
         return [p for p in accelerator.unwrap_model(self.network).parameters() if p.requires_grad]
+
+
+@dataclass
+class TrainingRun:
+    """Everything the loop works with, built once by training/loop.py (and by `difftrain check`)."""
+
+    plan: RunPlan
+    family: Family
+    objective: Objective
+    accelerator: Accelerator
+    parts: Trainables
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.plan.cfg
 
 
 def build_trainables(cfg: RunConfig, family: Family, max_steps: int, accelerator: Accelerator) -> Trainables:

@@ -13,7 +13,7 @@ from difftrain.training import distributed
 from difftrain.training.numerics import NonFiniteGuard
 from difftrain.training.progress import ProgressRecord, read_progress
 from difftrain.training.resume_check import load_newest_checkpoint
-from difftrain.training.step import TrainingRun
+from difftrain.training.setup import TrainingRun
 from difftrain.training.stop import StopRequested, signal_name
 
 logger = logging.getLogger(__name__)

@@ -7,32 +7,13 @@ Every random draw of a micro-batch (rows, flips, condition dropout, noise, times
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from accelerate import Accelerator
 
 from difftrain.data.order import micro_batch_generator, stream_position
-from difftrain.diffusion.objective import Objective
-from difftrain.families.base import Family
 from difftrain.training.numerics import NonFiniteGuard
-from difftrain.training.setup import RunPlan, Trainables
-
-
-@dataclass
-class TrainingRun:
-    """Everything the loop works with, built once by training/loop.py."""
-
-    plan: RunPlan
-    family: Family
-    objective: Objective
-    accelerator: Accelerator
-    parts: Trainables
-
-    @property
-    def cfg(self):
-        return self.plan.cfg
+from difftrain.training.setup import TrainingRun
 
 
 def _position(run: TrainingRun, step: int, micro: int) -> int:
