@@ -13,7 +13,7 @@ import torch
 from difftrain.evaluation.evaluate import conditioning_for, held_out_test_split, reference_from_dataset, score_samples
 from difftrain.sampling.generate import generate_conditioned
 from difftrain.sampling.schedulers import make_scheduler
-from difftrain.training.distributed import generate_sharded
+from difftrain.processes import generate_sharded
 from difftrain.writes import atomic_write_text
 
 logger = logging.getLogger(__name__)

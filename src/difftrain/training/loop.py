@@ -21,6 +21,7 @@ from difftrain.config import RunConfig, dump_config
 from difftrain.data.transforms import random_hflip, to_model_range
 from difftrain.diffusion.loss import denoising_loss, prior_preservation_loss, sample_noise
 from difftrain.models.conditioning import drop_captions
+from difftrain.processes import launched_rank
 from difftrain.sampling.generate import generate_conditioned
 from difftrain.sampling.grid import make_grid, save_png_atomic
 from difftrain.sampling.schedulers import make_scheduler
@@ -312,7 +313,7 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
     """
     output_dir = Path(cfg.output_dir)
     run_lock: Optional[RunLock] = None
-    if distributed.launched_rank() == 0:
+    if launched_rank() == 0:
         # Before anything is read or written: refuse a folder that is not difftrain's. A folder that exists is
         # locked now, so a second trainer exits within seconds instead of after decoding the data; a new one
         # is created (and locked) only once the config and data have been checked.

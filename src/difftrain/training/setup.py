@@ -40,7 +40,8 @@ from difftrain.models.text import (
 )
 from difftrain.models.unet import build_unet, check_unet_kwargs, unet_kwargs
 from difftrain.models.vae import downsample_factor, load_pretrained_vae
-from difftrain.training.distributed import accelerator_kwargs, check_supported, quiet_other_ranks
+from difftrain.processes import accelerator_kwargs, quiet_other_ranks
+from difftrain.training.distributed import check_supported
 from difftrain.training.latents import LatentEncoder
 
 logger = logging.getLogger(__name__)
