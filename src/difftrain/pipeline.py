@@ -12,12 +12,57 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from diffusers import DDPMPipeline, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from difftrain.sampling.generate import generate, generate_from_text
+from difftrain.sampling.generate import ImageSampler
+from difftrain.sampling.sample import Seed
 from difftrain.sampling.schedulers import make_scheduler
+
+
+GeneratorArg = Union[torch.Generator, Sequence[torch.Generator], None]
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def noise_sources(count: int, seed: Union[int, Sequence[int], None], generator: GeneratorArg) -> list[Seed]:
+    """What draws each image's noise, diffusers style: one generator for all images, one per image, or
+    without a generator the convenience seeds (image i uses seed+i, or seed[i] for a list; seed 0 by default)."""
+    if generator is not None:
+        if seed is not None:
+            raise ValueError(f"seed={seed!r} and generator= were both given; pass one of them")
+        if isinstance(generator, torch.Generator):
+            return [generator] * count  # drawn from image after image, as diffusers draws a batch from one
+        generators = list(generator)
+        if len(generators) != count or not all(isinstance(g, torch.Generator) for g in generators):
+            raise ValueError(f"generator: a list of {len(generators)} for {count} images; pass one torch.Generator, "
+                             "or a list with one per image")
+        return generators
+    seed = 0 if seed is None else seed
+    if isinstance(seed, int):
+        return [seed + i for i in range(count)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != count:
+        raise ValueError(f"seed: a list of {len(seeds)} for {count} images; pass one int (image i uses seed+i) "
+                         "or one seed per image")
+    return seeds
+
+
+def images_as(images: torch.Tensor, output_type: str) -> Union[list, np.ndarray, torch.Tensor]:
+    """uint8 (N, C, H, W) images as diffusers pipelines return them: 'pil' (a list of PIL images), 'np' (float
+    (N, H, W, C) in [0, 1]) or 'pt' (float (N, C, H, W) in [0, 1], on the CPU)."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type {output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}")
+    array = images.permute(0, 2, 3, 1).numpy().astype("float32") / 255.0
+    if output_type == "pt":
+        return torch.from_numpy(array).permute(0, 3, 1, 2)
+    return DiffusionPipeline.numpy_to_pil(array) if output_type == "pil" else array
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} {value!r}: must be an integer >= 1")
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
@@ -26,6 +71,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
     Example:
         >>> pipe = difftrain.load_pipeline("runs/digits")
         >>> images = pipe(class_labels=[0, 1, 2], guidance_scale=2.0).images
+        >>> images = pipe(class_labels=3, num_images_per_prompt=4, generator=torch.Generator().manual_seed(0)).images
     """
 
     model_cpu_offload_seq = "unet"
@@ -45,19 +91,26 @@ class ClassConditionalPipeline(DiffusionPipeline):
         class_labels: Union[int, Sequence[int]],
         num_inference_steps: int = 25,
         guidance_scale: float = 2.0,
-        seed: Union[int, Sequence[int]] = 0,
+        seed: Union[int, Sequence[int], None] = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        num_images_per_prompt: int = 1,
+        generator: GeneratorArg = None,
     ):
-        """Generate one image per class label; image i uses seed+i (or seed[i] for a list)."""
+        """Generate num_images_per_prompt images per class label.
+
+        The noise comes from `generator` (one torch.Generator, or a list with one per image) when given, else
+        from `seed`: image i uses seed+i (or seed[i] for a list), seed 0 by default. `output_type` is 'pil',
+        'np' or 'pt'; with return_dict=False the result is a tuple (images,).
+        """
+        _check_count("num_images_per_prompt", num_images_per_prompt)
         labels = [class_labels] if isinstance(class_labels, int) else list(class_labels)
-        seeds = [seed + i for i in range(len(labels))] if isinstance(seed, int) else list(seed)
-        images = generate(
-            self.unet, self.scheduler, seeds, num_inference_steps=num_inference_steps,
-            class_labels=labels, guidance_scale=guidance_scale, device=self.device,
+        labels = [c for c in labels for _ in range(num_images_per_prompt)]
+        images = ImageSampler(self.unet).generate(
+            self.scheduler, noise_sources(len(labels), seed, generator), num_inference_steps=num_inference_steps,
+            labels=labels, guidance_scale=guidance_scale, device=self.device,
         )
-        array = images.permute(0, 2, 3, 1).numpy().astype("float32") / 255.0
-        result = self.numpy_to_pil(array) if output_type == "pil" else array
+        result = images_as(images, output_type)
         if not return_dict:
             return (result,)
         return ImagePipelineOutput(images=result)
@@ -71,6 +124,8 @@ class TextToImagePipeline(DiffusionPipeline):
     Example:
         >>> pipe = difftrain.load_pipeline("runs/mnist-text")
         >>> image = pipe("A handwritten digit 4", guidance_scale=5.0).images[0]
+        >>> images = pipe("A handwritten digit 4", num_images_per_prompt=4,
+        ...               generator=torch.Generator().manual_seed(0)).images
     """
 
     model_cpu_offload_seq = "text_encoder->unet"
@@ -87,21 +142,25 @@ class TextToImagePipeline(DiffusionPipeline):
         num_inference_steps: int = 25,
         guidance_scale: float = 5.0,
         num_images_per_prompt: int = 1,
-        seed: Union[int, Sequence[int]] = 0,
+        seed: Union[int, Sequence[int], None] = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        generator: GeneratorArg = None,
     ):
-        """Generate num_images_per_prompt images per prompt; image i uses seed+i (or seed[i] for a list)."""
+        """Generate num_images_per_prompt images per prompt.
+
+        The noise comes from `generator` (one torch.Generator, or a list with one per image) when given, else
+        from `seed`: image i uses seed+i (or seed[i] for a list), seed 0 by default. `output_type` is 'pil',
+        'np' or 'pt'; with return_dict=False the result is a tuple (images,).
+        """
+        _check_count("num_images_per_prompt", num_images_per_prompt)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
-        images = generate_from_text(
-            self.unet, self.scheduler, self.tokenizer, self.text_encoder, prompts, seeds,
-            num_inference_steps=num_inference_steps, negative_prompt=negative_prompt,
-            guidance_scale=guidance_scale, device=self.device,
+        images = ImageSampler(self.unet, self.tokenizer, self.text_encoder).generate(
+            self.scheduler, noise_sources(len(prompts), seed, generator), num_inference_steps=num_inference_steps,
+            prompts=prompts, negative_prompt=negative_prompt, guidance_scale=guidance_scale, device=self.device,
         )
-        array = images.permute(0, 2, 3, 1).numpy().astype("float32") / 255.0
-        result = self.numpy_to_pil(array) if output_type == "pil" else array
+        result = images_as(images, output_type)
         if not return_dict:
             return (result,)
         return ImagePipelineOutput(images=result)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from difftrain.config import load_config
 from difftrain.training.checkpoint import list_checkpoints
-from difftrain.training.distributed import free_loopback_port
+from difftrain.processes import free_loopback_port
 from difftrain.training.loop import train
 
 pytestmark = pytest.mark.integration

@@ -133,6 +133,19 @@ def test_an_image_depends_on_its_seed_not_the_batch(name):
     assert not torch.equal(other[0], together[2])
 
 
+@pytest.mark.parametrize("name", ["ddpm", "euler-a"])
+def test_generators_of_the_caller_give_the_images_of_the_same_seeds(name):
+    # The pipelines' generator=: a generator per image draws the initial and the per-step noise exactly as
+    # the seed it was seeded with does.
+    sched = make_scheduler(name, _base_config())
+    by_seed = sample(_dummy, sched, (1, 8, 8), [3, 4], num_inference_steps=5)
+    generators = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+    torch.testing.assert_close(sample(_dummy, sched, (1, 8, 8), generators, num_inference_steps=5), by_seed,
+                               rtol=0, atol=0)
+    mixed = sample(_dummy, sched, (1, 8, 8), [3, torch.Generator().manual_seed(4)], num_inference_steps=5)
+    torch.testing.assert_close(mixed, by_seed, rtol=0, atol=0)
+
+
 def test_generate_rejects_bad_labels():
     sched = make_scheduler("ddim", _base_config())
     with pytest.raises(ValueError, match=r"out of range.*0\.\.2"):

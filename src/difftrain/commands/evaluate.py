@@ -21,6 +21,7 @@ from difftrain.evaluation.evaluate import (
     score_samples,
 )
 from difftrain.pipeline import load_pipeline, scheduler_for
+from difftrain.processes import generate_sharded, launched_world_size, process_state, quiet_other_ranks
 from difftrain.sampling.args import count_problem, raise_problems, scale_problem
 from difftrain.sampling.generate import ImageSampler
 from difftrain.writes import atomic_write_text, check_file_writable
@@ -72,13 +73,6 @@ def evaluate_run(
     Under a launcher (`torchrun`, `accelerate launch`) every process samples its share of the seeds and
     the main process scores them and writes the report; the others return an empty dict.
     """
-    from difftrain.training.distributed import (
-        generate_sharded,
-        launched_world_size,
-        process_state,
-        quiet_other_ranks,
-    )
-
     # Arguments first, before the run or any model loads; None means the run's default, never 0.
     raise_problems(count_problem("--num-samples", num_samples, minimum=2),
                    count_problem("--num-reference", num_reference, minimum=2),

@@ -1,12 +1,9 @@
-"""Multi-process training through accelerate: launch detection, collective checkpoints, the failure hook.
+"""Multi-process training through accelerate: supported engines, collective checkpoints, the failure hook.
 
-accelerate owns the process group (DDP, FSDP, DeepSpeed); this module only fills the gaps difftrain
-hits around it:
+accelerate owns the process group (DDP, FSDP, DeepSpeed); launch detection and work shared among the
+processes, which evaluation needs as well, are in `difftrain.processes`. This module holds what only
+training adds:
 
-- torchrun (and `accelerate launch --multi_gpu`, which is torchrun) on a machine without CUDA: accelerate
-  starts a process group only for CPU when asked (`cpu=True`), so without this every rank trains alone.
-- `accelerate launch --cpu --num_processes N` starts one process (accelerate's multi-CPU path is mpirun
-  with a hostfile); the child cannot see N, so it is named in the log instead of failing silently.
 - `difftrain train --num-processes N`: a thin torchrun call on loopback.
 """
 
@@ -14,15 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import gather_object
+from accelerate import Accelerator
 
+from difftrain.processes import free_loopback_port, launched_world_size
 from difftrain.training.progress import ProgressRecord
 
 logger = logging.getLogger(__name__)
@@ -40,49 +36,6 @@ class InjectedFailure(RuntimeError):
     """Raised by the DIFFTRAIN_FAIL_ON_RANK test hook."""
 
 
-def _launcher_env(kind: str, default: int) -> int:
-    """An integer the launcher (torchrun/accelerate: RANK, WORLD_SIZE; MPI flavours: PMI_*, OMPI_COMM_WORLD_*,
-    MV2_COMM_WORLD_*) put in the environment; `kind` is 'SIZE' or 'RANK'."""
-    torchrun = "WORLD_SIZE" if kind == "SIZE" else "RANK"
-    for name in (torchrun, f"PMI_{kind}", f"OMPI_COMM_WORLD_{kind}", f"MV2_COMM_WORLD_{kind}"):
-        value = os.environ.get(name)
-        if value and value.isdigit():
-            return int(value)
-    return default
-
-
-def launched_world_size() -> int:
-    """Processes the launcher (torchrun, accelerate launch, mpirun) started, from its environment."""
-    return _launcher_env("SIZE", 1)
-
-
-def launched_rank() -> int:
-    """This process's global rank from the launcher's environment (0 when not launched as several)."""
-    return _launcher_env("RANK", 0)
-
-
-def wants_cpu_process_group() -> bool:
-    """True when several processes were launched but accelerate would not join them into a group.
-
-    accelerate maps a torchrun launch to NCCL when CUDA is present and to nothing otherwise unless
-    told `cpu=True`; then it starts gloo (or MPI) itself.
-    """
-    return launched_world_size() > 1 and not torch.cuda.is_available()
-
-
-def accelerator_kwargs() -> dict[str, Any]:
-    """Extra Accelerator arguments for the current launch."""
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and launched_world_size() == 1 \
-            and os.environ.get("MASTER_PORT"):
-        # `accelerate launch --cpu --num_processes N` sets MASTER_PORT for N > 1 but starts one process.
-        logger.warning(
-            "accelerate launch --cpu started a single process (accelerate runs several CPU processes only "
-            "with --mpirun_hostfile). For N CPU processes use `accelerate launch --multi_gpu --num_processes N` "
-            "or `difftrain train --num-processes N`; see docs/distributed.md"
-        )
-    return {"cpu": True} if wants_cpu_process_group() else {}
-
-
 def check_supported(accelerator: Accelerator) -> None:
     """Refuse engines difftrain's loop cannot drive yet, before anything is written."""
     from accelerate.utils import DistributedType
@@ -94,12 +47,6 @@ def check_supported(accelerator: Accelerator) -> None:
             "(configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml); "
             "see docs/distributed.md"
         )
-
-
-def quiet_other_ranks(state: Accelerator | PartialState) -> None:
-    """Only the main process reports progress; other ranks still print warnings and errors."""
-    if not state.is_main_process:
-        logging.getLogger("difftrain").setLevel(logging.WARNING)
 
 
 def global_mean(accelerator: Accelerator, value: torch.Tensor) -> torch.Tensor:
@@ -142,32 +89,6 @@ def _move_schedule(lr_scheduler: Any, position: int) -> None:
     inner._last_lr = lrs
 
 
-def process_state() -> PartialState:
-    """accelerate's process state, joining the launcher's process group (gloo on CPU) on first use.
-
-    For commands that need no Accelerator (`difftrain evaluate`); inside training the Accelerator has
-    already set it up and this returns the same state.
-    """
-    return PartialState(**accelerator_kwargs())
-
-
-def generate_sharded(generate_fn: Callable[[list[int]], torch.Tensor], count: int) -> torch.Tensor:
-    """Items 0..count-1 from every rank, in order: rank r makes items r, r+N, r+2N, ... with `generate_fn`.
-
-    Each item's seed is fixed by its index, so the result is the same for any number of processes.
-    Every rank must call it; every rank gets the whole (count, C, H, W) result.
-    """
-    state = PartialState()
-    if state.num_processes == 1:
-        return generate_fn(list(range(count)))
-    mine = list(range(state.process_index, count, state.num_processes))
-    images = generate_fn(mine).cpu() if mine else None
-    # CPU tensors in the pickles: gather_object sends objects, and CUDA tensors would land on rank 0's GPU.
-    pairs = gather_object([(index, images[k]) for k, index in enumerate(mine)])
-    pairs.sort(key=lambda pair: pair[0])
-    return torch.stack([image for _, image in pairs])
-
-
 def fail_if_injected(rank: int, step_number: int) -> None:
     """Test hook: raise on rank DIFFTRAIN_FAIL_ON_RANK at step DIFFTRAIN_FAIL_AT_STEP (1-based)."""
     spec = os.environ.get(FAIL_RANK_ENV, "")
@@ -192,13 +113,6 @@ def signal_if_injected(step: int) -> None:
 
     for _ in range(int(os.environ.get(SIGNAL_TIMES_ENV, "1"))):
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-def free_loopback_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def launch_local(num_processes: int, argv: Sequence[str]) -> int:

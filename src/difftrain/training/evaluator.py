@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from difftrain.evaluation.evaluate import held_out_test_split, reference_from_dataset, score_samples
-from difftrain.training.distributed import generate_sharded
+from difftrain.processes import generate_sharded
 from difftrain.training.previews import EmaWeights
 from difftrain.training.run_files import MetricsLog
 from difftrain.training.setup import TrainingRun

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from difftrain.config import RunConfig, dump_config
 from difftrain.families import family_for
-from difftrain.training.distributed import launched_rank, process_state, quiet_other_ranks
+from difftrain.processes import launched_rank, process_state, quiet_other_ranks
 from difftrain.training import checkpoint as ckpt
 from difftrain.training import distributed
 from difftrain.training.finish import finish_run

@@ -36,7 +36,7 @@ class StepReport:
 def measure_step(cfg: RunConfig) -> StepReport:
     """Build the run in a temporary directory, as training does, and time one optimizer step after a warm-up step."""
     from difftrain.families import family_for
-    from difftrain.training.distributed import process_state
+    from difftrain.processes import process_state
     from difftrain.training.precision import resolve_mixed_precision
     from difftrain.training.setup import TrainingRun, build_objective, build_trainables, make_accelerator, plan_run
     from difftrain.training.step import train_step

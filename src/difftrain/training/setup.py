@@ -25,7 +25,8 @@ from difftrain.data.dataset import ImageDataset
 from difftrain.diffusion.objective import OBJECTIVES, Objective
 from difftrain.families.base import Family
 from difftrain.models.lora import trainable_only_checkpoints
-from difftrain.training.distributed import accelerator_kwargs, check_supported, quiet_other_ranks
+from difftrain.processes import accelerator_kwargs, quiet_other_ranks
+from difftrain.training.distributed import check_supported
 
 logger = logging.getLogger(__name__)
 
