@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 
@@ -25,9 +25,7 @@ from difftrain.config import RunConfig
 from difftrain.data.dataset import ImageDataset
 from difftrain.data.order import sample_indices
 from difftrain.diffusion.objective import Network, Objective
-
-if TYPE_CHECKING:  # only for annotations: the sampler and the run folder sit in other layers
-    from difftrain.sampling.generate import ImageSampler
+from difftrain.sampling.generate import ImageSampler
 
 
 @dataclass
@@ -199,7 +197,7 @@ class Family(ABC):
     # -- sampling and export ---------------------------------------------------------------------------------------
 
     @abstractmethod
-    def sampler(self, network: torch.nn.Module) -> "ImageSampler":
+    def sampler(self, network: torch.nn.Module) -> ImageSampler:
         """An ImageSampler of `network` (the unwrapped network, e.g. carrying the EMA weights) with this family's
         condition encoder and decoder."""
 
