@@ -1,1 +1,1 @@
-"""Noise schedules, training targets and loss weighting. Never imports training code."""
+"""Noise schedules, prediction types, losses and the training objectives (objective.py). Never imports training code."""

@@ -1,1 +1,1 @@
-"""Training: data order, the loop, checkpoints, export and logging."""
+"""Training: the loop, its set-up, the step, checkpoints and resume, previews, evaluation hooks and the end of a run."""
