@@ -8,7 +8,7 @@ Floating-point results depend on the CPU's vector unit (oneDNN/MKL pick kernels 
 comparison is made where the CPU capability matches the one recorded; elsewhere each file's tensors are
 compared by their sum and sum of squares (rel 1e-4), which still catches any change of the math. The runs use
 one thread so that the core count of the machine does not enter the sums.
-Regenerate only after a deliberate change: `python tests/integration/test_golden_weights.py <scratch dir>`.
+Regenerate only after a deliberate change: `python -m tests.integration.test_golden_weights <scratch dir>`.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import hashlib
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from difftrain.config import load_config
 from difftrain.training.loop import train
+
+from ..instances import write_instance_images
 
 pytestmark = pytest.mark.integration
 
@@ -83,19 +83,6 @@ def _exported(run: Path) -> dict[str, tuple[str, float, float]]:
     return {str(p.relative_to(run)): _digest(p) for p in files}
 
 
-def _instance_dir(folder: Path) -> Path:
-    """Four photos of 'the subject': scikit-learn digit 7s as 16 px RGB PNGs (as in test_latent.py)."""
-    from sklearn.datasets import load_digits
-
-    folder.mkdir(parents=True, exist_ok=True)
-    digits = load_digits()
-    sevens = [i for i, label in enumerate(digits.target) if label == 7][:4]
-    for k, i in enumerate(sevens):
-        array = (digits.images[i] * 255 / 16).astype(np.uint8)
-        Image.fromarray(array).resize((16, 16)).convert("RGB").save(folder / f"seven-{k}.png")
-    return folder
-
-
 def run_all(root: Path) -> dict[str, dict[str, tuple[str, float, float]]]:
     """Each tiny config for its 4 steps, on one thread; the mini-sd run is the DreamBooth base."""
     threads = torch.get_num_threads()
@@ -111,7 +98,7 @@ def run_all(root: Path) -> dict[str, dict[str, tuple[str, float, float]]]:
         results = {}
         for name, overrides in runs.items():
             results[name] = _exported(train(load_config(f"tiny/{name}", overrides, output_dir=str(root / name))))
-        db_overrides = [f"model.pretrained={root / 'mini-sd'}", f"data.instance_dir={_instance_dir(root / 'instance')}",
+        db_overrides = [f"model.pretrained={root / 'mini-sd'}", f"data.instance_dir={write_instance_images(root / 'instance')}",
                         f"data.class_dir={root / 'class'}"]
         db = train(load_config("tiny/dreambooth-lora", db_overrides, output_dir=str(root / "dreambooth-lora")))
         results["dreambooth-lora"] = _exported(db)

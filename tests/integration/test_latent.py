@@ -8,15 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from difftrain.config import load_config
 from difftrain.training.loop import train
 
+from ..instances import write_instance_images
 from .test_cli import run_cli
 
 pytestmark = pytest.mark.integration
@@ -36,15 +35,7 @@ def tiny_sd(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def instance_dir(tmp_path_factory) -> Path:
     """Four photos of 'the subject': scikit-learn digit 7s as 16 px RGB PNGs."""
-    from sklearn.datasets import load_digits
-
-    folder = tmp_path_factory.mktemp("instance")
-    digits = load_digits()
-    sevens = [i for i, label in enumerate(digits.target) if label == 7][:4]
-    for k, i in enumerate(sevens):
-        array = (digits.images[i] * 255 / 16).astype(np.uint8)
-        Image.fromarray(array).resize((16, 16)).convert("RGB").save(folder / f"seven-{k}.png")
-    return folder
+    return write_instance_images(tmp_path_factory.mktemp("instance"))
 
 
 def test_mini_sd_exports_a_stable_diffusion_pipeline_that_plain_diffusers_runs(tiny_sd: Path):
