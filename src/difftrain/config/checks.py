@@ -52,6 +52,7 @@ def check_config(cfg: RunConfig) -> list[str]:
     positive("data.resolution", d.resolution, allow_none=False)
     positive("data.max_images", d.max_images)
     positive("data.decode_workers", d.decode_workers)
+    positive("data.max_memory_gb", d.max_memory_gb)
     if d.max_image_pixels < 1:
         problems.append(f"'data.max_image_pixels' = {d.max_image_pixels}: must be >= 1 (pixels, width x height)")
 

@@ -56,9 +56,13 @@ class DataConfig:
     num_class_images: int = 100
     """DreamBooth prior preservation: class images to use (generated up to this count)."""
     decode_workers: int = 4
-    """Threads that decode images once at start-up."""
+    """Threads that decode images once at start-up into RAM, or processes that build the disk cache (data.max_memory_gb)."""
     max_image_pixels: int = 50_000_000
     """Images with more pixels (width x height, read from the file header) are skipped before decoding. 50 MP holds a modern phone photo (up to ~50 MP) and stays well under PIL's bomb limit (89.5 MP); raise it for larger scans (PIL itself refuses files over 179 MP)."""
+    max_memory_gb: Optional[float] = None
+    """Decoded data up to this size is held in RAM; a larger set is decoded once into a memory-mapped cache on disk (data.cache_dir) and read from there. None: a quarter of the machine's RAM."""
+    cache_dir: Optional[str] = None
+    """Folder of the decoded-data caches (one subfolder per source and decode settings); None: DIFFTRAIN_CACHE/data."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 
 from difftrain.config import DataConfig
 from difftrain.data.captions import resolve_captions
+from difftrain.data.disk_cache import decode_to_disk, memory_budget_bytes
 from difftrain.data.sources import ImageSource, dangling_link_message, open_source
 from difftrain.data.transforms import check_pixel_limit, draft_for_resolution, prepare_image
 
@@ -84,9 +85,12 @@ def _decode(source: ImageSource, index: int, cfg: DataConfig) -> np.ndarray:
 def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[Optional[str]]] = None) -> ImageDataset:
     """Decode every item; unreadable or captionless ones are skipped, named in a warning and counted."""
     count = len(source) if cfg.max_images is None else min(len(source), cfg.max_images)
-    arrays: list[Optional[np.ndarray]] = [None] * count
     skipped: list[tuple[str, str]] = [(path, f"dangling link: {dangling_link_message(target)}")
                                        for path, target in source.dangling_links]
+    if count * cfg.channels * cfg.resolution ** 2 > memory_budget_bytes(cfg):
+        images, keep, decode_skipped = decode_to_disk(source, cfg, count, captions, lambda i: _decode(source, i, cfg))
+        return _dataset(source, images, keep, sorted(skipped + decode_skipped), count, captions)
+    arrays: list[Optional[np.ndarray]] = [None] * count
 
     def work(i: int) -> None:
         if captions is not None and not captions[i]:
@@ -100,17 +104,23 @@ def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[
     with ThreadPoolExecutor(max_workers=cfg.decode_workers) as pool:
         list(pool.map(work, range(count)))
     keep = [i for i in range(count) if arrays[i] is not None]
+    images = torch.from_numpy(np.stack([arrays[i] for i in keep])) if keep else torch.empty(0, dtype=torch.uint8)
+    return _dataset(source, images, keep, sorted(skipped), count, captions)
+
+
+def _dataset(source: ImageSource, images: torch.Tensor, keep: list[int], skipped: list[tuple[str, str]], count: int,
+             captions: Optional[list[Optional[str]]]) -> ImageDataset:
+    """The decoded rows `keep` of `source` (in RAM or memory-mapped) with their labels, captions and names."""
     total = count + len(source.dangling_links)
-    log_skipped(sorted(skipped), total)
+    log_skipped(skipped, total)
     if not keep:
         raise ValueError(f"data set {source.description} has no usable images (of {total} items; "
-                         f"first problem: {sorted(skipped)[0][0]}: {sorted(skipped)[0][1]})")
-    images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
+                         f"first problem: {skipped[0][0]}: {skipped[0][1]})")
     labels = None
     if source.labels is not None:
         labels = torch.tensor([source.labels[i] for i in keep], dtype=torch.long)
     kept_captions = None if captions is None else [str(captions[i]) for i in keep]
-    return ImageDataset(images, labels, list(source.class_names), source.description, sorted(skipped), kept_captions,
+    return ImageDataset(images, labels, list(source.class_names), source.description, skipped, kept_captions,
                         [source.names[i] for i in keep])
 
 
