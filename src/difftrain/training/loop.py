@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from difftrain.config import RunConfig, dump_config
 from difftrain.families import family_for
-from difftrain.processes import launched_rank, process_state, quiet_other_ranks
+from difftrain.processes import launched_rank, process_state, quiet_other_ranks, seconds_since_process_start
 from difftrain.training import checkpoint as ckpt
 from difftrain.training import distributed
 from difftrain.training.finish import finish_run
@@ -124,6 +124,9 @@ def _train(run: TrainingRun, output_dir: Path, stop_at_step: Optional[int], stop
     tick, train_start = time.perf_counter(), time.perf_counter()
     last_sample: Optional[Path] = None
     step = start
+    since_launch = seconds_since_process_start()
+    if since_launch is not None:  # data decoding or cache reuse, models, resume: what a user waits for
+        logger.info("first step starts %.1f s after launch", since_launch)
     saved_step = None  # the step of the last checkpoint this process wrote
     with stop.deferred():  # a signal in here stops cleanly after the step under way
         while step < end:

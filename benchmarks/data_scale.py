@@ -1,0 +1,117 @@
+"""Data at scale: the decoded-data disk cache against the in-RAM path, on generated image folders of two sizes.
+
+For each size (10k and 100k 16 px PNGs by default, made here) it trains the tiny unconditional UNet for a few
+steps through `difftrain train`, three times, each a fresh process:
+  - disk, cold: the set over the memory budget (data.max_memory_gb), decoded into an empty cache folder;
+  - disk, warm: the same again, reusing that cache;
+  - RAM: the default budget, the whole set decoded into memory.
+and prints the cache build's images/s, launch-to-first-step seconds (from the run's log), the loader's images/s
+(gathering and normalising batches from the decoded set, measured here on the cache) next to the step's
+images/s, and each run's peak RSS (largest process).
+
+    python benchmarks/data_scale.py --sizes 10000,100000 --work /tmp/data-scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, run_difftrain, steady_images_per_s  # noqa: E402
+from machine import describe_machine  # noqa: E402
+
+RESOLUTION = 16
+STEPS = 30
+BATCH = 16
+
+
+def make_folder(folder: Path, count: int) -> Path:
+    """`count` distinct 16 px RGB PNGs (a gradient and a per-image colour) in one flat folder (unconditional)."""
+    marker = folder / f".complete-{count}"
+    if marker.is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, RESOLUTION, dtype=np.float32)[None, :, None]
+    for i in range(count):
+        folder.mkdir(parents=True, exist_ok=True)
+        colour = rng.integers(0, 256, 3).astype(np.float32)
+        pixels = np.clip(0.5 * ramp + 0.5 * colour[None, None, :], 0, 255).astype(np.uint8)
+        Image.fromarray(np.broadcast_to(pixels, (RESOLUTION, RESOLUTION, 3)).copy()).save(folder / f"{i:06d}.png")
+    marker.touch()
+    return folder
+
+
+def overrides(folder: Path, cache: Path, disk: bool) -> list[str]:
+    budget = ["data.max_memory_gb=1.0e-6"] if disk else []
+    return [f"data.path={folder}", f"data.cache_dir={cache}", f"data.resolution={RESOLUTION}", "data.channels=3",
+            "data.random_flip=false", f"train.max_steps={STEPS}", f"train.batch_size={BATCH}",
+            "train.gradient_accumulation_steps=1", "train.log_every_steps=5", "train.sample_every_steps=null",
+            "train.checkpoint_every_steps=null", "sample.num_images=1", "sample.num_inference_steps=1", *budget]
+
+
+def first_step_seconds(run: Path) -> float:
+    match = re.search(r"first step starts ([0-9.]+) s after launch", (run / "train.log").read_text())
+    if match is None:
+        raise RuntimeError(f"{run / 'train.log'} does not say when the first step started")
+    return float(match.group(1))
+
+
+def cache_build_images_per_s(run: Path) -> float:
+    match = re.search(r"decoded data: (\d+) images into .* in (\d+) s", (run / "train.log").read_text())
+    if match is None:
+        raise RuntimeError(f"{run / 'train.log'} does not report a cache build")
+    return int(match.group(1)) / max(int(match.group(2)), 1)
+
+
+def loader_images_per_s(folder: Path, cache: Path) -> float:
+    """Batches gathered from the memory-mapped cache and normalised, as the step's data part does them."""
+    from difftrain.config import load_config
+    from difftrain.data.dataset import load_image_dataset
+    from difftrain.data.order import sample_indices
+    from difftrain.data.transforms import to_model_range
+
+    cfg = load_config("tiny/folder-uncond", overrides(folder, cache, disk=True))
+    images = load_image_dataset(cfg.data, want_labels=False).images
+    start, count = time.perf_counter(), 0
+    for position in range(0, 200 * BATCH, BATCH):
+        batch = to_model_range(images[sample_indices(len(images), 0, position, BATCH)])
+        count += batch.shape[0]
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/difftrain-data-scale"))
+    args = parser.parse_args()
+    print(describe_machine())
+    rows = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        folder = make_folder(args.work / f"images-{size}", size)
+        cache = args.work / f"cache-{size}"
+        shutil.rmtree(cache, ignore_errors=True)
+        runs = {}
+        for name, disk in (("disk, cold", True), ("disk, warm", True), ("RAM", False)):
+            out = args.work / f"run-{size}-{name.replace(', ', '-')}"
+            runs[name] = (out, run_difftrain("tiny/folder-uncond", out, overrides(folder, cache, disk)))
+        loader = loader_images_per_s(folder, cache)
+        build = cache_build_images_per_s(runs["disk, cold"][0])
+        for name, (out, result) in runs.items():
+            rows.append([size, name, build if name == "disk, cold" else "-", first_step_seconds(out),
+                         loader if name != "RAM" else "-", steady_images_per_s(result["rows"], 5),
+                         result["peak_rss_mib"]])
+    print(markdown_table(["images", "run", "cache build img/s", "launch to step 1 (s)", "loader img/s",
+                          "step img/s", "peak RSS (MiB)"], rows))
+
+
+if __name__ == "__main__":
+    main()
