@@ -59,17 +59,19 @@ def overrides(folder: Path, cache: Path, disk: bool) -> list[str]:
 
 
 def first_step_seconds(run: Path) -> float:
-    match = re.search(r"first step starts ([0-9.]+) s after launch", (run / "train.log").read_text())
+    log = run.with_suffix(".log")  # the command's output: the data is decoded before train.log exists
+    match = re.search(r"first step starts ([0-9.]+) s after launch", log.read_text())
     if match is None:
-        raise RuntimeError(f"{run / 'train.log'} does not say when the first step started")
+        raise RuntimeError(f"{log} does not say when the first step started")
     return float(match.group(1))
 
 
 def cache_build_images_per_s(run: Path) -> float:
-    match = re.search(r"decoded data: (\d+) images into .* in (\d+) s", (run / "train.log").read_text())
+    log = run.with_suffix(".log")
+    match = re.search(r"decoded data: (\d+) images into .* in ([0-9.]+) s", log.read_text())
     if match is None:
-        raise RuntimeError(f"{run / 'train.log'} does not report a cache build")
-    return int(match.group(1)) / max(int(match.group(2)), 1)
+        raise RuntimeError(f"{log} does not report a cache build")
+    return int(match.group(1)) / max(float(match.group(2)), 0.1)
 
 
 def loader_images_per_s(folder: Path, cache: Path) -> float:

@@ -184,5 +184,5 @@ def decode_to_disk(source: Any, cfg: DataConfig, count: int, captions: Optional[
         raw_path.unlink()
     atomic_write_text(folder / MANIFEST, json.dumps({"key": key, "shape": list(item_shape), "keep": keep,
                                                      "skipped": skipped_all}), "the decoded-data cache manifest")
-    logger.info("decoded data: %d images into %s in %.0f s", len(keep), folder, time.perf_counter() - start)
+    logger.info("decoded data: %d images into %s in %.1f s", len(keep), folder, time.perf_counter() - start)
     return _open(folder, len(keep), item_shape), keep, sorted(skipped_all)
