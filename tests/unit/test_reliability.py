@@ -16,7 +16,8 @@ from difftrain.config import DataConfig, load_config
 from difftrain.data.check import scan_data
 from difftrain.training import checkpoint as ckpt
 from difftrain.training.numerics import NanInjector, scale_lr
-from difftrain.training.resume_check import check_resume_config, config_changes, is_unsafe, trim_metrics
+from difftrain.training.resume_check import check_resume_config, config_changes, is_unsafe
+from difftrain.training.run_files import trim_metrics
 from tests.checkpoints import save, tiny_accelerator
 
 

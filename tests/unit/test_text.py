@@ -132,12 +132,12 @@ def test_trained_encoder_runs_once_per_distinct_caption():
     torch.testing.assert_close(states[13], states[3])
 
 
-def test_generate_conditioned_samples_text_in_eval_mode_and_restores_the_mode():
+def test_image_sampler_samples_text_in_eval_mode_and_restores_the_mode():
     """The sampling entry point of previews, evaluation and `difftrain evaluate`, on the pooled-text UNet
     that the mnist-text preset uses (addition_embed_type "text")."""
     from diffusers import UNet2DConditionModel
 
-    from difftrain.sampling.generate import generate_conditioned, generate_from_text
+    from difftrain.sampling.generate import ImageSampler, generate_from_text
     from difftrain.sampling.schedulers import make_scheduler
 
     tokenizer, encoder = _encoder()
@@ -150,12 +150,12 @@ def test_generate_conditioned_samples_text_in_eval_mode_and_restores_the_mode():
     sched = make_scheduler("dpm++", build_noise_scheduler(DiffusionConfig()).config)
     prompts = [CAPTIONS[3], CAPTIONS[7]]
     encoder.train()  # as during training: dropout on
-    images = generate_conditioned(unet, sched, [0, 1], num_inference_steps=3, prompts=prompts, tokenizer=tokenizer,
-                                  text_encoder=encoder, guidance_scale=2.0)
+    images = ImageSampler(unet, tokenizer, encoder).generate(sched, [0, 1], num_inference_steps=3, prompts=prompts,
+                                                             guidance_scale=2.0)
     assert encoder.training
     assert images.shape == (2, 1, 8, 8) and images.dtype == torch.uint8
     expected = generate_from_text(unet, sched, tokenizer, encoder.eval(), prompts, [0, 1], num_inference_steps=3,
                                   guidance_scale=2.0)
     torch.testing.assert_close(images, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="needs prompts"):
-        generate_conditioned(unet, sched, [0], num_inference_steps=3, tokenizer=tokenizer, text_encoder=encoder)
+        ImageSampler(unet, tokenizer, encoder).generate(sched, [0], num_inference_steps=3)

@@ -203,25 +203,3 @@ class ImageSampler:
                                       vae=self.vae)
         finally:
             self.text_encoder.train(was_training)
-
-
-def generate_conditioned(
-    unet: torch.nn.Module,
-    scheduler: SchedulerMixin,
-    seeds: Sequence[Seed],
-    *,
-    num_inference_steps: int,
-    labels: Optional[Sequence[int]] = None,
-    prompts: Optional[Sequence[str]] = None,
-    tokenizer=None,
-    text_encoder: Optional[torch.nn.Module] = None,
-    vae: Optional[torch.nn.Module] = None,
-    negative_prompt: str = "",
-    guidance_scale: float = 1.0,
-    batch_size: int = 64,
-    device: Union[torch.device, str, None] = None,
-) -> torch.Tensor:
-    """`ImageSampler(unet, tokenizer, text_encoder, vae).generate(...)` in one call."""
-    return ImageSampler(unet, tokenizer, text_encoder, vae).generate(
-        scheduler, seeds, num_inference_steps=num_inference_steps, labels=labels, prompts=prompts,
-        negative_prompt=negative_prompt, guidance_scale=guidance_scale, batch_size=batch_size, device=device)

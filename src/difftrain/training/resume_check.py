@@ -8,7 +8,6 @@ against the state actually being resumed, not against `config.yaml` (which a cra
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -18,7 +17,6 @@ from accelerate import Accelerator
 from difftrain.config import ConfigError, RunConfig, config_from_dict
 from difftrain.training import checkpoint as ckpt
 from difftrain.training.progress import read_progress
-from difftrain.writes import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -167,21 +165,3 @@ def load_newest_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, part
         raise ValueError(f"no checkpoint in {checkpoints_dir} could be loaded:\n" + "\n".join(
             f"  - {f}" for f in failures) + "\nMove the checkpoints folder away to start this run from step 0.")
     return 0, None
-
-
-def trim_metrics(metrics_path: Path, start: int) -> None:
-    """Drop rows logged after the checkpoint being resumed from: those steps are about to be redone."""
-    if not metrics_path.is_file():
-        return
-    lines = metrics_path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and _row_step(line) <= start]
-    if len(kept) != len(lines):
-        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept), "the trimmed metrics log")
-
-
-def _row_step(line: str) -> float:
-    """Step of a metrics row; a row cut short by a crash counts as after every checkpoint (dropped)."""
-    try:
-        return json.loads(line).get("step", 0)
-    except json.JSONDecodeError:
-        return float("inf")

@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from difftrain.training.resume_check import trim_metrics
 from difftrain.training.run_dir import RunLock, check_run_dir, claim_run_dir
+from difftrain.writes import atomic_write_text
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -74,3 +74,21 @@ class MetricsLog:
         if self.writes:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def trim_metrics(metrics_path: Path, start: int) -> None:
+    """Drop rows logged after the checkpoint being resumed from: those steps are about to be redone."""
+    if not metrics_path.is_file():
+        return
+    lines = metrics_path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and _row_step(line) <= start]
+    if len(kept) != len(lines):
+        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept), "the trimmed metrics log")
+
+
+def _row_step(line: str) -> float:
+    """Step of a metrics row; a row cut short by a crash counts as after every checkpoint (dropped)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return float("inf")
