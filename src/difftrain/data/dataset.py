@@ -11,14 +11,16 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from difftrain.config import DataConfig
+from difftrain.data.batches import MicroBatch
 from difftrain.data.captions import resolve_captions
 from difftrain.data.disk_cache import decode_to_disk, memory_budget_bytes
+from difftrain.data.order import sample_indices
 from difftrain.data.sources import ImageSource, dangling_link_message, open_source
 from difftrain.data.transforms import check_pixel_limit, draft_for_resolution, prepare_image
 
@@ -39,9 +41,23 @@ class ImageDataset:
     """One caption per image for text-conditioned models."""
     names: Optional[list[str]] = None
     """One name per image: its file path, or 'source[index]' for sources without files."""
+    in_memory: bool = True
+    """False when `images` is memory-mapped from the disk cache (the loader then reads in worker processes)."""
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    # -- TrainingData (data/batches.py) ----------------------------------------------------------------------------
+
+    def rows(self, num_items: int, seed: int, position: int, count: int) -> torch.Tensor:
+        return sample_indices(num_items, seed, position, count)
+
+    def gather(self, rows: torch.Tensor) -> MicroBatch:
+        return MicroBatch(rows, self.images[rows], None if self.labels is None else self.labels[rows])
+
+    def row_names(self, rows: Sequence[int]) -> list[str]:
+        names = self.names
+        return [names[r] if names else f"data set row {r}" for r in rows]
 
     @property
     def num_classes(self) -> int:
@@ -89,7 +105,9 @@ def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[
                                        for path, target in source.dangling_links]
     if count * cfg.channels * cfg.resolution ** 2 > memory_budget_bytes(cfg):
         images, keep, decode_skipped = decode_to_disk(source, cfg, count, captions, lambda i: _decode(source, i, cfg))
-        return _dataset(source, images, keep, sorted(skipped + decode_skipped), count, captions)
+        dataset = _dataset(source, images, keep, sorted(skipped + decode_skipped), count, captions)
+        dataset.in_memory = False
+        return dataset
     arrays: list[Optional[np.ndarray]] = [None] * count
 
     def work(i: int) -> None:

@@ -1,0 +1,46 @@
+"""What training data hands the step: one micro-batch of uint8 images (with labels) by data set row.
+
+Two kinds of training data implement `TrainingData`: an `ImageDataset` (decoded up front, in RAM or memory-mapped
+from the disk cache) and a streamed set of shards (data/streaming.py). Both map a position of the data stream to
+rows (`rows`) and rows to a `MicroBatch` (`gather`); the loader (data/loader.py) calls `gather` in worker processes
+when the data is not a RAM tensor. Flips, normalisation and condition dropout stay in the family's `batch`, drawn
+from the step's generator, so every path gives the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as read from the data, on the CPU."""
+
+    rows: torch.Tensor
+    """(B,) int64: data set rows (stream sample ids for streamed data); text and latent caches index by them."""
+    images: torch.Tensor
+    """(B, C, H, W) uint8 at the training resolution."""
+    labels: Optional[torch.Tensor] = None
+    """(B,) int64 class labels, or None for unlabelled data."""
+
+
+class TrainingData(Protocol):
+    """A training set as the step reads it."""
+
+    description: str
+    in_memory: bool
+    """True when `gather` only indexes a tensor in RAM: the loader then reads in the training process."""
+
+    def __len__(self) -> int: ...
+
+    def rows(self, num_items: int, seed: int, position: int, count: int) -> torch.Tensor:
+        """Rows of positions [position, position+count) of the endless data stream over the first `num_items`."""
+
+    def gather(self, rows: torch.Tensor) -> MicroBatch:
+        """Read these rows (in a loader worker or the training process)."""
+
+    def row_names(self, rows: Sequence[int]) -> list[str]:
+        """Names of rows for messages (file paths, or shard and sample key)."""
