@@ -15,6 +15,7 @@ from difftrain.diffusion.schedule import build_noise_scheduler
 from difftrain.models.lora import add_lora, lora_state_dict
 from difftrain.models.pretrained import check_base_pipeline
 from difftrain.models.vae import build_scratch_vae, encode_distribution_params, measure_scaling_factor, sample_latents
+from difftrain.data.batches import MicroBatch
 from difftrain.families.latents import LatentEncoder
 
 
@@ -64,8 +65,9 @@ def test_cached_latents_match_on_the_fly_encoding_with_flips():
     live = LatentEncoder(vae, 0.5, images, random_flip=True, cache=False)
     assert cached.params.shape == (12, 8, 8, 8)  # both flips, mean and log-variance
     indices = torch.tensor([0, 3, 5, 3])
-    a = cached.draw(images, indices, torch.Generator().manual_seed(1))
-    b = live.draw(images, indices, torch.Generator().manual_seed(1))
+    micro = MicroBatch(indices, images[indices])
+    a = cached.draw(micro, torch.Generator().manual_seed(1))
+    b = live.draw(micro, torch.Generator().manual_seed(1))
     assert a.shape == (4, 4, 8, 8)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 

@@ -53,6 +53,8 @@ def check_config(cfg: RunConfig) -> list[str]:
     positive("data.max_images", d.max_images)
     positive("data.decode_workers", d.decode_workers)
     positive("data.max_memory_gb", d.max_memory_gb)
+    if d.loader_workers is not None and d.loader_workers < 0:
+        problems.append(f"'data.loader_workers' = {d.loader_workers}: must be >= 0 (0 reads in the training process)")
     if d.max_image_pixels < 1:
         problems.append(f"'data.max_image_pixels' = {d.max_image_pixels}: must be >= 1 (pixels, width x height)")
 

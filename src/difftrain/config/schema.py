@@ -61,6 +61,8 @@ class DataConfig:
     """Images with more pixels (width x height, read from the file header) are skipped before decoding. 50 MP holds a modern phone photo (up to ~50 MP) and stays well under PIL's bomb limit (89.5 MP); raise it for larger scans (PIL itself refuses files over 179 MP)."""
     max_memory_gb: Optional[float] = None
     """Decoded data up to this size is held in RAM; a larger set is decoded once into a memory-mapped cache on disk (data.cache_dir) and read from there. None: a quarter of the machine's RAM."""
+    loader_workers: Optional[int] = None
+    """Worker processes per training process that read micro-batches ahead when the data is not in RAM (disk cache, streamed shards); None: 1 on CPU (more would take cores from the step), up to 8 with an accelerator."""
     cache_dir: Optional[str] = None
     """Folder of the decoded-data caches (one subfolder per source and decode settings); None: DIFFTRAIN_CACHE/data."""
 

@@ -8,7 +8,7 @@ only this interface; the objective (diffusion/objective.py) decides noise, times
 Life of a family in a run, in call order:
     check_files -> prepare_before_data -> load_data -> plan -> prepare_after_data      (no model built yet)
     network_spec (mixed-precision probe) -> build_models -> use_prepared               (after the Accelerator)
-    per micro-batch: rows -> batch -> network (inside autocast) -> reduce_loss
+    per micro-batch: rows (the loader gathers them) -> batch -> network (inside autocast) -> reduce_loss
     sampler / preview_conditions / evaluation_conditions -> export -> write_model_card
 """
 
@@ -22,8 +22,8 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 import torch
 
 from difftrain.config import RunConfig
+from difftrain.data.batches import MicroBatch
 from difftrain.data.dataset import ImageDataset
-from difftrain.data.order import sample_indices
 from difftrain.diffusion.objective import Network, Objective
 from difftrain.sampling.generate import ImageSampler
 
@@ -174,12 +174,14 @@ class Family(ABC):
     # -- the step --------------------------------------------------------------------------------------------------
 
     def rows(self, position: int, batch_size: int) -> torch.Tensor:
-        """Data set rows of the micro-batch at `position` of the data stream (data/order.py)."""
-        return sample_indices(self.num_train_images, self.cfg.train.seed, position, batch_size)
+        """Data set rows of the micro-batch at `position` of the data stream (data/order.py); the loader calls it,
+        in worker processes too, so it must be a pure function."""
+        return self.dataset.rows(self.num_train_images, self.cfg.train.seed, position, batch_size)
 
     @abstractmethod
-    def batch(self, rows: torch.Tensor, generator: torch.Generator, device: torch.device) -> Batch:
-        """x0 and the condition of these rows, with condition dropout; random draws from `generator`, x0's first."""
+    def batch(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> Batch:
+        """x0 and the condition of a gathered micro-batch, with condition dropout; random draws from `generator`,
+        x0's first."""
 
     @abstractmethod
     def network(self, condition: Any) -> Network:
@@ -191,8 +193,9 @@ class Family(ABC):
 
     def row_names(self, rows: Sequence[int]) -> list[str]:
         """Names of data set rows for messages (file paths where the source has them)."""
-        names = self.dataset.names if self.dataset is not None else None
-        return [names[r] if names else f"data set row {r}" for r in rows]
+        if self.dataset is None:
+            return [f"data set row {r}" for r in rows]
+        return self.dataset.row_names(rows)
 
     # -- sampling and export ---------------------------------------------------------------------------------------
 

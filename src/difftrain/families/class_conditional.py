@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from difftrain.config import ConfigError, RunConfig
+from difftrain.data.batches import MicroBatch
 from difftrain.diffusion.objective import Network, Objective
 from difftrain.families.base import PreviewLayout, RunSummary
 from difftrain.families.export import save_pipeline_atomically, write_model_card
@@ -40,8 +41,8 @@ class ClassConditionalPixelFamily(UnconditionalPixelFamily):
         # One extra embedding row is the null class used for classifier-free guidance.
         return {"num_class_embeds": self.num_classes + 1}
 
-    def condition(self, rows: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        labels = self.dataset.labels[rows].to(device)
+    def condition(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        labels = micro.labels.to(device)
         dropout = self.cfg.train.condition_dropout
         if dropout > 0:
             drop = torch.rand(labels.shape, generator=generator, device=device) < dropout

@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 
 from difftrain.config import ConfigError, RunConfig
+from difftrain.data.batches import MicroBatch
 from difftrain.diffusion.objective import Objective
 from difftrain.families.base import Batch, Models, RunSummary
 from difftrain.families.export_latent import export_stable_diffusion, write_latent_model_card
@@ -90,9 +91,9 @@ class LatentTextFamily(TextPixelFamily):
 
     # -- the step ------------------------------------------------------------------------------------------------
 
-    def batch(self, rows: torch.Tensor, generator: torch.Generator, device: torch.device) -> Batch:
-        x0 = self.latents.draw(self.dataset.images, rows, generator)  # flips and latent noise, from the generator
-        return Batch(x0, self.condition(rows, generator, device))
+    def batch(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> Batch:
+        x0 = self.latents.draw(micro, generator)  # flips and latent noise, from the generator
+        return Batch(x0, self.condition(micro, generator, device))
 
     # -- sampling and export -------------------------------------------------------------------------------------
 

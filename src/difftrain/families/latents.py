@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from diffusers import AutoencoderKL
 
+from difftrain.data.batches import MicroBatch
 from difftrain.data.transforms import to_model_range
 from difftrain.models.vae import encode_distribution_params, sample_latents
 
@@ -38,18 +39,19 @@ class LatentEncoder:
                         self.num_images, " x 2 flips" if random_flip else "",
                         self.params.numel() * 4 / 2**20)
 
-    def draw(self, images_uint8: torch.Tensor, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def draw(self, micro: MicroBatch, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents of a gathered micro-batch: from the cache by its rows, or encoded from its images."""
         device = self.vae.device
         flip = None
         if self.random_flip:
-            flip = torch.rand(indices.shape[0], generator=generator, device=device) < 0.5
+            flip = torch.rand(micro.rows.shape[0], generator=generator, device=device) < 0.5
         if self.params is not None:
-            rows = indices.to(device)
+            rows = micro.rows.to(device)
             if flip is not None:
                 rows = rows + flip.long() * self.num_images
             params = self.params[rows]
         else:
-            x = to_model_range(images_uint8[indices].to(device))
+            x = to_model_range(micro.images.to(device))
             if flip is not None:
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             with torch.no_grad():

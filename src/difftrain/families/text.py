@@ -16,6 +16,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from difftrain.config import RunConfig
+from difftrain.data.batches import MicroBatch
 from difftrain.diffusion.objective import Network, Objective
 from difftrain.families.base import Models, PreviewLayout, RunSummary
 from difftrain.families.export import save_pipeline_atomically, write_model_card
@@ -121,8 +122,8 @@ class TextPixelFamily(UnconditionalPixelFamily):
 
     # -- the step ------------------------------------------------------------------------------------------------
 
-    def condition(self, rows: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        return drop_captions(self.text.caption_ids[rows].to(device), self.conditioner.null_index,
+    def condition(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        return drop_captions(self.text.caption_ids[micro.rows].to(device), self.conditioner.null_index,
                              self.cfg.train.condition_dropout, generator)
 
     def network(self, condition: Any) -> Network:

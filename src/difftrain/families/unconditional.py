@@ -12,6 +12,7 @@ import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
 from difftrain.config import ConfigError, RunConfig
+from difftrain.data.batches import MicroBatch
 from difftrain.data.transforms import random_hflip, to_model_range
 from difftrain.diffusion.objective import Network, Objective
 from difftrain.families.base import Batch, Family, Models, NetworkSpec, PreviewLayout, RunSummary
@@ -65,13 +66,13 @@ class UnconditionalPixelFamily(Family):
 
     # -- the step ------------------------------------------------------------------------------------------------
 
-    def batch(self, rows: torch.Tensor, generator: torch.Generator, device: torch.device) -> Batch:
-        images = self.dataset.images[rows].to(device, non_blocking=True)
+    def batch(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> Batch:
+        images = micro.images.to(device, non_blocking=True)
         if self.cfg.data.random_flip:
             images = random_hflip(images, generator)
-        return Batch(to_model_range(images), self.condition(rows, generator, device))
+        return Batch(to_model_range(images), self.condition(micro, generator, device))
 
-    def condition(self, rows: torch.Tensor, generator: torch.Generator, device: torch.device) -> Any:
+    def condition(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> Any:
         """The condition of these rows after condition dropout (drawn after x0's random draws); None here."""
         return None
 

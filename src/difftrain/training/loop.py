@@ -73,7 +73,11 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
             accelerator = make_accelerator(cfg, output_dir)
             objective = build_objective(cfg, family)
             parts = build_trainables(cfg, family, plan.max_steps, accelerator)
-            return _train(TrainingRun(plan, family, objective, accelerator, parts), output_dir, stop_at_step, stop)
+            run = TrainingRun(plan, family, objective, accelerator, parts)
+            try:
+                return _train(run, output_dir, stop_at_step, stop)
+            finally:
+                run.close()
     except StopRequested as exc:
         if not exc.logged:
             logger.warning("%s before training completed; nothing was left half-written, and the same command "

@@ -31,6 +31,9 @@ class StepReport:
     memory_kind: str
     loss: float
     device: str
+    loader_images_per_s: float = 0.0
+    """What the data loader alone hands out (this process's micro-batches)."""
+    loader_workers: int = 0
 
 
 def measure_step(cfg: RunConfig) -> StepReport:
@@ -39,8 +42,6 @@ def measure_step(cfg: RunConfig) -> StepReport:
     from difftrain.processes import process_state
     from difftrain.training.precision import resolve_mixed_precision
     from difftrain.training.setup import TrainingRun, build_objective, build_trainables, make_accelerator, plan_run
-    from difftrain.training.step import train_step
-
     from difftrain.training.resume_check import read_saved_config
 
     saved = read_saved_config(Path(cfg.output_dir))  # a run being resumed keeps its precision
@@ -62,24 +63,53 @@ def measure_step(cfg: RunConfig) -> StepReport:
         try:
             parts = build_trainables(cfg, family, plan.max_steps, accelerator)
             run = TrainingRun(plan, family, build_objective(cfg, family), accelerator, parts)
-            cuda = accelerator.device.type == "cuda"
-            train_step(run, 0).item()  # warm-up: allocator, kernels, lazy init
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            loss = train_step(run, 1).item()  # .item() waits for the device
-            seconds = time.perf_counter() - start
-            if cuda:
-                peak, kind = torch.cuda.max_memory_allocated(), "GPU memory allocated"
-            else:
-                # ru_maxrss is KiB on Linux and bytes on macOS; it is the whole process's high-water mark.
-                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                peak, kind = rss if sys.platform == "darwin" else rss * 1024, "process resident memory"
-            return StepReport(seconds, plan.global_batch_size / max(seconds, 1e-9), int(peak), kind, loss,
-                              str(accelerator.device))
+            try:
+                report = _time_steps(run, accelerator)
+            finally:
+                run.close()
+            return report
         finally:
             accelerator.end_training()
+
+
+def _time_steps(run, accelerator) -> StepReport:
+    """One warm-up step, one timed step, then the loader alone over the next micro-batches."""
+    from difftrain.training.step import train_step
+
+    cuda = accelerator.device.type == "cuda"
+    train_step(run, 0).item()  # warm-up: allocator, kernels, lazy init, the loader's workers
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    loss = train_step(run, 1).item()  # .item() waits for the device
+    seconds = time.perf_counter() - start
+    if cuda:
+        peak, kind = torch.cuda.max_memory_allocated(), "GPU memory allocated"
+    else:
+        # ru_maxrss is KiB on Linux and bytes on macOS; it is the whole process's high-water mark.
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak, kind = rss if sys.platform == "darwin" else rss * 1024, "process resident memory"
+    global_batch = run.plan.global_batch_size
+    return StepReport(seconds, global_batch / max(seconds, 1e-9), int(peak), kind, loss, str(accelerator.device),
+                      *_loader_throughput(run))
+
+
+LOADER_TIMED_SECONDS = 2.0
+
+
+def _loader_throughput(run) -> tuple[float, int]:
+    """(images/s the loader hands out, its worker count): the micro-batches after the two timed steps, read as
+    fast as the loader gives them for about LOADER_TIMED_SECONDS (its workers start reading at the first)."""
+    t = run.cfg.train
+    slot = 2 * t.gradient_accumulation_steps
+    end = run.loader.end_slot
+    images, start = 0, time.perf_counter()
+    while time.perf_counter() - start < LOADER_TIMED_SECONDS and slot < end:
+        images += int(run.loader.get(slot).images.shape[0])
+        slot += 1
+    seconds = time.perf_counter() - start
+    return images / max(seconds, 1e-9), run.loader.workers
 
 
 WARNINGS_PER_KIND = 20
@@ -134,6 +164,9 @@ def run_check(cfg: RunConfig, with_step: bool = True, show_all: bool = False, ou
             out(f"step: one optimizer step of {step.images_per_s * step.seconds:.0f} images in {step.seconds:.3f} s "
                 f"on {step.device} = {step.images_per_s:.1f} images/s; peak {step.memory_kind} "
                 f"{step.peak_memory_bytes / 2**20:.1f} MiB; loss {step.loss:.4f}")
+            where = f"{step.loader_workers} worker process(es)" if step.loader_workers else "the training process"
+            out(f"loader: {step.loader_images_per_s:.0f} images/s gathered by {where}, against the step's "
+                f"{step.images_per_s:.1f} images/s (data.loader_workers)")
         except Exception as exc:  # noqa: BLE001 - any failure of the step is the finding itself
             errors.append(Finding("step", "error", "training step failed", f"{type(exc).__name__}: {exc}"))
             out(str(errors[-1]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,6 +23,8 @@ from diffusers.training_utils import EMAModel
 
 from difftrain.config import ConfigError, RunConfig
 from difftrain.data.dataset import ImageDataset
+from difftrain.data.loader import BatchLoader, loader_workers
+from difftrain.data.order import stream_position
 from difftrain.diffusion.objective import OBJECTIVES, Objective
 from difftrain.families.base import Family
 from difftrain.models.lora import trainable_only_checkpoints
@@ -162,10 +165,39 @@ class TrainingRun:
     objective: Objective
     accelerator: Accelerator
     parts: Trainables
+    loader: Optional[BatchLoader] = None
+    """The step's micro-batches by slot (built from the rest when not given)."""
+
+    def __post_init__(self) -> None:
+        if self.loader is None:
+            self.loader = build_loader(self.plan, self.family, self.accelerator)
 
     @property
     def cfg(self) -> RunConfig:
         return self.plan.cfg
+
+    def close(self) -> None:
+        """Stop the loader's worker processes."""
+        self.loader.close()
+
+
+def build_loader(plan: RunPlan, family: Family, accelerator: Accelerator) -> BatchLoader:
+    """The loader of this process's micro-batches: slot `step * accumulation + micro_step` of every step to the
+    end of the run, read ahead by worker processes unless the data is a RAM tensor (data/loader.py)."""
+    t = plan.cfg.train
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def position_of(slot: int) -> int:
+        step, micro = divmod(slot, t.gradient_accumulation_steps)
+        return stream_position(step, micro, rank, t.gradient_accumulation_steps, world, t.batch_size)
+
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # set by torchrun / accelerate launch
+    workers = loader_workers(plan.cfg.data.loader_workers, family.dataset, accelerator.device, local_processes)
+    if workers:
+        logger.info("data loader: %d worker process(es) read micro-batches ahead (data.loader_workers)", workers)
+    return BatchLoader(family.dataset, family.rows, position_of, t.batch_size,
+                       end_slot=plan.max_steps * t.gradient_accumulation_steps, workers=workers,
+                       pin_memory=accelerator.device.type == "cuda")
 
 
 def build_trainables(cfg: RunConfig, family: Family, max_steps: int, accelerator: Accelerator) -> Trainables:

@@ -43,10 +43,10 @@ def train_step(run: TrainingRun, step: int, guard: Optional[NonFiniteGuard] = No
     total = torch.zeros((), device=device)
     applied = True
     for micro in range(t.gradient_accumulation_steps):
-        rows = family.rows(_position(run, step, micro), t.batch_size)
+        micro_batch = run.loader.get(step * t.gradient_accumulation_steps + micro)  # read ahead by its workers
         generator = micro_batch_generator(t.seed, step, micro, accelerator.process_index, accelerator.num_processes,
                                           device)
-        batch = family.batch(rows, generator, device)
+        batch = family.batch(micro_batch, generator, device)
         noise = run.objective.sample_noise(batch.x0.shape, generator, device)
         times = run.objective.sample_times(batch.x0.shape[0], generator, device)
         with accelerator.accumulate(*parts.trained):
