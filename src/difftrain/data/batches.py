@@ -26,6 +26,11 @@ class MicroBatch:
     labels: Optional[torch.Tensor] = None
     """(B,) int64 class labels, or None for unlabelled data."""
 
+    def pin_memory(self) -> "MicroBatch":
+        """Page-locked copies (DataLoader's pin_memory calls this), so the copy to an accelerator can overlap."""
+        return MicroBatch(self.rows.pin_memory(), self.images.pin_memory(),
+                          None if self.labels is None else self.labels.pin_memory())
+
 
 class TrainingData(Protocol):
     """A training set as the step reads it."""
