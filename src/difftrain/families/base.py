@@ -92,6 +92,9 @@ class Family(ABC):
     families/__init__.py's FAMILIES; `handles(cfg)` says which configs they train."""
 
     name: ClassVar[str]
+    streams: ClassVar[bool] = False
+    """Whether the family trains from streamed shards (data/streaming.py): it needs nothing of the data set up front
+    (no caption vocabulary, no latent cache)."""
     latent: ClassVar[bool] = False
     """Whether x0 is a VAE latent (the objective's schedule then never clips x0 to [-1, 1])."""
 
@@ -135,14 +138,31 @@ class Family(ABC):
         """Decode the training data (DreamBooth: instance images, then class images); sets `dataset` and
         `num_train_images`."""
         from difftrain.data.dataset import load_dreambooth_dataset, load_image_dataset
+        from difftrain.data.streaming import open_streaming_set
 
         if self.cfg.data.instance_dir is not None:
             self.dataset, self.num_train_images = load_dreambooth_dataset(self.cfg.data, self.class_images_dir())
-        else:
-            labels, captions = self.data_wants()
+            return self.dataset
+        labels, captions = self.data_wants()
+        stream = open_streaming_set(self.cfg.data, want_labels=labels) if self.streams else None
+        if stream is None:
+            self._refuse_a_stream()
             self.dataset = load_image_dataset(self.cfg.data, want_labels=labels, want_captions=captions)
-            self.num_train_images = len(self.dataset)
+        else:
+            self.dataset = stream
+        self.num_train_images = len(self.dataset)
         return self.dataset
+
+    def _refuse_a_stream(self) -> None:
+        from difftrain.data.sources import streamed_kind
+
+        d = self.cfg.data
+        kind = streamed_kind(d.path, d.source, d.streaming)
+        if kind is not None:
+            raise ValueError(f"data.path = {d.path!r} is streamed ({kind} shards), but the {self.name} family reads its "
+                             "whole data set up front (caption vocabulary, latent cache); streams train "
+                             "model.conditioning 'none' or 'class' in pixel space. Use an image folder instead (a set "
+                             "over data.max_memory_gb is decoded once into the disk cache)")
 
     @abstractmethod
     def plan(self) -> None:

@@ -48,6 +48,7 @@ class TextSetup:
 
 class TextPixelFamily(UnconditionalPixelFamily):
     name = "pixel-text"
+    streams = False  # its caption vocabulary is built from every caption before training
     unet_class = UNet2DConditionModel
     presets = COND_UNET_PRESETS
 

@@ -23,6 +23,7 @@ from difftrain.sampling.generate import ImageSampler
 
 class UnconditionalPixelFamily(Family):
     name = "pixel-unconditional"
+    streams = True
     unet_class: type = UNet2DModel
     presets = UNET_PRESETS
 

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from difftrain.data.batches import TrainingData
+from difftrain.data.dataset import ImageDataset
 from difftrain.evaluation.evaluate import held_out_test_split, reference_from_dataset, score_samples
 from difftrain.processes import generate_sharded
 from difftrain.training.previews import EmaWeights
@@ -25,6 +27,15 @@ _EVAL_SEED_OFFSET = 1_000_000
 HIGHER_IS_BETTER = {"accuracy"}
 
 
+def sample_into_memory(data: TrainingData, count: int) -> ImageDataset:
+    """Up to `count` images of a streamed set, in RAM: the first of its epoch-0 order at seed 0, so they come from
+    every part of the set and are the same at every evaluation and resume."""
+    count = min(count, len(data))
+    micro = data.gather(data.rows(len(data), 0, 0, count))
+    return ImageDataset(micro.images, micro.labels, list(data.class_names), f"{count} images of {data.description}",
+                        names=data.row_names(micro.rows.tolist()))
+
+
 class TrainingEvaluator:
     """Every rank samples its share of the evaluation seeds; the main process (`scores=True`) scores them.
 
@@ -34,6 +45,8 @@ class TrainingEvaluator:
     def __init__(self, run: TrainingRun, output_dir: Path, scores: bool = True):
         cfg, t, dataset = run.cfg, run.cfg.train, run.plan.dataset
         self.cfg = cfg
+        if not isinstance(dataset, ImageDataset):  # streamed: a sample of it in RAM (reference and classifier data)
+            dataset = sample_into_memory(dataset, t.eval_num_reference)
         labelled = dataset.labels is not None
         test = held_out_test_split(cfg.data, True) if labelled and cfg.data.instance_dir is None else None
         self.ref = None
