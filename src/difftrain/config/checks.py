@@ -53,6 +53,9 @@ def check_config(cfg: RunConfig) -> list[str]:
     positive("data.max_images", d.max_images)
     positive("data.decode_workers", d.decode_workers)
     positive("data.max_memory_gb", d.max_memory_gb)
+    if d.streaming and d.source not in ("auto", "hub", "parquet"):
+        problems.append(f"'data.streaming' = true streams a hub id's parquet files, but 'data.source' = {d.source!r}; "
+                        "use data.source=auto or hub (tar and parquet shards stream without data.streaming)")
     if d.max_image_pixels < 1:
         problems.append(f"'data.max_image_pixels' = {d.max_image_pixels}: must be >= 1 (pixels, width x height)")
 

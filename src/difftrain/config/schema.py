@@ -20,11 +20,13 @@ SchedulerName = Literal["ddpm", "ddim", "dpm++", "unipc", "euler", "euler-a", "h
 @dataclass
 class DataConfig:
     path: str = "digits"
-    """'digits' (scikit-learn, built in), an image folder, an MNIST IDX folder, a hub id or a saved `datasets` dir."""
-    source: Literal["auto", "digits", "mnist", "folder", "hub"] = "auto"
-    """How to read `path`; 'auto' decides from what is there."""
+    """'digits' (scikit-learn, built in), an image folder, an MNIST IDX folder, a hub id, a saved `datasets` dir, or streamed shards: a folder or glob of webdataset .tar files or of .parquet files."""
+    source: Literal["auto", "digits", "mnist", "folder", "hub", "webdataset", "parquet"] = "auto"
+    """How to read `path`; 'auto' decides from what is there (a folder holding only .tar or only .parquet files, or a glob ending in .tar / .parquet, is streamed)."""
     split: str = "train"
     """Split of hub / MNIST data ('train' or 'test' for MNIST)."""
+    streaming: bool = False
+    """Stream a hub id's parquet files (its parquet conversion, or the parquet files of its main revision) instead of downloading and decoding the set up front."""
     image_column: str = "image"
     """Image column of a `datasets` data set."""
     label_column: Optional[str] = None
