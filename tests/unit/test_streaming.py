@@ -108,7 +108,7 @@ def tar_set(tmp_path):
 
 
 def test_tar_samples_are_counted_by_key(tar_set):
-    ds, images, _ = tar_set
+    ds, _, _ = tar_set
     assert isinstance(ds, StreamingSet) and not ds.in_memory
     assert len(ds) == 16 and ds.num_pieces == 3 and ds.skipped == []
     assert ds.row_names([0, 5, 15]) == [f"{ds.files[0]}:d/s0_00", f"{ds.files[1]}:d/s1_00", f"{ds.files[2]}:d/s2_03"]
@@ -256,6 +256,10 @@ def test_a_sample_that_does_not_decode_is_replaced_and_named(tmp_path, caplog):
     assert np.array_equal(batch.images[0].numpy(), _decode(good[2], ds.cfg))
     assert caplog.text.count("skipped sample") == 1  # named once per process
     assert f"skipped sample {ds.files[0]}:k1 (UnidentifiedImageError" in caplog.text
+    _write_tar(tmp_path / "t" / "b.tar", [("k0.png", b"not a png"), ("k1.jpg", b"nor a jpeg")])
+    hopeless = open_streaming_set(_cfg(tmp_path / "t", tmp_path), want_labels=False)
+    with pytest.raises(ValueError, match=r"no sample of .*b.tar decodes \(first problem: UnidentifiedImageError"):
+        hopeless.gather(torch.tensor([0]))
 
 
 def test_index_cache_is_reused_and_a_changed_shard_reindexed(tmp_path, caplog):

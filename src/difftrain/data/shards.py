@@ -152,7 +152,7 @@ def index_parquet(fs: Any, path: str, image_column: str, label_column: Optional[
     return {"pieces": pieces, "labels": labels, "unlabelled": unlabelled, "class_names": class_names}
 
 
-class _Lru(OrderedDict):
+class LastUsed(OrderedDict):
     """The last `size` readers or row groups of this process (a shard is indexed / read when first needed)."""
 
     def __init__(self, size: int) -> None:
@@ -212,7 +212,7 @@ class ParquetReader:
         self.file = fs.open(path, "rb")
         self.parquet = pq.ParquetFile(self.file)
         self.columns = {"image": image_column, "label": label_column, "caption": caption_column}
-        self.groups = _Lru(2)
+        self.groups = LastUsed(2)
 
     def close(self) -> None:
         self.file.close()

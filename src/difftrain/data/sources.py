@@ -261,9 +261,15 @@ def streamed_kind(path: str, source: str, streaming: bool = False) -> Optional[s
         if local.is_file():
             return STREAMED_EXTENSIONS.get(local.suffix.lower())
         if local.is_dir():
-            kinds = {STREAMED_EXTENSIONS.get(p.suffix.lower()) if p.is_file() else None
-                     for p in local.iterdir() if not p.name.startswith(".")}
-            if len(kinds) == 1 and None not in kinds:
+            kinds = set()
+            for p in local.iterdir():  # stops at the first other entry: an image folder costs one look
+                if p.name.startswith("."):
+                    continue
+                kind = STREAMED_EXTENSIONS.get(p.suffix.lower())
+                if kind is None or (kinds and kind not in kinds) or p.is_dir():
+                    return None
+                kinds.add(kind)
+            if kinds:
                 return kinds.pop()
     if streaming and is_hub_id(path):
         return "hub"

@@ -28,7 +28,7 @@ from difftrain.data.batches import MicroBatch
 from difftrain.data.dataset import decode_item
 from difftrain.data.order import _mix
 from difftrain.data.shard_index import index_shards, list_shards
-from difftrain.data.shards import ParquetReader, TarReader, _Lru, label_lookup
+from difftrain.data.shards import LastUsed, ParquetReader, TarReader, label_lookup
 from difftrain.data.sources import ImageSource, streamed_kind
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class StreamingSet:
         self._starts = np.concatenate([[0], np.cumsum(self._counts)]).astype(np.int64)
         self._epochs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._pid: Optional[int] = None
-        self._readers = _Lru(2)
+        self._readers = LastUsed(2)
         self._warned: set[tuple[int, int]] = set()
 
     def __len__(self) -> int:
@@ -88,7 +88,7 @@ class StreamingSet:
 
     def __getstate__(self) -> dict:  # for spawned workers: open files stay with the process that opened them
         state = dict(self.__dict__)
-        state.update(_epochs={}, _pid=None, _readers=_Lru(2), _warned=set())
+        state.update(_epochs={}, _pid=None, _readers=LastUsed(2), _warned=set())
         return state
 
     # -- order -----------------------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ class StreamingSet:
     def _reader(self, piece: int) -> Any:
         """This process's reader of the piece's file (opened when first needed; a fork starts afresh)."""
         if self._pid != os.getpid():
-            self._pid, self._readers, self._warned = os.getpid(), _Lru(2), set()
+            self._pid, self._readers, self._warned = os.getpid(), LastUsed(2), set()
         index = int(self._piece_file[piece])
         path = self.files[index]
         if self.kind == "webdataset":
@@ -156,10 +156,15 @@ class StreamingSet:
         offset = self._reader(piece).row_offset(int(self._piece_group[piece]))
         return f"{path}[row {offset + index}]"
 
+    def _piece_name(self, piece: int) -> str:
+        path = self.files[int(self._piece_file[piece])]
+        return path if self.kind == "webdataset" else f"{path} (row group {int(self._piece_group[piece])})"
+
     def _read(self, row: int) -> tuple[int, np.ndarray, Optional[int]]:
         """(id actually read, image, class index): the sample, or the next one of its piece that decodes."""
         piece, local = self._locate(row)
         size = int(self._counts[piece])
+        self._reader(piece)  # a shard that no longer opens is an error of its own, not one per sample
         first_problem = None
         for step in range(size):
             index = (local + step) % size
@@ -176,8 +181,7 @@ class StreamingSet:
             if label is not None and self._label_map is not None:
                 label = self._label_map[label]
             return int(self._starts[piece]) + index, image, label
-        raise ValueError(f"no sample of {self._sample_name(piece, 0).rsplit(':', 1)[0]} decodes "
-                         f"(first problem: {first_problem})")
+        raise ValueError(f"no sample of {self._piece_name(piece)} decodes (first problem: {first_problem})")
 
     def gather(self, rows: torch.Tensor) -> MicroBatch:
         """Read and decode these samples; `rows` of the result names the samples read (a replacement's own id)."""
@@ -244,9 +248,9 @@ def open_streaming_set(cfg: DataConfig, want_labels: bool) -> Optional[Streaming
     label_map = None
     if want_labels:
         class_names, label_map = _labels(cfg, [(path, records[path]) for path in kept], where)
-    kind_name = "parquet" if kind == "hub" else kind
     total = sum(count for _, _, count in pieces)
-    description = f"{where}, streamed ({len(kept)} {kind_name} files, {len(pieces)} pieces)"
+    parts = f"{len(kept)} shards" if kind == "webdataset" else f"{len(kept)} files, {len(pieces)} row groups"
+    description = f"{where} ({parts}), streamed"
     logger.info("streamed data: %s: %d samples; %s", description, total, summary)
     return StreamingSet("webdataset" if kind == "webdataset" else "parquet", fs, kept, pieces, cfg, description,
                         class_names, label_map, want_labels, skipped)
