@@ -55,6 +55,9 @@ def check_config(cfg: RunConfig) -> list[str]:
     positive("data.max_memory_gb", d.max_memory_gb)
     if d.loader_workers is not None and d.loader_workers < 0:
         problems.append(f"'data.loader_workers' = {d.loader_workers}: must be >= 0 (0 reads in the training process)")
+    if d.streaming and d.source not in ("auto", "hub", "parquet"):
+        problems.append(f"'data.streaming' = true streams a hub id's parquet files, but 'data.source' = {d.source!r}; "
+                        "use data.source=auto or hub (tar and parquet shards stream without data.streaming)")
     if d.max_image_pixels < 1:
         problems.append(f"'data.max_image_pixels' = {d.max_image_pixels}: must be >= 1 (pixels, width x height)")
 

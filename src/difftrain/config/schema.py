@@ -20,15 +20,17 @@ SchedulerName = Literal["ddpm", "ddim", "dpm++", "unipc", "euler", "euler-a", "h
 @dataclass
 class DataConfig:
     path: str = "digits"
-    """'digits' (scikit-learn, built in), an image folder, an MNIST IDX folder, a hub id or a saved `datasets` dir."""
-    source: Literal["auto", "digits", "mnist", "folder", "hub"] = "auto"
-    """How to read `path`; 'auto' decides from what is there."""
+    """'digits' (scikit-learn, built in), an image folder, an MNIST IDX folder, a hub id, a saved `datasets` dir, or streamed shards: a folder or glob of webdataset .tar files or of .parquet files."""
+    source: Literal["auto", "digits", "mnist", "folder", "hub", "webdataset", "parquet"] = "auto"
+    """How to read `path`; 'auto' decides from what is there (a folder holding only .tar or only .parquet files, or a glob ending in .tar / .parquet, is streamed)."""
     split: str = "train"
     """Split of hub / MNIST data ('train' or 'test' for MNIST)."""
+    streaming: bool = False
+    """Stream a hub id's parquet files (its parquet conversion, or the parquet files of its main revision) instead of downloading and decoding the set up front."""
     image_column: str = "image"
-    """Image column of a `datasets` data set."""
+    """Image column of a `datasets` data set or of streamed parquet files (a `datasets` Image struct or encoded bytes)."""
     label_column: Optional[str] = None
-    """Label column of a `datasets` data set; None means 'label' when the model is class-conditional."""
+    """Label column of a `datasets` data set or of streamed parquet files; None means 'label' when the model is class-conditional."""
     resolution: int = 32
     """Training image size in pixels (square)."""
     channels: Literal[1, 3] = 3
@@ -56,7 +58,7 @@ class DataConfig:
     num_class_images: int = 100
     """DreamBooth prior preservation: class images to use (generated up to this count)."""
     decode_workers: int = 4
-    """Threads that decode images once at start-up into RAM, or processes that build the disk cache (data.max_memory_gb)."""
+    """Threads that decode images once at start-up into RAM, or processes that build the disk cache (data.max_memory_gb) or count the samples of streamed shards (once; the counts are cached)."""
     max_image_pixels: int = 50_000_000
     """Images with more pixels (width x height, read from the file header) are skipped before decoding. 50 MP holds a modern phone photo (up to ~50 MP) and stays well under PIL's bomb limit (89.5 MP); raise it for larger scans (PIL itself refuses files over 179 MP)."""
     max_memory_gb: Optional[float] = None

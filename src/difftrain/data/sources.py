@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+STREAMED_EXTENSIONS = {".tar": "webdataset", ".parquet": "parquet"}
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -242,9 +243,51 @@ def hub_source(path: str, split: str, image_column: str, label_column: Optional[
     )
 
 
+def streamed_kind(path: str, source: str, streaming: bool = False) -> Optional[str]:
+    """'webdataset', 'parquet' or 'hub' (a hub id's parquet files) when `data.path` is read as a stream of shards
+    (data/streaming.py), else None.
+
+    `data.source: auto` streams a folder holding only .tar (or only .parquet) files, a single such file, or a
+    glob ending in .tar / .parquet; a hub id streams with `data.streaming: true`.
+    """
+    if source in ("webdataset", "parquet"):
+        return source
+    if source not in ("auto", "hub"):
+        return None
+    local = Path(path).expanduser()
+    if source == "auto":
+        if any(c in path for c in "*?["):
+            return STREAMED_EXTENSIONS.get(Path(path).suffix.lower())
+        if local.is_file():
+            return STREAMED_EXTENSIONS.get(local.suffix.lower())
+        if local.is_dir():
+            kinds = set()
+            for p in local.iterdir():  # stops at the first other entry: an image folder costs one look
+                if p.name.startswith("."):
+                    continue
+                kind = STREAMED_EXTENSIONS.get(p.suffix.lower())
+                if kind is None or (kinds and kind not in kinds) or p.is_dir():
+                    return None
+                kinds.add(kind)
+            if kinds:
+                return kinds.pop()
+    if streaming and is_hub_id(path):
+        return "hub"
+    return None
+
+
+def is_hub_id(path: str) -> bool:
+    """'owner/name' that is not a local path."""
+    return not Path(path).expanduser().exists() and not path.startswith((".", "/", "~")) and path.count("/") == 1
+
+
 def open_source(path: str, source: str, split: str, image_column: str, label_column: Optional[str],
                 want_labels: bool, caption_column: Optional[str] = None) -> ImageSource:
     """Pick and open the source for `data.path` (see DataConfig.source)."""
+    kind = streamed_kind(path, source)
+    if kind is not None:
+        raise ValueError(f"data.path = {path!r} is a set of {kind} shards: it is streamed while training "
+                         "(data/streaming.py), not opened as a list of images")
     local = Path(path).expanduser()
     path = str(local) if path.startswith("~") else path
     if source == "auto":
@@ -259,7 +302,7 @@ def open_source(path: str, source: str, split: str, image_column: str, label_col
                 source = "folder"
         elif local.exists():
             raise ValueError(f"data.path = {path!r} is a file; expected a folder, 'digits' or a hub id")
-        elif path.startswith((".", "/", "~")) or path.count("/") != 1:
+        elif not is_hub_id(path):
             raise FileNotFoundError(f"data.path = {path!r}: no such folder (and it is not a hub id 'owner/name')")
         else:
             source = "hub"
