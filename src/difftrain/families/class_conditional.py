@@ -30,9 +30,10 @@ class ClassConditionalPixelFamily(UnconditionalPixelFamily):
     def plan(self) -> None:
         dataset = self.dataset
         self.num_classes = self.cfg.model.num_classes or dataset.num_classes
-        if dataset.labels is not None and int(dataset.labels.max()) >= self.num_classes:
-            raise ConfigError([f"'model.num_classes' = {self.num_classes} but the data has labels up to "
-                               f"{int(dataset.labels.max())}"])
+        labels = getattr(dataset, "labels", None)  # a streamed set's labels are read with its images
+        highest = int(labels.max()) if labels is not None else dataset.num_classes - 1
+        if highest >= self.num_classes:
+            raise ConfigError([f"'model.num_classes' = {self.num_classes} but the data has labels up to {highest}"])
         if not dataset.class_names or len(dataset.class_names) != self.num_classes:
             dataset.class_names = [str(i) for i in range(self.num_classes)]
         super().plan()
