@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import pickle
 import tarfile
 from pathlib import Path
 
@@ -260,6 +261,10 @@ def test_a_sample_that_does_not_decode_is_replaced_and_named(tmp_path, caplog):
     hopeless = open_streaming_set(_cfg(tmp_path / "t", tmp_path), want_labels=False)
     with pytest.raises(ValueError, match=r"no sample of .*b.tar decodes \(first problem: UnidentifiedImageError"):
         hopeless.gather(torch.tensor([0]))
+    (tmp_path / "t" / "b.tar").write_bytes(b"gone")
+    fresh = pickle.loads(pickle.dumps(hopeless))  # as a spawned worker gets it: nothing opened yet
+    with pytest.raises(ValueError, match=r"streamed shard .*b.tar no longer reads \(ReadError"):
+        fresh.gather(torch.tensor([0]))
 
 
 def test_index_cache_is_reused_and_a_changed_shard_reindexed(tmp_path, caplog):

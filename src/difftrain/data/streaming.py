@@ -137,11 +137,18 @@ class StreamingSet:
             self._pid, self._readers, self._warned = os.getpid(), LastUsed(2), set()
         index = int(self._piece_file[piece])
         path = self.files[index]
-        if self.kind == "webdataset":
-            return self._readers.get_or_make(index, lambda: TarReader(self.fs, path))
         label_column = (self.cfg.label_column or "label") if self.labels_available else None
-        return self._readers.get_or_make(index, lambda: ParquetReader(
-            self.fs, path, self.cfg.image_column, label_column, self.cfg.caption_column))
+
+        def open_reader() -> Any:
+            try:
+                if self.kind == "webdataset":
+                    return TarReader(self.fs, path)
+                return ParquetReader(self.fs, path, self.cfg.image_column, label_column, self.cfg.caption_column)
+            except Exception as exc:  # it indexed at start-up: changed or removed since
+                raise ValueError(f"streamed shard {path} no longer reads ({type(exc).__name__}: {exc}); "
+                                 "was it changed or removed during the run?") from exc
+
+        return self._readers.get_or_make(index, open_reader)
 
     def _call(self, piece: int, method: str, index: int) -> Any:
         reader = self._reader(piece)
