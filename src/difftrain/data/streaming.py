@@ -88,7 +88,7 @@ class StreamingSet:
 
     def __getstate__(self) -> dict:  # for spawned workers: open files stay with the process that opened them
         state = dict(self.__dict__)
-        state.update(_epochs={}, _pid=None, _readers=LastUsed(2), _warned=set())
+        state.update(_epochs={}, _pid=None, _readers=None, _warned=set())  # _reader opens afresh
         return state
 
     # -- order -----------------------------------------------------------------------------------------------------
