@@ -6,6 +6,7 @@ import io
 import logging
 import pickle
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,9 @@ def test_gather_in_a_loader_worker_reads_the_same(tar_set):
                                          multiprocessing_context="fork")
     for a, b in zip(here, loader):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.rows, b.rows)
+    with ThreadPoolExecutor(4) as pool:  # threads have readers of their own (no interleaved seek + read)
+        threaded = list(pool.map(ds.gather, rows * 4))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(here * 4, threaded))
 
 
 def test_unlabelled_set_and_labels_required(tmp_path):
