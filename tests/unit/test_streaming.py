@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
+import pickle
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +183,9 @@ def test_gather_in_a_loader_worker_reads_the_same(tar_set):
                                          multiprocessing_context="fork")
     for a, b in zip(here, loader):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.rows, b.rows)
+    with ThreadPoolExecutor(4) as pool:  # threads have readers of their own (no interleaved seek + read)
+        threaded = list(pool.map(ds.gather, rows * 4))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(here * 4, threaded))
 
 
 def test_unlabelled_set_and_labels_required(tmp_path):
@@ -260,6 +265,10 @@ def test_a_sample_that_does_not_decode_is_replaced_and_named(tmp_path, caplog):
     hopeless = open_streaming_set(_cfg(tmp_path / "t", tmp_path), want_labels=False)
     with pytest.raises(ValueError, match=r"no sample of .*b.tar decodes \(first problem: UnidentifiedImageError"):
         hopeless.gather(torch.tensor([0]))
+    (tmp_path / "t" / "b.tar").write_bytes(b"gone")
+    fresh = pickle.loads(pickle.dumps(hopeless))  # as a spawned worker gets it: nothing opened yet
+    with pytest.raises(ValueError, match=r"streamed shard .*b.tar no longer reads \(ReadError"):
+        fresh.gather(torch.tensor([0]))
 
 
 def test_index_cache_is_reused_and_a_changed_shard_reindexed(tmp_path, caplog):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -72,7 +73,7 @@ class StreamingSet:
         self._starts = np.concatenate([[0], np.cumsum(self._counts)]).astype(np.int64)
         self._epochs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._pid: Optional[int] = None
-        self._readers = LastUsed(2)
+        self._threads: Any = None  # threading.local of this process, holding each thread's readers
         self._warned: set[tuple[int, int]] = set()
 
     def __len__(self) -> int:
@@ -88,7 +89,7 @@ class StreamingSet:
 
     def __getstate__(self) -> dict:  # for spawned workers: open files stay with the process that opened them
         state = dict(self.__dict__)
-        state.update(_epochs={}, _pid=None, _readers=LastUsed(2), _warned=set())
+        state.update(_epochs={}, _pid=None, _threads=None, _warned=set())  # _reader opens afresh
         return state
 
     # -- order -----------------------------------------------------------------------------------------------------
@@ -134,14 +135,24 @@ class StreamingSet:
     def _reader(self, piece: int) -> Any:
         """This process's reader of the piece's file (opened when first needed; a fork starts afresh)."""
         if self._pid != os.getpid():
-            self._pid, self._readers, self._warned = os.getpid(), LastUsed(2), set()
+            self._pid, self._threads, self._warned = os.getpid(), threading.local(), set()
+        readers = getattr(self._threads, "readers", None)
+        if readers is None:  # per thread too: a reader's seek + read must not interleave with another's
+            readers = self._threads.readers = LastUsed(2)
         index = int(self._piece_file[piece])
         path = self.files[index]
-        if self.kind == "webdataset":
-            return self._readers.get_or_make(index, lambda: TarReader(self.fs, path))
         label_column = (self.cfg.label_column or "label") if self.labels_available else None
-        return self._readers.get_or_make(index, lambda: ParquetReader(
-            self.fs, path, self.cfg.image_column, label_column, self.cfg.caption_column))
+
+        def open_reader() -> Any:
+            try:
+                if self.kind == "webdataset":
+                    return TarReader(self.fs, path)
+                return ParquetReader(self.fs, path, self.cfg.image_column, label_column, self.cfg.caption_column)
+            except Exception as exc:  # it indexed at start-up: changed or removed since
+                raise ValueError(f"streamed shard {path} no longer reads ({type(exc).__name__}: {exc}); "
+                                 "was it changed or removed during the run?") from exc
+
+        return readers.get_or_make(index, open_reader)
 
     def _call(self, piece: int, method: str, index: int) -> Any:
         reader = self._reader(piece)
