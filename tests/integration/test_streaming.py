@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 from difftrain.config import load_config
 from difftrain.data.order import stream_position
 from difftrain.families import family_for
-from difftrain.processes import free_loopback_port
 from difftrain.training.loop import train
 
 pytestmark = pytest.mark.integration
@@ -166,3 +165,31 @@ def test_parquet_row_groups_on_two_ranks_match_one_rank_which_resumes_bit_exactl
     assert _losses(stopped) == _losses(one)
     x, y = _unet(stopped), _unet(one)
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_bad_shard_is_named_skipped_and_training_evaluates_on_the_rest(tmp_path: Path, caplog):
+    data = write_tar_shards(tmp_path / "shards", [10, 12])
+    (data / "digits-002.tar").write_bytes(b"not a tar file at all" * 50)
+    check = subprocess.run([sys.executable, "-m", "difftrain", "check", PRESET, *PER_RANK, f"data.path={data}"],
+                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert check.returncode == 1, check.stdout + check.stderr  # the bad shard is an error of the check
+    assert "digits-002.tar: unreadable shard" in check.stdout and "loader:" in check.stdout
+    assert "Traceback" not in check.stderr
+
+    eval_keys = ["train.eval_every_steps=2", "train.eval_num_samples=4", "train.eval_inception=false",
+                 "train.eval_num_reference=16"]
+    with caplog.at_level("INFO", logger="difftrain"):
+        run = train(load_config(PRESET, [*PER_RANK, f"data.path={data}", *eval_keys], output_dir=str(tmp_path / "r")))
+    assert "skipped shard" in caplog.text and "digits-002.tar" in caplog.text
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [r["step"] for r in evals] == [2, 4] and "accuracy" in evals[0]["eval"]
+
+
+def test_families_that_read_the_whole_set_up_front_refuse_a_stream_in_one_line(tmp_path: Path):
+    data = write_tar_shards(tmp_path / "shards", [5])
+    result = subprocess.run([sys.executable, "-m", "difftrain", "train", "tiny/digits-text", f"data.path={data}",
+                             "--output-dir", str(tmp_path / "t")], cwd=tmp_path, env=_env(), capture_output=True,
+                            text=True, timeout=TIMEOUT_S)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "is streamed (webdataset shards), but the pixel-text family" in result.stderr
+    assert not (tmp_path / "t").exists()  # refused before anything was written

@@ -18,7 +18,7 @@ from PIL.Image import DecompressionBombError, UnidentifiedImageError
 from difftrain.config import DataConfig
 from difftrain.data.captions import resolve_captions
 from difftrain.data.dataset import ImageFacts, decode_item
-from difftrain.data.sources import IMAGE_EXTENSIONS, ImageSource, dangling_link_message, open_source
+from difftrain.data.sources import IMAGE_EXTENSIONS, ImageSource, dangling_link_message, open_source, streamed_kind
 from difftrain.data.transforms import ImageTooLarge
 
 # Beyond these an image costs seconds and hundreds of MB to decode for a few training pixels.
@@ -125,6 +125,8 @@ def scan_data(cfg: DataConfig, want_labels: bool, want_captions: bool) -> ScanRe
 
     Raises the same ValueError/FileNotFoundError as training when the data cannot be opened at all.
     """
+    if streamed_kind(cfg.path, cfg.source, cfg.streaming) is not None:
+        return scan_stream(cfg, want_labels)
     source = open_source(cfg.path, cfg.source, cfg.split, cfg.image_column, cfg.label_column,
                          want_labels or (want_captions and cfg.caption_template is not None), cfg.caption_column)
     count = len(source) if cfg.max_images is None else min(len(source), cfg.max_images)
@@ -157,3 +159,16 @@ def scan_data(cfg: DataConfig, want_labels: bool, want_captions: bool) -> ScanRe
     for item in per_item:
         findings.extend(item)
     return ScanReport(description, count + len(source.dangling_links), sum(usable), findings)
+
+
+def scan_stream(cfg: DataConfig, want_labels: bool) -> ScanReport:
+    """Streamed shards as training opens them: every shard indexed (or its index reused), the ones training skips
+    named as errors. Samples are decoded while training reads them (a bad one is named then and replaced), so they
+    are not decoded here; the timed step and the loader read the first micro-batches."""
+    from difftrain.data.streaming import open_streaming_set
+
+    stream = open_streaming_set(cfg, want_labels)
+    assert stream is not None  # scan_data only calls this for a streamed path
+    findings = [Finding(path, "error", "unreadable shard", f"{reason}; training skips this shard")
+                for path, reason in stream.skipped]
+    return ScanReport(stream.description, len(stream) + len(stream.skipped), len(stream), findings)

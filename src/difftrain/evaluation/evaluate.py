@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from difftrain.config import DataConfig
+from difftrain.data.batches import TrainingData
 from difftrain.data.dataset import ImageDataset, load_image_dataset
 from difftrain.cache import cache_root
 from difftrain.evaluation.classifier import TrainedClassifier, get_classifier
@@ -90,9 +91,22 @@ def held_out_test_split(data: DataConfig, want_labels: bool) -> Optional[ImageDa
 def prepare_reference(data: DataConfig, num_reference: int, labelled: bool, use_inception: bool = True,
                       use_classifier: bool = True, device: torch.device | str = "cpu") -> ReferenceSet:
     """Load reference data (anything data.path accepts) and prepare it with `reference_from_dataset`."""
-    dataset = load_image_dataset(data, want_labels=labelled)
+    from difftrain.data.streaming import open_streaming_set
+
+    stream = open_streaming_set(data, want_labels=labelled)
+    dataset = sample_into_memory(stream, num_reference) if stream is not None else \
+        load_image_dataset(data, want_labels=labelled)
     test = held_out_test_split(data, labelled) if labelled and use_classifier else None
     return reference_from_dataset(dataset, num_reference, use_inception, use_classifier, device, test)
+
+
+def sample_into_memory(data: TrainingData, count: int) -> ImageDataset:
+    """Up to `count` images of a streamed set, in RAM: the first of its epoch-0 order at seed 0, so they come from
+    every part of the set and are the same at every evaluation and resume."""
+    count = min(count, len(data))
+    micro = data.gather(data.rows(len(data), 0, 0, count))
+    return ImageDataset(micro.images, micro.labels, list(data.class_names), f"{count} images of {data.description}",
+                        names=data.row_names(micro.rows.tolist()))
 
 
 def reference_from_dataset(dataset: ImageDataset, num_reference: int, use_inception: bool = True,

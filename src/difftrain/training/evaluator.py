@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 
-from difftrain.data.batches import TrainingData
 from difftrain.data.dataset import ImageDataset
-from difftrain.evaluation.evaluate import held_out_test_split, reference_from_dataset, score_samples
+from difftrain.evaluation.evaluate import (held_out_test_split, reference_from_dataset, sample_into_memory,
+                                           score_samples)
 from difftrain.processes import generate_sharded
 from difftrain.training.previews import EmaWeights
 from difftrain.training.run_files import MetricsLog
@@ -25,15 +25,6 @@ logger = logging.getLogger(__name__)
 # Evaluation seeds are disjoint from preview-grid seeds, and the same at every evaluation.
 _EVAL_SEED_OFFSET = 1_000_000
 HIGHER_IS_BETTER = {"accuracy"}
-
-
-def sample_into_memory(data: TrainingData, count: int) -> ImageDataset:
-    """Up to `count` images of a streamed set, in RAM: the first of its epoch-0 order at seed 0, so they come from
-    every part of the set and are the same at every evaluation and resume."""
-    count = min(count, len(data))
-    micro = data.gather(data.rows(len(data), 0, 0, count))
-    return ImageDataset(micro.images, micro.labels, list(data.class_names), f"{count} images of {data.description}",
-                        names=data.row_names(micro.rows.tolist()))
 
 
 class TrainingEvaluator:
