@@ -19,7 +19,7 @@ import torch
 from difftrain.config import DataConfig
 from difftrain.data.batches import MicroBatch
 from difftrain.data.captions import resolve_captions
-from difftrain.data.disk_cache import decode_to_disk, memory_budget_bytes
+from difftrain.data.disk_cache import DiskCache, decode_to_disk, memory_budget_bytes
 from difftrain.data.order import sample_indices
 from difftrain.data.sources import ImageSource, dangling_link_message, open_source
 from difftrain.data.transforms import check_pixel_limit, draft_for_resolution, prepare_image
@@ -39,7 +39,7 @@ class ImageDataset:
     """(name, reason) of every item that could not be read or had no caption."""
     captions: Optional[list[str]] = None
     """One caption per image for text-conditioned models."""
-    names: Optional[list[str]] = None
+    names: Optional[Sequence[str]] = None
     """One name per image: its file path, or 'source[index]' for sources without files."""
     in_memory: bool = True
     """False when `images` is memory-mapped from the disk cache (the loader then reads in worker processes)."""
@@ -67,6 +67,21 @@ class ImageDataset:
         """Replay the `skipped PATH (reason)` lines into `handler` alone (train.log, attached after decoding)."""
         if handler is not None:
             log_skipped(self.skipped, len(self) + len(self.skipped), handler)
+
+
+@dataclass
+class CachedImageDataset(ImageDataset):
+    """An ImageDataset memory-mapped from the disk cache: `gather` checks each row it reads against the cache's
+    checksums and repairs a corrupt chunk from the source (data/disk_cache.py); safe in forked loader workers."""
+
+    in_memory: bool = False
+    cache: Optional[DiskCache] = None
+
+    def gather(self, rows: torch.Tensor) -> MicroBatch:
+        micro = super().gather(rows)
+        if self.cache is not None:
+            self.cache.check(rows, micro.images)
+        return micro
 
 
 @dataclass
@@ -104,10 +119,8 @@ def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[
     skipped: list[tuple[str, str]] = [(path, f"dangling link: {dangling_link_message(target)}")
                                        for path, target in source.dangling_links]
     if count * cfg.channels * cfg.resolution ** 2 > memory_budget_bytes(cfg):
-        images, keep, decode_skipped = decode_to_disk(source, cfg, count, captions, lambda i: _decode(source, i, cfg))
-        dataset = _dataset(source, images, keep, sorted(skipped + decode_skipped), count, captions)
-        dataset.in_memory = False
-        return dataset
+        cache = decode_to_disk(source, cfg, count, captions, lambda i: _decode(source, i, cfg))
+        return _dataset(source, cache.images, cache.rows, sorted(skipped + cache.skipped), count, captions, cache)
     arrays: list[Optional[np.ndarray]] = [None] * count
 
     def work(i: int) -> None:
@@ -126,18 +139,22 @@ def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[
     return _dataset(source, images, keep, sorted(skipped), count, captions)
 
 
-def _dataset(source: ImageSource, images: torch.Tensor, keep: list[int], skipped: list[tuple[str, str]], count: int,
-             captions: Optional[list[Optional[str]]]) -> ImageDataset:
-    """The decoded rows `keep` of `source` (in RAM or memory-mapped) with their labels, captions and names."""
+def _dataset(source: ImageSource, images: torch.Tensor, keep: Sequence[int], skipped: list[tuple[str, str]],
+             count: int, captions: Optional[list[Optional[str]]], cache: Optional[DiskCache] = None) -> ImageDataset:
+    """The decoded rows `keep` of `source` (in RAM, or memory-mapped from `cache`) with their labels, captions
+    and names (the cache's names are looked up in the source when asked)."""
     total = count + len(source.dangling_links)
     log_skipped(skipped, total)
-    if not keep:
+    if not len(keep):
         raise ValueError(f"data set {source.description} has no usable images (of {total} items; "
                          f"first problem: {skipped[0][0]}: {skipped[0][1]})")
     labels = None
     if source.labels is not None:
-        labels = torch.tensor([source.labels[i] for i in keep], dtype=torch.long)
+        labels = torch.from_numpy(np.asarray(source.labels, dtype=np.int64)[np.asarray(keep)])
     kept_captions = None if captions is None else [str(captions[i]) for i in keep]
+    if cache is not None:
+        return CachedImageDataset(images, labels, list(source.class_names), source.description, skipped,
+                                  kept_captions, cache.names, cache=cache)
     return ImageDataset(images, labels, list(source.class_names), source.description, skipped, kept_captions,
                         [source.names[i] for i in keep])
 
@@ -199,6 +216,6 @@ def load_dreambooth_dataset(cfg: DataConfig, class_dir: Optional[Path]) -> tuple
         description=f"{instance.description} + class images {class_dir}",
         skipped=instance.skipped + prior.skipped,
         captions=instance.captions + [str(cfg.class_prompt)] * len(prior),
-        names=(instance.names or []) + (prior.names or []),
+        names=[*(instance.names or []), *(prior.names or [])],
     )
     return combined, len(instance)
