@@ -134,19 +134,19 @@ def _scan(folder: Path) -> tuple[list[str], list[tuple[str, str]], list[str]]:
     with os.scandir(folder) as entries:
         for entry in entries:
             name = entry.name
+            dot = name.rfind(".")
             if _true(entry.is_dir):  # follows links, like Path.is_dir
                 if not name.startswith("."):
-                    subdirs.append(name)
-            elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    subdirs.append(base + name)
+            elif 0 < dot < len(name) - 1 and name[dot:].lower() in IMAGE_EXTENSIONS:  # Path.suffix's rule
                 if _true(entry.is_file):
-                    files.append(name)
+                    files.append(base + name)
                 elif entry.is_symlink() and not os.path.exists(base + name):  # points nowhere, or loops
-                    links.append(name)
+                    links.append(base + name)
+    # One prefix for all: sorting the paths sorts the names (what sorting Path objects did).
     files.sort()
-    links.sort()
     subdirs.sort()
-    return ([base + n for n in files], [(base + n, str(Path(os.readlink(base + n)))) for n in links],
-            [base + n for n in subdirs])
+    return files, [(path, str(Path(os.readlink(path)))) for path in sorted(links)], subdirs
 
 
 def dangling_links(folder: Path) -> list[tuple[str, str]]:
