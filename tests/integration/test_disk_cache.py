@@ -132,3 +132,27 @@ def test_an_unwritable_cache_folder_is_one_line_before_anything_is_written(tmp_p
         lines = [line for line in done.stderr.splitlines() if "data.cache_dir" in line]
         assert len(lines) == 1 and str(ro) in lines[0] and "not writable" in lines[0], done.stderr
         assert not list(ro.iterdir())
+
+
+def test_skipped_files_and_dangling_links_are_named_by_cold_and_warm_starts_alike(tmp_path: Path, caplog):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "3.png").write_bytes(b"not a png")
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    overrides = [f"data.path={folder}", f"data.cache_dir={tmp_path / 'cache'}", "data.resolution=8",
+                 "data.channels=3"]
+    ram = load_image_dataset(load_config("tiny/folder-uncond", overrides).data, False)
+    starts = []
+    for _ in ("cold", "warm"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="difftrain"):
+            disk = load_image_dataset(load_config("tiny/folder-uncond", TINY_BUDGET + overrides).data, False)
+        starts.append([r.getMessage() for r in caplog.records])
+        assert torch.equal(disk.images, ram.images) and list(disk.names) == ram.names and disk.skipped == ram.skipped
+    assert starts[0] == starts[1]
+    assert any(str(folder / "3.png") in m for m in starts[0]) and any("gone.png" in m for m in starts[0])
+    assert "skipped 2 of 7 images" in starts[0][-1]
