@@ -156,3 +156,39 @@ def test_skipped_files_and_dangling_links_are_named_by_cold_and_warm_starts_alik
     assert starts[0] == starts[1]
     assert any(str(folder / "3.png") in m for m in starts[0]) and any("gone.png" in m for m in starts[0])
     assert "skipped 2 of 7 images" in starts[0][-1]
+
+
+def test_a_warm_start_on_class_folders_lists_nothing_and_repairs_from_the_folder(tmp_path: Path, monkeypatch,
+                                                                                 caplog):
+    from PIL import Image
+
+    from difftrain.data import dataset as dataset_module
+
+    for i in range(9):
+        folder = tmp_path / "images" / ("cat", "dog", "eel")[i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 25 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    overrides = [f"data.path={tmp_path / 'images'}", f"data.cache_dir={tmp_path / 'cache'}", "data.resolution=8",
+                 "data.channels=3"]
+    ram = load_image_dataset(load_config("tiny/folder-uncond", overrides).data, True)
+    disk_cfg = load_config("tiny/folder-uncond", TINY_BUDGET + overrides).data
+    load_image_dataset(disk_cfg, True)  # cold: lists the folders and builds the cache
+    (cache,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    with open(cache / disk_cache.IMAGES, "r+b") as f:
+        f.seek(5 * 3 * 8 * 8)
+        f.write(b"\x01\x02\x03")
+
+    def no_listing(*args, **kwargs):
+        raise AssertionError("a warm start listed the folder")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(dataset_module, "open_source", no_listing)
+        patched.setattr(dataset_module, "folder_source", no_listing)
+        warm = load_image_dataset(disk_cfg, True)
+    assert isinstance(warm, dataset_module.CachedImageDataset) and not warm.in_memory
+    assert torch.equal(warm.labels, ram.labels) and list(warm.names) == ram.names
+    assert warm.class_names == ram.class_names == ["cat", "dog", "eel"] and warm.description == ram.description
+    with caplog.at_level(logging.WARNING, logger="difftrain"):
+        batch = warm.gather(torch.arange(len(ram)))
+    assert torch.equal(batch.images, ram.images) and torch.equal(batch.labels, ram.labels)
+    assert "failed their checksum" in caplog.text and ram.names[5] in caplog.text

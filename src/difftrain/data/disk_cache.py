@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from difftrain.cache import cache_root
 from difftrain.config import DataConfig
+from difftrain.data.folder_summary import FolderSummary, fingerprint_source
 from difftrain.errors import DiskSpaceError, WriteError
 from difftrain.writes import atomic_write_text, check_writable
 
@@ -58,6 +59,9 @@ MANIFEST = "manifest.json"
 IMAGES = "images.u8"
 ROWS = "rows.npy"  # int64: the source index of each row of IMAGES
 CHECKSUMS = "crc32.npy"  # uint32: zlib.crc32 of each row of IMAGES
+LABELS = "labels.npy"  # int64: the label of each row (labelled sources)
+NAMES = "names.bin"  # the name of each row (os.fsencode), end to end
+NAME_OFFSETS = "name_offsets.npy"  # int64: where each row's name starts in NAMES, then the end
 RAW = "raw.u8"  # the build's file: one slot per source item, compacted to IMAGES when items were skipped
 
 
@@ -75,14 +79,27 @@ def cache_dir(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "data"
 
 
+def _key(description: str, count: int, items: str, cfg: DataConfig) -> str:
+    described = {"format": CACHE_FORMAT, "description": description, "count": count, "items": items,
+                 "decode": {"resolution": cfg.resolution, "channels": cfg.channels, "center_crop": cfg.center_crop,
+                            "max_image_pixels": cfg.max_image_pixels}}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def folder_cache_key(summary: FolderSummary, cfg: DataConfig) -> str:
+    """The key of a whole image folder without captions, from its summary (no listing kept)."""
+    return _key(summary.description, summary.count, summary.fingerprint, cfg)
+
+
 def cache_key(source: Any, cfg: DataConfig, count: int, captions: Optional[list]) -> str:
     """A hash of the source's first `count` items (name, file size and mtime, label, has-caption) and the
-    decode settings, fed to sha256 one item at a time (no list of the items' descriptions is ever built)."""
-    digest = hashlib.sha256(json.dumps({
-        "format": CACHE_FORMAT, "description": source.description, "count": count,
-        "decode": {"resolution": cfg.resolution, "channels": cfg.channels, "center_crop": cfg.center_crop,
-                   "max_image_pixels": cfg.max_image_pixels},
-    }, sort_keys=True).encode())
+    decode settings. A whole image folder without captions is hashed as `folder_cache_key` hashes it, so a warm
+    start finds it without listing; other sources are fed to sha256 one item at a time."""
+    if captions is None and count == len(source.names):
+        fingerprint = fingerprint_source(source)
+        if fingerprint is not None:
+            return _key(source.description, count, fingerprint, cfg)
+    digest = hashlib.sha256()
     names, labels = source.names, source.labels
     any_file = False
     for i in range(count):
@@ -100,29 +117,48 @@ def cache_key(source: Any, cfg: DataConfig, count: int, captions: Optional[list]
         with os.scandir(root) as entries:
             files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file())
         digest.update(json.dumps(files).encode())
-    return digest.hexdigest()[:24]
+    return _key(source.description, count, digest.hexdigest(), cfg)
 
 
 class RowNames(Sequence):
-    """The names of a cache's rows, looked up in the source's names when asked (no per-row list is built)."""
+    """The names of a cache's rows, read from its NAMES file when asked (no per-row list is built)."""
 
-    def __init__(self, names: Sequence[str], rows: np.ndarray):
-        self.names, self.rows = names, rows
+    def __init__(self, folder: Path, rows: int):
+        self.offsets = np.load(folder / NAME_OFFSETS, mmap_mode="r")
+        self.text = np.memmap(folder / NAMES, dtype=np.uint8, mode="r") if (folder / NAMES).stat().st_size \
+            else np.zeros(0, dtype=np.uint8)
+        self.rows = rows
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.rows
 
     def __getitem__(self, row: Union[int, slice]) -> Any:
         if isinstance(row, slice):
-            return [self.names[int(i)] for i in self.rows[row]]
-        return self.names[int(self.rows[row])]
+            return [self[r] for r in range(*row.indices(self.rows))]
+        if not -self.rows <= row < self.rows:
+            raise IndexError(f"row {row} of {self.rows}")
+        row %= self.rows
+        return os.fsdecode(self.text[int(self.offsets[row]):int(self.offsets[row + 1])].tobytes())
+
+
+def _save_names(folder: Path, names: Sequence[str], keep: list[int]) -> None:
+    offsets = np.lib.format.open_memmap(folder / NAME_OFFSETS, mode="w+", dtype=np.int64, shape=(len(keep) + 1,))
+    at = 0
+    with open(folder / NAMES, "wb") as f:
+        for row, i in enumerate(keep):
+            offsets[row] = at
+            at += f.write(os.fsencode(names[i]))
+    offsets[len(keep)] = at
+    offsets.flush()
+    del offsets
 
 
 class DiskCache:
-    """A built cache: its images (memory-mapped), the source index and checksum of each row, skipped items."""
+    """A built cache: its images (memory-mapped), the source index, checksum, name and label of each row (read
+    from files when asked), and the skipped items."""
 
     def __init__(self, folder: Path, item_shape: tuple[int, ...], skipped: list[tuple[str, str]],
-                 names: Sequence[str], decode: Callable[[int], np.ndarray]):
+                 decode: Callable[[int], np.ndarray]):
         self.folder, self.item_shape, self.skipped = folder, item_shape, skipped
         self.rows = np.load(folder / ROWS, mmap_mode="r")
         self.checksums = np.load(folder / CHECKSUMS, mmap_mode="r")
@@ -130,7 +166,9 @@ class DiskCache:
         self.images = torch.from_numpy(np.memmap(folder / IMAGES, dtype=np.uint8, mode="c",
                                                  shape=(len(self.rows), *item_shape))) if len(self.rows) \
             else torch.empty((0, *item_shape), dtype=torch.uint8)  # nothing to map (no readable image)
-        self.names, self._decode = RowNames(names, self.rows), decode
+        self.labels = torch.from_numpy(np.load(folder / LABELS, mmap_mode="c")) \
+            if (folder / LABELS).is_file() and len(self.rows) else None
+        self.names, self._decode = RowNames(folder, len(self.rows)), decode
 
     def check(self, rows: torch.Tensor, images: torch.Tensor) -> None:
         """Verify gathered `images` (of cache rows `rows`) against their checksums; a row that fails has its
@@ -173,7 +211,7 @@ def _read_manifest(folder: Path, key: str, item_shape: tuple[int, ...]) -> Optio
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         rows = int(manifest["rows"])
-        sizes = {name: (folder / name).stat().st_size for name in (IMAGES, ROWS, CHECKSUMS)}
+        sizes = {name: (folder / name).stat().st_size for name in (IMAGES, ROWS, CHECKSUMS, NAMES, NAME_OFFSETS)}
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if manifest.get("key") != key or manifest.get("format") != CACHE_FORMAT:
@@ -183,9 +221,9 @@ def _read_manifest(folder: Path, key: str, item_shape: tuple[int, ...]) -> Optio
         logger.warning("decoded-data cache %s is truncated (%d of %d bytes); rebuilding it", folder,
                        sizes[IMAGES], expected)
         return None
-    if sizes[ROWS] < 8 * rows or sizes[CHECKSUMS] < 4 * rows:  # .npy: a header, then the values
-        logger.warning("decoded-data cache %s: %s or %s is truncated; rebuilding it", folder, ROWS, CHECKSUMS)
-        return None
+    if sizes[ROWS] < 8 * rows or sizes[CHECKSUMS] < 4 * rows or sizes[NAME_OFFSETS] < 8 * (rows + 1):
+        logger.warning("decoded-data cache %s: a per-row file is truncated; rebuilding it", folder)
+        return None  # (.npy files: a header, then the values)
     return manifest
 
 
@@ -242,10 +280,9 @@ def decode_to_disk(source: Any, cfg: DataConfig, count: int, captions: Optional[
     item_shape = (cfg.channels, cfg.resolution, cfg.resolution)
     key = cache_key(source, cfg, count, captions)
     folder = cache_dir(cfg) / key
-    manifest = _read_manifest(folder, key, item_shape)
-    if manifest is not None:
-        logger.info("decoded data: reusing the disk cache %s (%d images)", folder, manifest["rows"])
-        return DiskCache(folder, item_shape, [tuple(s) for s in manifest["skipped"]], source.names, decode)
+    built = open_cache(cfg, key, decode)
+    if built is not None:
+        return built
     size = count * int(np.prod(item_shape))
     _writable(cfg, folder, size, source.description)
     (folder / "chunks").mkdir(parents=True, exist_ok=True)
@@ -298,8 +335,23 @@ def decode_to_disk(source: Any, cfg: DataConfig, count: int, captions: Optional[
             os.truncate(folder / IMAGES, 0)
     _save_array(folder / ROWS, keep, np.int64)
     _save_array(folder / CHECKSUMS, checksums, np.uint32)
+    _save_names(folder, source.names, keep)
+    (folder / LABELS).unlink(missing_ok=True)
+    if source.labels is not None:
+        _save_array(folder / LABELS, [source.labels[i] for i in keep], np.int64)
     manifest = {"format": CACHE_FORMAT, "key": key, "shape": list(item_shape), "rows": len(keep),
                 "checksum": f"zlib.crc32 of each row, in {CHECKSUMS}", "skipped": sorted(skipped_all)}
     atomic_write_text(folder / MANIFEST, json.dumps(manifest), "the decoded-data cache manifest")
     logger.info("decoded data: %d images into %s in %.1f s", len(keep), folder, time.perf_counter() - start)
-    return DiskCache(folder, item_shape, sorted(skipped_all), source.names, decode)
+    return DiskCache(folder, item_shape, sorted(skipped_all), decode)
+
+
+def open_cache(cfg: DataConfig, key: str, decode: Callable[[int], np.ndarray]) -> Optional[DiskCache]:
+    """The built cache of `key` in data.cache_dir, or None; reads no per-row data."""
+    folder = cache_dir(cfg) / key
+    item_shape = (cfg.channels, cfg.resolution, cfg.resolution)
+    manifest = _read_manifest(folder, key, item_shape)
+    if manifest is None:
+        return None
+    logger.info("decoded data: reusing the disk cache %s (%d images)", folder, manifest["rows"])
+    return DiskCache(folder, item_shape, [tuple(s) for s in manifest["skipped"]], decode)
