@@ -86,10 +86,11 @@ class CachedImageDataset(ImageDataset):
     cache: Optional[DiskCache] = None
 
     def gather(self, rows: torch.Tensor) -> MicroBatch:
-        micro = super().gather(rows)
-        if self.cache is not None:
-            self.cache.check(rows, micro.images)
-        return micro
+        if self.cache is None:
+            return super().gather(rows)
+        images = self.cache.read(rows)
+        self.cache.check(rows, images)
+        return MicroBatch(rows, images, None if self.labels is None else self.labels[rows])
 
 
 @dataclass
