@@ -5,10 +5,11 @@ steps through `difftrain train`, three times, each a fresh process:
   - disk, cold: the set over the memory budget (data.max_memory_gb), decoded into an empty cache folder;
   - disk, warm: the same again, reusing that cache;
   - RAM: the default budget, the whole set decoded into memory.
-and prints the cache build's images/s, launch-to-first-step seconds (from the run's log), the seconds it takes to
-open the built cache (listing and stat-ing the folder for the key, reading the manifest: the part of a warm start
-that grows with the set; measured here), the loader's images/s (gathering and normalising batches from the
-decoded set, measured here on the cache) next to the step's images/s, and each run's peak RSS (largest process).
+and prints the cache build's images/s, launch-to-first-step seconds (from the run's log), the loader's images/s
+(gathering and normalising batches from the decoded set, measured here on the cache) next to the step's
+images/s, and each run's peak RSS (largest process). A second table is the disk path alone, in a fresh process
+per size: opening the built cache (the part of a warm start that grows with the set: one pass over the folder
+for the key) and reading one whole epoch through `gather`, each with the RSS it added.
 
     python benchmarks/data_scale.py --sizes 10000,100000 --work /tmp/data-scale
 """
@@ -16,8 +17,10 @@ decoded set, measured here on the cache) next to the step's images/s, and each r
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -75,32 +78,62 @@ def cache_build_images_per_s(run: Path) -> float:
     return int(match.group(1)) / max(float(match.group(2)), 0.1)
 
 
-def loader_images_per_s(folder: Path, cache: Path) -> tuple[float, float]:
-    """Seconds to open the built cache (warm), then images/s of batches gathered from the memory-mapped cache
-    and normalised, as the step's data part does them."""
+def loader_images_per_s(folder: Path, cache: Path) -> float:
+    """Batches gathered from the memory-mapped cache and normalised, as the step's data part does them."""
     from difftrain.config import load_config
     from difftrain.data.dataset import load_image_dataset
     from difftrain.data.order import sample_indices
     from difftrain.data.transforms import to_model_range
 
     cfg = load_config("tiny/folder-uncond", overrides(folder, cache, disk=True))
-    start = time.perf_counter()
     images = load_image_dataset(cfg.data, want_labels=False).images
-    open_seconds = time.perf_counter() - start
     start, count = time.perf_counter(), 0
     for position in range(0, 200 * BATCH, BATCH):
         batch = to_model_range(images[sample_indices(len(images), 0, position, BATCH)])
         count += batch.shape[0]
-    return open_seconds, count / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start)
+
+
+def epoch_child(folder: Path, cache: Path) -> None:
+    """In a fresh process: open the built cache, then gather one epoch in batches of 64; prints seconds and
+    the peak RSS each part added (MiB) as JSON."""
+    import resource
+
+    from difftrain.config import load_config
+    from difftrain.data.dataset import load_image_dataset
+
+    def peak_mib() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    cfg = load_config("tiny/folder-uncond", overrides(folder, cache, disk=True))
+    before, start = peak_mib(), time.perf_counter()
+    data = load_image_dataset(cfg.data, want_labels=False)
+    opened, open_seconds = peak_mib(), time.perf_counter() - start
+    start = time.perf_counter()
+    for position in range(0, len(data), 64):
+        data.gather(data.rows(len(data), 0, position, 64))
+    print(json.dumps({"open_s": open_seconds, "open_mib": opened - before, "epoch_s": time.perf_counter() - start,
+                      "epoch_mib": peak_mib() - opened}))
+
+
+def disk_path_row(size: int, folder: Path, cache: Path) -> list:
+    done = subprocess.run([sys.executable, __file__, "--epoch-child", str(folder), str(cache)], check=True,
+                          capture_output=True, text=True)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    return [size, got["open_s"], got["open_mib"], got["epoch_s"], got["epoch_mib"]]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--work", type=Path, default=Path("/tmp/difftrain-data-scale"))
+    parser.add_argument("--epoch-child", nargs=2, type=Path, metavar=("FOLDER", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.epoch_child:
+        epoch_child(*args.epoch_child)
+        return
     print(describe_machine())
-    rows = []
+    rows, disk_rows = [], []
     for size in (int(s) for s in args.sizes.split(",")):
         folder = make_folder(args.work / f"images-{size}", size)
         cache = args.work / f"cache-{size}"
@@ -109,14 +142,18 @@ def main() -> None:
         for name, disk in (("disk, cold", True), ("disk, warm", True), ("RAM", False)):
             out = args.work / f"run-{size}-{name.replace(', ', '-')}"
             runs[name] = (out, run_difftrain("tiny/folder-uncond", out, overrides(folder, cache, disk)))
-        open_seconds, loader = loader_images_per_s(folder, cache)
+        loader = loader_images_per_s(folder, cache)
+        disk_rows.append(disk_path_row(size, folder, cache))
         build = cache_build_images_per_s(runs["disk, cold"][0])
         for name, (out, result) in runs.items():
             rows.append([size, name, build if name == "disk, cold" else "-", first_step_seconds(out),
-                         open_seconds if name == "disk, warm" else "-", loader if name != "RAM" else "-",
-                         steady_images_per_s(result["rows"], 5), result["peak_rss_mib"]])
-    print(markdown_table(["images", "run", "cache build img/s", "launch to step 1 (s)", "cache open (s)",
-                          "loader img/s", "step img/s", "peak RSS (MiB)"], rows))
+                         loader if name != "RAM" else "-", steady_images_per_s(result["rows"], 5),
+                         result["peak_rss_mib"]])
+    print(markdown_table(["images", "run", "cache build img/s", "launch to step 1 (s)", "loader img/s",
+                          "step img/s", "peak RSS (MiB)"], rows))
+    print()
+    print(markdown_table(["images", "open built cache (s)", "RSS added (MiB)", "one epoch through gather (s)",
+                          "RSS added (MiB)"], disk_rows))
 
 
 if __name__ == "__main__":
