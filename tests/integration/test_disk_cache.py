@@ -192,3 +192,31 @@ def test_a_warm_start_on_class_folders_lists_nothing_and_repairs_from_the_folder
         batch = warm.gather(torch.arange(len(ram)))
     assert torch.equal(batch.images, ram.images) and torch.equal(batch.labels, ram.labels)
     assert "failed their checksum" in caplog.text and ram.names[5] in caplog.text
+
+
+def test_a_cache_cut_short_during_a_run_and_a_read_only_corrupt_cache_still_give_the_ram_batches(tmp_path: Path,
+                                                                                               caplog):
+    overrides = [f"data.cache_dir={tmp_path / 'cache'}", "data.resolution=8", "data.max_images=600"]
+    ram = load_image_dataset(load_config("tiny/digits-class", overrides).data, True)
+    disk_cfg = load_config("tiny/digits-class", TINY_BUDGET + overrides).data
+    disk = load_image_dataset(disk_cfg, True)
+    (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    size = (folder / disk_cache.IMAGES).stat().st_size
+    with open(folder / disk_cache.IMAGES, "r+b") as f:  # after start-up: its size check cannot see it
+        f.truncate(size - 1000)
+    with caplog.at_level(logging.WARNING, logger="difftrain"):
+        assert torch.equal(disk.gather(torch.arange(len(ram))).images, ram.images)  # no SIGBUS
+    assert "failed their checksum" in caplog.text and (folder / disk_cache.IMAGES).stat().st_size == size
+
+    with open(folder / disk_cache.IMAGES, "r+b") as f:
+        f.seek(17)
+        f.write(b"\xff\x00\xff")
+    with read_only_folder(tmp_path / "ro", fill_from=tmp_path / "cache") as ro:
+        ro_cfg = load_config("tiny/digits-class", TINY_BUDGET + overrides + [f"data.cache_dir={ro}"]).data
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="difftrain"):
+            read_only = load_image_dataset(ro_cfg, True)  # reused, not rebuilt: reading needs no write
+            for _ in range(2):
+                assert torch.equal(read_only.gather(torch.arange(len(ram))).images, ram.images)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "could not write them back" in warnings[0], warnings

@@ -23,9 +23,11 @@ sha256's speed here (2.4 against 1.3 GB/s). Checking the whole cache at every st
 what normalising it costs; 2.4 GB/s for large rows): no byte is read that the batch does not need, nothing is
 remembered between calls (so forked loader workers need no shared state), and a row corrupted mid-run is caught
 too. A row that fails sends its whole chunk (CHUNK_ITEMS rows) to be checked; the failing rows are decoded again
-from the source, written back in place, and named in one warning line. A torn write-back fails its checksum at the next read and
-is repaired again; two workers repairing the same rows write the same bytes. A truncated `images.u8` is found at
-start-up from its size alone, and the cache is rebuilt.
+from the source, written back in place, and named in one warning line (a read-only cache keeps them in the
+process's memory instead). A torn write-back fails its checksum at the next read and is repaired again; two
+workers repairing the same rows write the same bytes. Rows are read with pread, never through the mapping, so a
+file cut short during a run reads as failing rows, not as SIGBUS. A truncated `images.u8` is found at start-up
+from its size alone, and the cache is rebuilt.
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ class DiskCache:
             if (folder / LABELS).is_file() and len(self.rows) else None
         self.names, self._decode = RowNames(folder, len(self.rows)), decode
         self._file: tuple[int, int] = (-1, -1)  # (pid, descriptor): each process opens its own
+        self._patched: dict[int, np.ndarray] = {}  # rows repaired but not written back (a read-only cache)
 
     def read(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows of `images`, read with pread rather than through the mapping: the kernel maps pages around each
@@ -183,7 +186,9 @@ class DiskCache:
         for j, row in enumerate(rows.tolist()):
             if not 0 <= row < len(self.rows):
                 raise IndexError(f"row {row} of a data set of {len(self.rows)}")
-            if os.preadv(self._file[1], [batch[j]], row * row_bytes) != row_bytes:
+            if row in self._patched:
+                batch[j] = self._patched[row].reshape(-1)
+            elif os.preadv(self._file[1], [batch[j]], row * row_bytes) != row_bytes:
                 batch[j] = 0  # the file was cut short since start-up: the checksum check repairs the row
         return out
 
@@ -192,17 +197,26 @@ class DiskCache:
         chunk repaired (see the module docstring) and is replaced in `images` by the repaired pixels."""
         batch = images.numpy()
         repaired: dict[int, np.ndarray] = {}
+        chunks_done: set[int] = set()
         for j, row in enumerate(rows.tolist()):
             if zlib.crc32(batch[j]) != self.checksums[row]:
-                if row not in repaired:
+                if row // CHUNK_ITEMS not in chunks_done:
                     repaired.update(self._repair_chunk(row // CHUNK_ITEMS))
-                batch[j] = repaired[row]
+                    chunks_done.add(row // CHUNK_ITEMS)
+                # (a row another process repaired meanwhile is read again)
+                batch[j] = repaired[row] if row in repaired else self.read(rows[j:j + 1])[0].numpy()
 
     def _repair_chunk(self, chunk: int) -> dict[int, np.ndarray]:
         start, stop = chunk * CHUNK_ITEMS, min((chunk + 1) * CHUNK_ITEMS, len(self.rows))
         path = self.folder / IMAGES
         row_bytes = int(np.prod(self.item_shape))
-        bad = [r for r in range(start, stop) if zlib.crc32(self.images[r].numpy()) != self.checksums[r]]
+        bad = []
+        for at in range(start, stop, 16):  # read as gather reads (never through the mapping: a cut file would
+            rows = torch.arange(at, min(at + 16, stop))  # raise SIGBUS there), 16 rows at a time
+            bad += [int(r) for r, pixels in zip(rows, self.read(rows).numpy())
+                    if zlib.crc32(pixels) != self.checksums[int(r)]]
+        if not bad:
+            return {}
         problem, repaired = "", {}
         for row in bad:
             pixels = np.ascontiguousarray(self._decode(int(self.rows[row])), dtype=np.uint8)
@@ -215,9 +229,9 @@ class DiskCache:
             try:
                 with open(path, "r+b") as f:
                     os.pwrite(f.fileno(), pixels.tobytes(), row * row_bytes)
-            except OSError as exc:  # a read-only cache: this process still reads the repaired row below
-                problem = f"; could not write them back ({exc.strerror or exc}), so they are decoded at each read"
-                self.images[row] = torch.from_numpy(pixels)  # this process's copy-on-write pages
+            except OSError as exc:  # a read-only cache: this process keeps the repaired row in memory
+                problem = f"; could not write them back ({exc.strerror or exc}), so this process keeps them in memory"
+                self._patched[row] = pixels
         logger.warning("decoded-data cache %s: %d of rows %d-%d failed their checksum (first %s); decoded them "
                        "again from the source%s", path, len(bad), start, stop - 1, self.names[bad[0]], problem)
         return repaired
