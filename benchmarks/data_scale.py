@@ -96,24 +96,23 @@ def loader_images_per_s(folder: Path, cache: Path) -> float:
 
 def epoch_child(folder: Path, cache: Path) -> None:
     """In a fresh process: open the built cache, then gather one epoch in batches of 64; prints seconds and
-    the peak RSS each part added (MiB) as JSON."""
-    import resource
-
+    the RSS each part added (MiB; the current RSS, as the peak is the imports') as JSON."""
     from difftrain.config import load_config
     from difftrain.data.dataset import load_image_dataset
 
-    def peak_mib() -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def rss_mib() -> float:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
 
     cfg = load_config("tiny/folder-uncond", overrides(folder, cache, disk=True))
-    before, start = peak_mib(), time.perf_counter()
+    before, start = rss_mib(), time.perf_counter()
     data = load_image_dataset(cfg.data, want_labels=False)
-    opened, open_seconds = peak_mib(), time.perf_counter() - start
+    opened, open_seconds = rss_mib(), time.perf_counter() - start
     start = time.perf_counter()
     for position in range(0, len(data), 64):
         data.gather(data.rows(len(data), 0, position, 64))
     print(json.dumps({"open_s": open_seconds, "open_mib": opened - before, "epoch_s": time.perf_counter() - start,
-                      "epoch_mib": peak_mib() - opened}))
+                      "epoch_mib": rss_mib() - opened}))
 
 
 def disk_path_row(size: int, folder: Path, cache: Path) -> list:
