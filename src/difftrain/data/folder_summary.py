@@ -18,10 +18,15 @@ from typing import Any, Optional
 MODULUS = 1 << 256
 
 
-def item_value(relative_path: str, stat: os.stat_result) -> int:
-    """One file's term of the sum: sha256 of its path under the folder, size and mtime, as an integer."""
-    return int.from_bytes(hashlib.sha256(f"{relative_path}\t{stat.st_size}\t{stat.st_mtime_ns}".encode()).digest(),
-                          "big")
+def item_value(relative_path: str, stat: Any) -> int:
+    """One file's term of the sum: sha256 of its path under the folder, size and mtime, as an integer; `stat` is
+    a callable returning the file's os.stat_result (a file gone since it was listed has neither)."""
+    try:
+        st = stat()
+        line = f"{relative_path}\t{st.st_size}\t{st.st_mtime_ns}"
+    except OSError:
+        line = f"{relative_path}\t-"
+    return int.from_bytes(hashlib.sha256(line.encode()).digest(), "big")
 
 
 class FolderFingerprint:
@@ -76,7 +81,7 @@ def _walk(folder: str, class_name: Optional[str], prefix: str, fingerprint: Fold
                     subdirs.append(name)
             elif 0 < dot < len(name) - 1 and name[dot:].lower() in IMAGE_EXTENSIONS:
                 if _true(entry.is_file):
-                    total += item_value(prefix + name, entry.stat())
+                    total += item_value(prefix + name, entry.stat)
                     count += 1
                 elif entry.is_symlink() and not os.path.exists(base + name):
                     links.append((base + name, str(Path(os.readlink(base + name)))))
@@ -122,5 +127,5 @@ def fingerprint_source(source: Any) -> Optional[str]:
     fingerprint = FolderFingerprint()
     for i, name in enumerate(source.names):
         class_name = None if source.labels is None else source.class_names[source.labels[i]]
-        fingerprint.add(class_name, item_value(name[len(base):], os.stat(name)), 1)
+        fingerprint.add(class_name, item_value(name[len(base):], lambda: os.stat(name)), 1)
     return fingerprint.hexdigest(list(source.class_names))
