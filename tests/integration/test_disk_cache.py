@@ -220,3 +220,28 @@ def test_a_cache_cut_short_during_a_run_and_a_read_only_corrupt_cache_still_give
                 assert torch.equal(read_only.gather(torch.arange(len(ram))).images, ram.images)
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "could not write them back" in warnings[0], warnings
+
+
+_FORKED: dict = {}
+
+
+def _gather_in_worker(rows: list[int]) -> torch.Tensor:
+    return _FORKED["data"].gather(torch.tensor(rows)).images
+
+
+def test_gather_in_forked_workers_reads_the_same_rows(tmp_path: Path):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    overrides = [f"data.cache_dir={tmp_path / 'cache'}", "data.resolution=8", "data.max_images=300"]
+    ram = load_image_dataset(load_config("tiny/digits-class", overrides).data, True)
+    disk = load_image_dataset(load_config("tiny/digits-class", TINY_BUDGET + overrides).data, True)
+    disk.gather(torch.arange(4))  # the parent has its own descriptor open before the fork
+    _FORKED["data"] = disk
+    try:
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+            batches = list(pool.map(_gather_in_worker, [list(range(i, len(ram), 7)) for i in range(7)]))
+    finally:
+        _FORKED.clear()
+    for i, images in enumerate(batches):
+        assert torch.equal(images, ram.images[i::7])
