@@ -7,7 +7,9 @@ steps through `difftrain train`, three times, each a fresh process:
   - RAM: the default budget, the whole set decoded into memory.
 and prints the cache build's images/s, launch-to-first-step seconds (from the run's log), the loader's images/s
 (gathering and normalising batches from the decoded set, measured here on the cache) next to the step's
-images/s, and each run's peak RSS (largest process).
+images/s, and each run's peak RSS (largest process). A second table is the disk path alone, in a fresh process
+per size: opening the built cache (the part of a warm start that grows with the set: one pass over the folder
+for the key) and reading one whole epoch through `gather`, each with the RSS it added.
 
     python benchmarks/data_scale.py --sizes 10000,100000 --work /tmp/data-scale
 """
@@ -15,8 +17,10 @@ images/s, and each run's peak RSS (largest process).
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,13 +94,45 @@ def loader_images_per_s(folder: Path, cache: Path) -> float:
     return count / (time.perf_counter() - start)
 
 
+def epoch_child(folder: Path, cache: Path) -> None:
+    """In a fresh process: open the built cache, then gather one epoch in batches of 64; prints seconds and
+    the RSS each part added (MiB; the current RSS, as the peak is the imports') as JSON."""
+    from difftrain.config import load_config
+    from difftrain.data.dataset import load_image_dataset
+
+    def rss_mib() -> float:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+    cfg = load_config("tiny/folder-uncond", overrides(folder, cache, disk=True))
+    before, start = rss_mib(), time.perf_counter()
+    data = load_image_dataset(cfg.data, want_labels=False)
+    opened, open_seconds = rss_mib(), time.perf_counter() - start
+    start = time.perf_counter()
+    for position in range(0, len(data), 64):
+        data.gather(data.rows(len(data), 0, position, 64))
+    print(json.dumps({"open_s": open_seconds, "open_mib": opened - before, "epoch_s": time.perf_counter() - start,
+                      "epoch_mib": rss_mib() - opened}))
+
+
+def disk_path_row(size: int, folder: Path, cache: Path) -> list:
+    done = subprocess.run([sys.executable, __file__, "--epoch-child", str(folder), str(cache)], check=True,
+                          capture_output=True, text=True)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    return [size, got["open_s"], got["open_mib"], got["epoch_s"], got["epoch_mib"]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--work", type=Path, default=Path("/tmp/difftrain-data-scale"))
+    parser.add_argument("--epoch-child", nargs=2, type=Path, metavar=("FOLDER", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.epoch_child:
+        epoch_child(*args.epoch_child)
+        return
     print(describe_machine())
-    rows = []
+    rows, disk_rows = [], []
     for size in (int(s) for s in args.sizes.split(",")):
         folder = make_folder(args.work / f"images-{size}", size)
         cache = args.work / f"cache-{size}"
@@ -106,6 +142,7 @@ def main() -> None:
             out = args.work / f"run-{size}-{name.replace(', ', '-')}"
             runs[name] = (out, run_difftrain("tiny/folder-uncond", out, overrides(folder, cache, disk)))
         loader = loader_images_per_s(folder, cache)
+        disk_rows.append(disk_path_row(size, folder, cache))
         build = cache_build_images_per_s(runs["disk, cold"][0])
         for name, (out, result) in runs.items():
             rows.append([size, name, build if name == "disk, cold" else "-", first_step_seconds(out),
@@ -113,6 +150,9 @@ def main() -> None:
                          result["peak_rss_mib"]])
     print(markdown_table(["images", "run", "cache build img/s", "launch to step 1 (s)", "loader img/s",
                           "step img/s", "peak RSS (MiB)"], rows))
+    print()
+    print(markdown_table(["images", "open built cache (s)", "RSS added (MiB)", "one epoch through gather (s)",
+                          "RSS added (MiB)"], disk_rows))
 
 
 if __name__ == "__main__":

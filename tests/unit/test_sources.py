@@ -499,3 +499,37 @@ def test_max_image_pixels_must_be_at_least_one():
     assert load_config("digits").data.max_image_pixels == 50_000_000
     with pytest.raises(ConfigError, match=r"'data.max_image_pixels' = 0: must be >= 1"):
         load_config("digits", ["data.max_image_pixels=0"])
+
+
+@pytest.mark.parametrize("layout", ["flat", "classes"])
+def test_a_folder_summary_matches_the_listing_without_keeping_it(tmp_path, layout):
+    from difftrain.data.folder_summary import fingerprint_source, summarize_folder
+
+    where = (lambda i: tmp_path) if layout == "flat" else (lambda i: tmp_path / ("b", "a", "c")[i % 3])
+    for i in range(7):
+        _save_png(where(i) / f"{i}.{('png', 'JPG', 'bmp')[i % 3]}", (30 * i, 0, 0))
+    (tmp_path / ".hidden").mkdir()
+    _save_png(tmp_path / ".hidden" / "x.png", (1, 2, 3))
+    (tmp_path / "empty").mkdir()
+    _link(where(0) / "gone.png", tmp_path / "nowhere.png")
+    _link(tmp_path / "empty" / "gone.png", tmp_path / "nowhere.png")  # a folder holding only a broken link
+    (where(0) / "notes.txt").write_text("not an image")
+    source, summary = folder_source(tmp_path), summarize_folder(tmp_path)
+    assert (summary.description, summary.count, summary.class_names, summary.dangling_links) == \
+        (source.description, len(source), source.class_names, source.dangling_links)
+    assert summary.fingerprint == fingerprint_source(source)
+    before = summary.fingerprint
+    (where(1) / "1.JPG").write_bytes((where(1) / "1.JPG").read_bytes() + b"\0")  # one file changes size
+    assert summarize_folder(tmp_path).fingerprint == fingerprint_source(source) != before
+
+
+def test_a_folder_summary_refuses_both_layouts_as_the_listing_does(tmp_path):
+    from difftrain.data.folder_summary import summarize_folder
+
+    _save_png(tmp_path / "flat.png", (1, 2, 3))
+    _save_png(tmp_path / "cls" / "a.png", (1, 2, 3))
+    with pytest.raises(ValueError) as listing:
+        folder_source(tmp_path)
+    with pytest.raises(ValueError) as summary:
+        summarize_folder(tmp_path)
+    assert str(summary.value) == str(listing.value)

@@ -19,9 +19,17 @@ import torch
 from difftrain.config import DataConfig
 from difftrain.data.batches import MicroBatch
 from difftrain.data.captions import resolve_captions
-from difftrain.data.disk_cache import decode_to_disk, memory_budget_bytes
+from difftrain.data.disk_cache import DiskCache, decode_to_disk, folder_cache_key, memory_budget_bytes, open_cache
+from difftrain.data.folder_summary import summarize_folder
 from difftrain.data.order import sample_indices
-from difftrain.data.sources import ImageSource, dangling_link_message, open_source
+from difftrain.data.sources import (
+    ImageSource,
+    dangling_link_message,
+    folder_source,
+    is_mnist_folder,
+    is_saved_datasets_dir,
+    open_source,
+)
 from difftrain.data.transforms import check_pixel_limit, draft_for_resolution, prepare_image
 
 logger = logging.getLogger(__name__)
@@ -39,7 +47,7 @@ class ImageDataset:
     """(name, reason) of every item that could not be read or had no caption."""
     captions: Optional[list[str]] = None
     """One caption per image for text-conditioned models."""
-    names: Optional[list[str]] = None
+    names: Optional[Sequence[str]] = None
     """One name per image: its file path, or 'source[index]' for sources without files."""
     in_memory: bool = True
     """False when `images` is memory-mapped from the disk cache (the loader then reads in worker processes)."""
@@ -67,6 +75,22 @@ class ImageDataset:
         """Replay the `skipped PATH (reason)` lines into `handler` alone (train.log, attached after decoding)."""
         if handler is not None:
             log_skipped(self.skipped, len(self) + len(self.skipped), handler)
+
+
+@dataclass
+class CachedImageDataset(ImageDataset):
+    """An ImageDataset memory-mapped from the disk cache: `gather` checks each row it reads against the cache's
+    checksums and repairs a corrupt chunk from the source (data/disk_cache.py); safe in forked loader workers."""
+
+    in_memory: bool = False
+    cache: Optional[DiskCache] = None
+
+    def gather(self, rows: torch.Tensor) -> MicroBatch:
+        if self.cache is None:
+            return super().gather(rows)
+        images = self.cache.read(rows)
+        self.cache.check(rows, images)
+        return MicroBatch(rows, images, None if self.labels is None else self.labels[rows])
 
 
 @dataclass
@@ -104,10 +128,8 @@ def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[
     skipped: list[tuple[str, str]] = [(path, f"dangling link: {dangling_link_message(target)}")
                                        for path, target in source.dangling_links]
     if count * cfg.channels * cfg.resolution ** 2 > memory_budget_bytes(cfg):
-        images, keep, decode_skipped = decode_to_disk(source, cfg, count, captions, lambda i: _decode(source, i, cfg))
-        dataset = _dataset(source, images, keep, sorted(skipped + decode_skipped), count, captions)
-        dataset.in_memory = False
-        return dataset
+        cache = decode_to_disk(source, cfg, count, captions, lambda i: _decode(source, i, cfg))
+        return _dataset(source, cache.images, cache.rows, sorted(skipped + cache.skipped), count, captions, cache)
     arrays: list[Optional[np.ndarray]] = [None] * count
 
     def work(i: int) -> None:
@@ -126,18 +148,22 @@ def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[
     return _dataset(source, images, keep, sorted(skipped), count, captions)
 
 
-def _dataset(source: ImageSource, images: torch.Tensor, keep: list[int], skipped: list[tuple[str, str]], count: int,
-             captions: Optional[list[Optional[str]]]) -> ImageDataset:
-    """The decoded rows `keep` of `source` (in RAM or memory-mapped) with their labels, captions and names."""
+def _dataset(source: ImageSource, images: torch.Tensor, keep: Sequence[int], skipped: list[tuple[str, str]],
+             count: int, captions: Optional[list[Optional[str]]], cache: Optional[DiskCache] = None) -> ImageDataset:
+    """The decoded rows `keep` of `source` (in RAM, or memory-mapped from `cache`, whose labels and names are read
+    from its files) with their labels, captions and names."""
     total = count + len(source.dangling_links)
     log_skipped(skipped, total)
-    if not keep:
+    if not len(keep):
         raise ValueError(f"data set {source.description} has no usable images (of {total} items; "
                          f"first problem: {skipped[0][0]}: {skipped[0][1]})")
+    kept_captions = None if captions is None else [str(captions[i]) for i in keep]
+    if cache is not None:
+        return CachedImageDataset(images, cache.labels, list(source.class_names), source.description, skipped,
+                                  kept_captions, cache.names, cache=cache)
     labels = None
     if source.labels is not None:
         labels = torch.tensor([source.labels[i] for i in keep], dtype=torch.long)
-    kept_captions = None if captions is None else [str(captions[i]) for i in keep]
     return ImageDataset(images, labels, list(source.class_names), source.description, skipped, kept_captions,
                         [source.names[i] for i in keep])
 
@@ -159,8 +185,50 @@ def log_skipped(skipped: list[tuple[str, str]], total: int, handler: Optional[lo
             handler.handle(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, args, None))
 
 
+class _FolderDecoder:
+    """Decodes item i of an image folder that is listed only when first asked (a cache repair): a warm start
+    keeps no listing."""
+
+    def __init__(self, folder: Path, cfg: DataConfig):
+        self.folder, self.cfg, self.source = folder, cfg, None
+
+    def __call__(self, index: int) -> np.ndarray:
+        if self.source is None:
+            self.source = folder_source(self.folder)
+        return _decode(self.source, index, self.cfg)
+
+
+def _built_folder_cache(cfg: DataConfig, want_labels: bool) -> Optional[CachedImageDataset]:
+    """A whole image folder over the memory budget whose disk cache is built, opened without listing the folder
+    into memory (data/folder_summary.py); None where the listing path is needed (anything else, or no cache)."""
+    folder = Path(cfg.path).expanduser()
+    if cfg.max_images is not None or cfg.source not in ("auto", "folder") or not folder.is_dir() or \
+            (cfg.source == "auto" and (is_saved_datasets_dir(folder) or is_mnist_folder(folder))):
+        return None
+    summary = summarize_folder(folder)
+    if summary is None or (want_labels and not summary.class_names) or \
+            summary.count * cfg.channels * cfg.resolution ** 2 <= memory_budget_bytes(cfg):
+        return None
+    cache = open_cache(cfg, folder_cache_key(summary, cfg), _FolderDecoder(folder, cfg))
+    if cache is None:
+        return None
+    skipped = sorted([(path, f"dangling link: {dangling_link_message(target)}")
+                      for path, target in summary.dangling_links] + cache.skipped)
+    total = summary.count + len(summary.dangling_links)
+    log_skipped(skipped, total)
+    if not len(cache.rows):
+        raise ValueError(f"data set {summary.description} has no usable images (of {total} items; "
+                         f"first problem: {skipped[0][0]}: {skipped[0][1]})")
+    return CachedImageDataset(cache.images, cache.labels if want_labels else None, summary.class_names,
+                              summary.description, skipped, None, cache.names, cache=cache)
+
+
 def load_image_dataset(cfg: DataConfig, want_labels: bool, want_captions: bool = False) -> ImageDataset:
     """Open `cfg.path` and decode it (with captions for text models). Errors name the path and what was expected."""
+    if not want_captions:
+        built = _built_folder_cache(cfg, want_labels)
+        if built is not None:
+            return built
     source = open_source(cfg.path, cfg.source, cfg.split, cfg.image_column, cfg.label_column,
                          want_labels or (want_captions and cfg.caption_template is not None), cfg.caption_column)
     if len(source) == 0:
@@ -199,6 +267,6 @@ def load_dreambooth_dataset(cfg: DataConfig, class_dir: Optional[Path]) -> tuple
         description=f"{instance.description} + class images {class_dir}",
         skipped=instance.skipped + prior.skipped,
         captions=instance.captions + [str(cfg.class_prompt)] * len(prior),
-        names=(instance.names or []) + (prior.names or []),
+        names=[*(instance.names or []), *(prior.names or [])],
     )
     return combined, len(instance)

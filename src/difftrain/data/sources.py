@@ -7,6 +7,7 @@ with optional integer labels and class names. Decoding and resizing happen in `d
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,20 +114,48 @@ def mnist_source(folder: Path, split: str) -> ImageSource:
     )
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def _true(test: Callable[[], bool]) -> bool:
+    """A DirEntry test, False where following a link fails (a loop), as for Path.is_file."""
+    try:
+        return test()
+    except OSError:
+        return False
+
+
+def _scan(folder: Path) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """One pass over `folder`: its image files, its dangling links (path, target) and its subfolders' names
+    (not hidden), as paths under `folder`, each sorted by name.
+
+    os.scandir reads a file's type from the directory entry itself, so listing 10^5 files costs no stat per
+    file (only links are followed), and the items stay strings, not Path objects (about 4x less memory).
+    """
+    text = str(folder)
+    base = {".": "", "/": "/"}.get(text, text + os.sep)  # the paths str(folder / name) would give
+    files, links, subdirs = [], [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            name = entry.name
+            dot = name.rfind(".")
+            if _true(entry.is_dir):  # follows links, like Path.is_dir
+                if not name.startswith("."):
+                    subdirs.append(base + name)
+            elif 0 < dot < len(name) - 1 and name[dot:].lower() in IMAGE_EXTENSIONS:  # Path.suffix's rule
+                if _true(entry.is_file):
+                    files.append(base + name)
+                elif entry.is_symlink() and not os.path.exists(base + name):  # points nowhere, or loops
+                    links.append(base + name)
+    # One prefix for all: sorting the paths sorts the names (what sorting Path objects did).
+    files.sort()
+    subdirs.sort()
+    return files, [(path, str(Path(os.readlink(path)))) for path in sorted(links)], subdirs
 
 
 def dangling_links(folder: Path) -> list[tuple[str, str]]:
     """(path, target) of each link in `folder` with an image extension whose target does not exist (or loops).
 
-    `Path.is_file()` is False for them, so `_image_files` leaves them out; this names them instead.
+    They are not files, so they are not items; this names them instead.
     """
-    found = []
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_symlink() and not p.exists():
-            found.append((str(p), str(p.readlink())))
-    return found
+    return _scan(folder)[1]
 
 
 def dangling_link_message(target: str) -> str:
@@ -136,37 +165,36 @@ def dangling_link_message(target: str) -> str:
 
 def folder_source(folder: Path) -> ImageSource:
     """Images directly in `folder` (unlabelled), or one subfolder per class (labelled by folder name)."""
-    flat = _image_files(folder)
-    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    class_dirs = [d for d in subdirs if _image_files(d)]
+    flat, links, subdirs = _scan(folder)
+    scanned = {d: _scan(Path(d)) for d in subdirs}
+    class_dirs = [d for d in subdirs if scanned[d][0]]
     if flat and class_dirs:
         raise ValueError(
-            f"{folder} holds both images and class subfolders ({', '.join(d.name for d in class_dirs[:3])}...); "
+            f"{folder} holds both images and class subfolders ({', '.join(Path(d).name for d in class_dirs[:3])}...); "
             "use one layout: flat (unconditional) or one subfolder per class"
         )
     if flat:
         return ImageSource(
             description=f"image folder {folder}",
-            names=[str(p) for p in flat],
+            names=flat,
             open=lambda i: Image.open(flat[i]),
             root=folder,
-            dangling_links=dangling_links(folder),
+            dangling_links=links,
         )
-    files: list[Path] = []
+    files: list[str] = []
     labels: list[int] = []
     for label, d in enumerate(class_dirs):
-        for p in _image_files(d):
-            files.append(p)
-            labels.append(label)
+        files += scanned[d][0]
+        labels += [label] * len(scanned[d][0])
     return ImageSource(
         description=f"class folders {folder} ({len(class_dirs)} classes)",
-        names=[str(p) for p in files],
+        names=files,
         open=lambda i: Image.open(files[i]),
         labels=labels,
-        class_names=[d.name for d in class_dirs],
+        class_names=[Path(d).name for d in class_dirs],
         root=folder,
         # Every subfolder may be a class (one holding only broken links is one), and links beside them too.
-        dangling_links=[link for d in [folder, *subdirs] for link in dangling_links(d)],
+        dangling_links=links + [link for d in subdirs for link in scanned[d][1]],
     )
 
 
