@@ -245,3 +245,27 @@ def test_gather_in_forked_workers_reads_the_same_rows(tmp_path: Path):
         _FORKED.clear()
     for i, images in enumerate(batches):
         assert torch.equal(images, ram.images[i::7])
+
+
+def test_two_processes_build_one_cache_and_resume_exactly_on_the_disk_path(tmp_path: Path):
+    """Both ranks reach the missing cache together: one builds it under the lock, the other reuses it. A run whose
+    rank 1 dies at step 3 resumes from step 2 on the disk path to the uninterrupted run's weights, bit for bit."""
+    from tests.integration.test_distributed import PER_RANK, _difftrain_n
+
+    keys = [*PER_RANK, *TINY_BUDGET, f"data.cache_dir={tmp_path / 'cache'}", "train.sample_every_steps=null"]
+    straight = _difftrain_n(tmp_path, "--output-dir", str(tmp_path / "straight"), *keys)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    assert len(list((tmp_path / "cache").glob(f"*/{disk_cache.MANIFEST}"))) == 1
+    # Rank 0 logs (the other rank is quiet): it built the cache, or waited for rank 1 to build it and reused it.
+    assert "decoded data: 256 images into" in straight.stderr or "reusing the disk cache" in straight.stderr
+
+    run = tmp_path / "resumed"
+    crashed = _difftrain_n(tmp_path, "--output-dir", str(run), *keys,
+                           env={"DIFFTRAIN_FAIL_ON_RANK": "1", "DIFFTRAIN_FAIL_AT_STEP": "3"})
+    assert crashed.returncode != 0 and "injected failure on rank 1 at step 3" in crashed.stderr
+    resumed = _difftrain_n(tmp_path, "--output-dir", str(run), *keys)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "(step 2)" in (run / "train.log").read_text() and "worker process" in (run / "train.log").read_text()
+    a = load_file(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -32,6 +32,8 @@ from its size alone, and the cache is rebuilt.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -42,7 +44,7 @@ import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -59,6 +61,7 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = 2
 CHUNK_ITEMS = 512
 MANIFEST = "manifest.json"
+LOCK = ".build.lock"
 IMAGES = "images.u8"
 ROWS = "rows.npy"  # int64: the source index of each row of IMAGES
 CHECKSUMS = "crc32.npy"  # uint32: zlib.crc32 of each row of IMAGES
@@ -69,13 +72,15 @@ RAW = "raw.u8"  # the build's file: one slot per source item, compacted to IMAGE
 
 
 def memory_budget_bytes(cfg: DataConfig) -> int:
-    """`data.max_memory_gb`, or a quarter of the machine's RAM."""
+    """`data.max_memory_gb`, or a quarter of the machine's RAM shared by this machine's training processes (each
+    holds its own copy of a set in RAM)."""
     if cfg.max_memory_gb is not None:
         return int(cfg.max_memory_gb * 2**30)
+    local_processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)  # set by torchrun / accelerate launch
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 // local_processes
     except (ValueError, OSError, AttributeError):  # no sysconf (not POSIX): a budget most machines have
-        return 8 * 2**30
+        return 8 * 2**30 // local_processes
 
 
 def cache_dir(cfg: DataConfig) -> Path:
@@ -317,6 +322,27 @@ def decode_to_disk(source: Any, cfg: DataConfig, count: int, captions: Optional[
     size = count * int(np.prod(item_shape))
     _writable(cfg, folder, size, source.description)
     (folder / "chunks").mkdir(parents=True, exist_ok=True)
+    with _one_builder(folder):
+        built = open_cache(cfg, key, decode)  # built by the process that held the lock before this one
+        if built is not None:
+            return built
+        return _build(source, cfg, count, captions, decode, key, folder, item_shape, size)
+
+
+@contextlib.contextmanager
+def _one_builder(folder: Path) -> Iterator[None]:
+    """Hold the cache folder's build lock: the ranks of a multi-process run (or two runs on one data set) reach
+    the same missing cache together; one builds it, the others wait and then reuse it."""
+    with open(folder / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network mounts): build unguarded, as before
+            pass
+        yield
+
+
+def _build(source: Any, cfg: DataConfig, count: int, captions: Optional[list], decode: Callable[[int], np.ndarray],
+           key: str, folder: Path, item_shape: tuple[int, ...], size: int) -> DiskCache:
     (folder / MANIFEST).unlink(missing_ok=True)  # a rebuild: the old manifest must not vouch for new files
     raw_path = folder / RAW
     if not raw_path.is_file() or raw_path.stat().st_size != size:
