@@ -1,15 +1,17 @@
-"""Data at scale: the decoded-data disk cache against the in-RAM path, on generated image folders of two sizes.
+"""Data at scale: the decoded-data disk cache and streamed tar shards against the in-RAM path, on generated image
+folders of two sizes.
 
-For each size (10k and 100k 16 px PNGs by default, made here) it trains the tiny unconditional UNet for a few
-steps through `difftrain train`, three times, each a fresh process:
+For each size (10k and 100k 16 px PNGs by default, made here, and the same PNGs as webdataset tar shards of 1,000)
+it trains the tiny unconditional UNet for a few steps through `difftrain train`, each a fresh process:
   - disk, cold: the set over the memory budget (data.max_memory_gb), decoded into an empty cache folder;
   - disk, warm: the same again, reusing that cache;
-  - RAM: the default budget, the whole set decoded into memory.
+  - RAM: the default budget, the whole set decoded into memory;
+  - stream, cold / warm: the tar shards, streamed (cold counts the shards' samples; warm reuses the counts);
 and prints the cache build's images/s, launch-to-first-step seconds (from the run's log), the loader's images/s
-(gathering and normalising batches from the decoded set, measured here on the cache) next to the step's
-images/s, and each run's peak RSS (largest process). A second table is the disk path alone, in a fresh process
-per size: opening the built cache (the part of a warm start that grows with the set: one pass over the folder
-for the key) and reading one whole epoch through `gather`, each with the RSS it added.
+(data/loader.py with its CPU default of one worker process, measured here alone) next to the step's images/s,
+and each run's peak RSS (largest process). A second table is the disk path alone, in a fresh process per size:
+opening the built cache (the part of a warm start that grows with the set: one pass over the folder for the key)
+and reading one whole epoch through `gather`, each with the RSS it added.
 
     python benchmarks/data_scale.py --sizes 10000,100000 --work /tmp/data-scale
 """
@@ -21,6 +23,7 @@ import json
 import re
 import shutil
 import subprocess
+import tarfile
 import sys
 import time
 from pathlib import Path
@@ -33,6 +36,8 @@ from common import markdown_table, run_difftrain, steady_images_per_s  # noqa: E
 from machine import describe_machine  # noqa: E402
 
 RESOLUTION = 16
+SHARD_IMAGES = 1000
+LOADER_MICRO_BATCHES = 400
 STEPS = 30
 BATCH = 16
 
@@ -78,20 +83,44 @@ def cache_build_images_per_s(run: Path) -> float:
     return int(match.group(1)) / max(float(match.group(2)), 0.1)
 
 
-def loader_images_per_s(folder: Path, cache: Path) -> float:
-    """Batches gathered from the memory-mapped cache and normalised, as the step's data part does them."""
+def make_shards(folder: Path, shards: Path, per_shard: int = SHARD_IMAGES) -> Path:
+    """The folder's PNGs as webdataset tar shards (KEY.png), `per_shard` images each."""
+    marker = shards / ".complete"
+    if marker.is_file():
+        return shards
+    shutil.rmtree(shards, ignore_errors=True)
+    shards.mkdir(parents=True)
+    files = sorted(folder.glob("*.png"))
+    for at in range(0, len(files), per_shard):
+        with tarfile.open(shards / f"shard-{at // per_shard:05d}.tar", "w") as tar:
+            for path in files[at:at + per_shard]:
+                tar.add(path, arcname=path.name)
+    marker.touch()
+    return shards
+
+
+def loader_images_per_s(path: Path, cache: Path, disk: bool) -> float:
+    """Micro-batches handed out by the training loader (data/loader.py) with its CPU default of one worker
+    process: rows gathered from the disk cache, or decoded from the streamed shards."""
     from difftrain.config import load_config
     from difftrain.data.dataset import load_image_dataset
-    from difftrain.data.order import sample_indices
-    from difftrain.data.transforms import to_model_range
+    from difftrain.data.loader import BatchLoader
+    from difftrain.data.streaming import open_streaming_set
 
-    cfg = load_config("tiny/folder-uncond", overrides(folder, cache, disk=True))
-    images = load_image_dataset(cfg.data, want_labels=False).images
-    start, count = time.perf_counter(), 0
-    for position in range(0, 200 * BATCH, BATCH):
-        batch = to_model_range(images[sample_indices(len(images), 0, position, BATCH)])
-        count += batch.shape[0]
-    return count / (time.perf_counter() - start)
+    cfg = load_config("tiny/folder-uncond", overrides(path, cache, disk))
+    data = open_streaming_set(cfg.data, want_labels=False) or load_image_dataset(cfg.data, want_labels=False)
+    slots = LOADER_MICRO_BATCHES + 8
+    loader = BatchLoader(data, lambda position, size: data.rows(len(data), 0, position, size),
+                         lambda slot: slot * BATCH, BATCH, end_slot=slots, workers=1)
+    try:
+        for slot in range(8):  # the worker's start and first reads
+            loader.get(slot)
+        start, count = time.perf_counter(), 0
+        for slot in range(8, slots):
+            count += int(loader.get(slot).images.shape[0])
+        return count / (time.perf_counter() - start)
+    finally:
+        loader.close()
 
 
 def epoch_child(folder: Path, cache: Path) -> None:
@@ -122,6 +151,14 @@ def disk_path_row(size: int, folder: Path, cache: Path) -> list:
     return [size, got["open_s"], got["open_mib"], got["epoch_s"], got["epoch_mib"]]
 
 
+def import_seconds() -> float:
+    """Launch to the training loop's module imported, in a fresh process: the part of launch-to-step-1 that does not
+    depend on the data (torch, diffusers and what they import)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import difftrain.training.loop"], check=True)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000")
@@ -132,22 +169,26 @@ def main() -> None:
         epoch_child(*args.epoch_child)
         return
     print(describe_machine())
+    imports = [import_seconds() for _ in range(3)]
+    print(f"python -c 'import difftrain.training.loop': {min(imports):.1f} s (fastest of 3; {', '.join(f'{s:.1f}' for s in imports)})")
     rows, disk_rows = [], []
     for size in (int(s) for s in args.sizes.split(",")):
         folder = make_folder(args.work / f"images-{size}", size)
         cache = args.work / f"cache-{size}"
         shutil.rmtree(cache, ignore_errors=True)
+        shards = make_shards(folder, args.work / f"shards-{size}")
         runs = {}
-        for name, disk in (("disk, cold", True), ("disk, warm", True), ("RAM", False)):
+        for name, path, disk in (("disk, cold", folder, True), ("disk, warm", folder, True), ("RAM", folder, False),
+                                 ("stream, cold", shards, False), ("stream, warm", shards, False)):
             out = args.work / f"run-{size}-{name.replace(', ', '-')}"
-            runs[name] = (out, run_difftrain("tiny/folder-uncond", out, overrides(folder, cache, disk)))
-        loader = loader_images_per_s(folder, cache)
+            runs[name] = (out, run_difftrain("tiny/folder-uncond", out, overrides(path, cache, disk)))
+        loaders = {"disk": loader_images_per_s(folder, cache, True), "stream": loader_images_per_s(shards, cache, False)}
         disk_rows.append(disk_path_row(size, folder, cache))
         build = cache_build_images_per_s(runs["disk, cold"][0])
         for name, (out, result) in runs.items():
+            kind = name.split(",")[0]
             rows.append([size, name, build if name == "disk, cold" else "-", first_step_seconds(out),
-                         loader if name != "RAM" else "-", steady_images_per_s(result["rows"], 5),
-                         result["peak_rss_mib"]])
+                         loaders.get(kind, "-"), steady_images_per_s(result["rows"], 5), result["peak_rss_mib"]])
     print(markdown_table(["images", "run", "cache build img/s", "launch to step 1 (s)", "loader img/s",
                           "step img/s", "peak RSS (MiB)"], rows))
     print()
