@@ -13,6 +13,7 @@ between processes.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from typing import Callable, Iterator, Optional
 
@@ -24,6 +25,9 @@ from difftrain.data.batches import MicroBatch, TrainingData
 logger = logging.getLogger(__name__)
 
 PREFETCH_MICRO_BATCHES_PER_WORKER = 2
+# Workers are forked: they inherit the family's `rows` and the data's open state (memory maps, the disk cache's
+# repair source) instead of pickling them, which spawn (macOS' and Windows' default) would have to do.
+_FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def usable_cpus() -> int:
@@ -90,7 +94,7 @@ class BatchLoader:
         self.close()
         loader = DataLoader(self.slots, batch_size=None, sampler=range(slot, self.end_slot), num_workers=self.workers,
                             collate_fn=_as_is, prefetch_factor=PREFETCH_MICRO_BATCHES_PER_WORKER,
-                            pin_memory=self.pin_memory)
+                            pin_memory=self.pin_memory, multiprocessing_context=_FORK)
         self._iterator = iter(loader)
 
     def close(self) -> None:
