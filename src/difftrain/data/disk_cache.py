@@ -1,8 +1,9 @@
 """Decoded data on disk, for sets larger than the memory budget (`data.max_memory_gb`).
 
 The images are decoded, converted, resized and cropped once, by worker processes, into one uint8 file at the
-training resolution (`images.u8`), which every later run and resume memory-maps instead of decoding again. Steps
-index it exactly as they index the in-RAM tensor, so both paths give bit-identical batches.
+training resolution (`images.u8`), which every later run and resume opens instead of decoding again. The loader
+(data/loader.py) reads the rows of each micro-batch from it in its worker processes; they are the bytes the
+in-RAM tensor would hold, so both paths give bit-identical batches.
 
 A cache folder is named by a hash of the source (its item names, each file's size and modification time, labels,
 captions) and the decode settings, so a changed set or setting builds a new one. The build is resumable: items
