@@ -167,29 +167,38 @@ def test_parquet_row_groups_on_two_ranks_match_one_rank_which_resumes_bit_exactl
     assert all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_a_bad_shard_is_named_skipped_and_training_evaluates_on_the_rest(tmp_path: Path, caplog):
+def test_a_bad_shard_is_named_by_check_and_skipped_by_training(tmp_path: Path, caplog):
+    from difftrain.training.preflight import run_check
+
     data = write_tar_shards(tmp_path / "shards", [10, 12])
     (data / "digits-002.tar").write_bytes(b"not a tar file at all" * 50)
-    check = subprocess.run([sys.executable, "-m", "difftrain", "check", PRESET, *PER_RANK, f"data.path={data}"],
-                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert check.returncode == 1, check.stdout + check.stderr  # the bad shard is an error of the check
-    assert "digits-002.tar: unreadable shard" in check.stdout and "loader:" in check.stdout
-    assert "Traceback" not in check.stderr
-
-    eval_keys = ["train.eval_every_steps=2", "train.eval_num_samples=4", "train.eval_inception=false",
-                 "train.eval_num_reference=16"]
+    cfg = load_config(PRESET, [*PER_RANK, f"data.path={data}"], output_dir=str(tmp_path / "r"))
+    lines: list[str] = []
+    assert run_check(cfg, out=lines.append) == 1  # the bad shard is an error of the check
+    text = "\n".join(lines)
+    assert "digits-002.tar: unreadable shard" in text and "22 usable" in text and "loader:" in text
     with caplog.at_level("INFO", logger="difftrain"):
-        run = train(load_config(PRESET, [*PER_RANK, f"data.path={data}", *eval_keys], output_dir=str(tmp_path / "r")))
+        run = train(cfg)
     assert "skipped shard" in caplog.text and "digits-002.tar" in caplog.text
-    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
-    assert [r["step"] for r in evals] == [2, 4] and "accuracy" in evals[0]["eval"]
+    assert "22 images (1 skipped)" in (run / "train.log").read_text()
+
+
+def test_evaluation_references_a_sample_of_a_stream_held_in_memory(tmp_path: Path):
+    from difftrain.evaluation.evaluate import prepare_reference
+
+    data = write_tar_shards(tmp_path / "shards", [7, 9])
+    cfg = load_config(PRESET, [*PER_RANK, f"data.path={data}"])
+    a = prepare_reference(cfg.data, 12, True, use_inception=False, use_classifier=False)
+    b = prepare_reference(cfg.data, 12, True, use_inception=False, use_classifier=False)
+    assert a.images.shape == (12, 1, 8, 8) and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    pngs, labels = _digits(16)
+    originals = {tuple(np.asarray(Image.open(io.BytesIO(png))).ravel()): label for png, label in zip(pngs, labels)}
+    for image, label in zip(a.images, a.labels):  # each is one of the set's digits, with its own label
+        assert originals[tuple(image[0].numpy().ravel())] == int(label)
 
 
 def test_families_that_read_the_whole_set_up_front_refuse_a_stream_in_one_line(tmp_path: Path):
     data = write_tar_shards(tmp_path / "shards", [5])
-    result = subprocess.run([sys.executable, "-m", "difftrain", "train", "tiny/digits-text", f"data.path={data}",
-                             "--output-dir", str(tmp_path / "t")], cwd=tmp_path, env=_env(), capture_output=True,
-                            text=True, timeout=TIMEOUT_S)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "is streamed (webdataset shards), but the pixel-text family" in result.stderr
+    with pytest.raises(ValueError, match=r"is streamed \(webdataset shards\), but the pixel-text family"):
+        train(load_config("tiny/digits-text", [f"data.path={data}"], output_dir=str(tmp_path / "t")))
     assert not (tmp_path / "t").exists()  # refused before anything was written
