@@ -9,6 +9,7 @@ from the step's generator, so every path gives the same batches.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
@@ -38,8 +39,17 @@ class TrainingData(Protocol):
     description: str
     in_memory: bool
     """True when `gather` only indexes a tensor in RAM: the loader then reads in the training process."""
+    class_names: list[str]
+    skipped: list[tuple[str, str]]
+    """(name, reason) of what start-up could not use (unreadable files, shards)."""
 
     def __len__(self) -> int: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def write_skipped_to(self, handler: Optional[logging.Handler]) -> None:
+        """Replay the start-up `skipped ...` warnings into `handler` alone (train.log, attached after loading)."""
 
     def rows(self, num_items: int, seed: int, position: int, count: int) -> torch.Tensor:
         """Rows of positions [position, position+count) of the endless data stream over the first `num_items`."""

@@ -22,8 +22,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 import torch
 
 from difftrain.config import RunConfig
-from difftrain.data.batches import MicroBatch
-from difftrain.data.dataset import ImageDataset
+from difftrain.data.batches import MicroBatch, TrainingData
 from difftrain.diffusion.objective import Network, Objective
 from difftrain.sampling.generate import ImageSampler
 
@@ -100,7 +99,8 @@ class Family(ABC):
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.dataset: Optional[ImageDataset] = None
+        self.dataset: Optional[TrainingData] = None
+        """Decoded (an ImageDataset: RAM or disk cache) or streamed (data/streaming.py), set by load_data."""
         self.num_train_images = 0
         """Images the epoch count refers to (DreamBooth: the instance images; class images follow them)."""
 
@@ -134,7 +134,7 @@ class Family(ABC):
         """DreamBooth: the folder of class images that follow the instance images in the data set, if any."""
         return None
 
-    def load_data(self) -> ImageDataset:
+    def load_data(self) -> TrainingData:
         """Decode the training data (DreamBooth: instance images, then class images); sets `dataset` and
         `num_train_images`."""
         from difftrain.data.dataset import load_dreambooth_dataset, load_image_dataset

@@ -22,7 +22,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from difftrain.config import ConfigError, RunConfig
-from difftrain.data.dataset import ImageDataset
+from difftrain.data.batches import TrainingData
 from difftrain.data.loader import BatchLoader, loader_workers
 from difftrain.data.order import stream_position
 from difftrain.diffusion.objective import OBJECTIVES, Objective
@@ -39,7 +39,8 @@ class RunPlan:
     """What a config resolves to once the data is known: sizes and intervals in optimizer steps."""
 
     cfg: RunConfig
-    dataset: ImageDataset
+    dataset: TrainingData
+    """Decoded (RAM or disk cache) or streamed."""
     global_batch_size: int
     steps_per_epoch: int
     max_steps: int
