@@ -42,6 +42,13 @@ def launched_world_size() -> int:
     return _launcher_env("SIZE", 1)
 
 
+def launched_local_size(default: int) -> int:
+    """Processes the launcher started on this machine (torchrun's and accelerate launch's LOCAL_WORLD_SIZE), or
+    `default` when it did not say."""
+    value = os.environ.get("LOCAL_WORLD_SIZE")
+    return int(value) if value and value.isdigit() else default
+
+
 def launched_rank() -> int:
     """This process's global rank from the launcher's environment (0 when not launched as several)."""
     return _launcher_env("RANK", 0)

@@ -152,11 +152,7 @@ def _dataset(source: ImageSource, images: torch.Tensor, keep: Sequence[int], ski
              count: int, captions: Optional[list[Optional[str]]], cache: Optional[DiskCache] = None) -> ImageDataset:
     """The decoded rows `keep` of `source` (in RAM, or memory-mapped from `cache`, whose labels and names are read
     from its files) with their labels, captions and names."""
-    total = count + len(source.dangling_links)
-    log_skipped(skipped, total)
-    if not len(keep):
-        raise ValueError(f"data set {source.description} has no usable images (of {total} items; "
-                         f"first problem: {skipped[0][0]}: {skipped[0][1]})")
+    _report_skipped(source.description, skipped, count + len(source.dangling_links), len(keep))
     kept_captions = None if captions is None else [str(captions[i]) for i in keep]
     if cache is not None:
         return CachedImageDataset(images, cache.labels, list(source.class_names), source.description, skipped,
@@ -166,6 +162,14 @@ def _dataset(source: ImageSource, images: torch.Tensor, keep: Sequence[int], ski
         labels = torch.tensor([source.labels[i] for i in keep], dtype=torch.long)
     return ImageDataset(images, labels, list(source.class_names), source.description, skipped, kept_captions,
                         [source.names[i] for i in keep])
+
+
+def _report_skipped(description: str, skipped: list[tuple[str, str]], total: int, usable: int) -> None:
+    """Warn each skipped item, and refuse a set of which none is usable, naming its first problem."""
+    log_skipped(skipped, total)
+    if not usable:
+        raise ValueError(f"data set {description} has no usable images (of {total} items; "
+                         f"first problem: {skipped[0][0]}: {skipped[0][1]})")
 
 
 def log_skipped(skipped: list[tuple[str, str]], total: int, handler: Optional[logging.Handler] = None) -> None:
@@ -214,11 +218,7 @@ def _built_folder_cache(cfg: DataConfig, want_labels: bool) -> Optional[CachedIm
         return None
     skipped = sorted([(path, f"dangling link: {dangling_link_message(target)}")
                       for path, target in summary.dangling_links] + cache.skipped)
-    total = summary.count + len(summary.dangling_links)
-    log_skipped(skipped, total)
-    if not len(cache.rows):
-        raise ValueError(f"data set {summary.description} has no usable images (of {total} items; "
-                         f"first problem: {skipped[0][0]}: {skipped[0][1]})")
+    _report_skipped(summary.description, skipped, summary.count + len(summary.dangling_links), len(cache.rows))
     return CachedImageDataset(cache.images, cache.labels if want_labels else None, summary.class_names,
                               summary.description, skipped, None, cache.names, cache=cache)
 

@@ -55,6 +55,7 @@ from difftrain.cache import cache_root
 from difftrain.config import DataConfig
 from difftrain.data.folder_summary import FolderSummary, fingerprint_source
 from difftrain.errors import DiskSpaceError, WriteError
+from difftrain.processes import launched_local_size
 from difftrain.writes import atomic_write_text, check_writable
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def memory_budget_bytes(cfg: DataConfig) -> int:
     holds its own copy of a set in RAM)."""
     if cfg.max_memory_gb is not None:
         return int(cfg.max_memory_gb * 2**30)
-    local_processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)  # set by torchrun / accelerate launch
+    local_processes = max(launched_local_size(1), 1)
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 // local_processes
     except (ValueError, OSError, AttributeError):  # no sysconf (not POSIX): a budget most machines have

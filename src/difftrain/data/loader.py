@@ -60,8 +60,11 @@ class _Slots(Dataset):
                  position_of: Callable[[int], int], batch_size: int):
         self.data, self.rows_at, self.position_of, self.batch_size = data, rows_at, position_of, batch_size
 
+    def rows(self, slot: int) -> torch.Tensor:
+        return self.rows_at(self.position_of(slot), self.batch_size)
+
     def __getitem__(self, slot: int) -> MicroBatch:
-        return self.data.gather(self.rows_at(self.position_of(slot), self.batch_size))
+        return self.data.gather(self.rows(slot))
 
     def __len__(self) -> int:  # DataLoader asks; the sampler decides which slots are read
         return 2**62
@@ -81,6 +84,10 @@ class BatchLoader:
         self.end_slot, self.workers, self.pin_memory = end_slot, workers, pin_memory
         self._iterator: Optional[Iterator[MicroBatch]] = None
         self._next_slot: Optional[int] = None
+
+    def rows(self, slot: int) -> torch.Tensor:
+        """The data set rows of a slot, without reading them (for messages that name a step's files)."""
+        return self.slots.rows(slot)
 
     def get(self, slot: int) -> MicroBatch:
         if self.workers == 0 or slot >= self.end_slot:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,7 +27,7 @@ from difftrain.data.order import stream_position
 from difftrain.diffusion.objective import OBJECTIVES, Objective
 from difftrain.families.base import Family
 from difftrain.models.lora import trainable_only_checkpoints
-from difftrain.processes import accelerator_kwargs, quiet_other_ranks
+from difftrain.processes import accelerator_kwargs, launched_local_size, quiet_other_ranks
 from difftrain.training.distributed import check_supported
 
 logger = logging.getLogger(__name__)
@@ -192,8 +191,8 @@ def build_loader(plan: RunPlan, family: Family, accelerator: Accelerator) -> Bat
         step, micro = divmod(slot, t.gradient_accumulation_steps)
         return stream_position(step, micro, rank, t.gradient_accumulation_steps, world, t.batch_size)
 
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # set by torchrun / accelerate launch
-    workers = loader_workers(plan.cfg.data.loader_workers, family.dataset, accelerator.device, local_processes)
+    workers = loader_workers(plan.cfg.data.loader_workers, family.dataset, accelerator.device,
+                             launched_local_size(world))
     if workers:
         logger.info("data loader: %d worker process(es) read micro-batches ahead (data.loader_workers)", workers)
     return BatchLoader(family.dataset, family.rows, position_of, t.batch_size,

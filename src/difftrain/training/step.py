@@ -11,22 +11,17 @@ from typing import Optional
 
 import torch
 
-from difftrain.data.order import micro_batch_generator, stream_position
+from difftrain.data.order import micro_batch_generator
 from difftrain.training.numerics import NonFiniteGuard
 from difftrain.training.setup import TrainingRun
 
 
-def _position(run: TrainingRun, step: int, micro: int) -> int:
-    t, acc = run.cfg.train, run.accelerator
-    return stream_position(step, micro, acc.process_index, t.gradient_accumulation_steps, acc.num_processes,
-                           t.batch_size)
-
-
 def batch_files(run: TrainingRun, step: int) -> list[str]:
     """Names of the images of loop step `step` on this process (file paths where the source has them)."""
+    accumulation = run.cfg.train.gradient_accumulation_steps
     rows: list[int] = []
-    for micro in range(run.cfg.train.gradient_accumulation_steps):
-        rows += run.family.rows(_position(run, step, micro), run.cfg.train.batch_size).tolist()
+    for micro in range(accumulation):
+        rows += run.loader.rows(step * accumulation + micro).tolist()
     return run.family.row_names(rows)
 
 
