@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from difftrain.data.sources import folder_prefix, link_target, mixed_layout_error, scan_entries
+
 MODULUS = 1 << 256
 
 
@@ -57,34 +59,21 @@ class FolderSummary:
     dangling_links: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _true(test: Any) -> bool:
-    try:
-        return test()
-    except OSError:  # a link that loops
-        return False
-
-
 def _walk(folder: str, class_name: Optional[str], prefix: str, fingerprint: FolderFingerprint,
           links: list[tuple[str, str]], subdirs: Optional[list[str]]) -> int:
     """Add `folder`'s images to `fingerprint`; collects its dangling links and (if asked) subfolders; returns
-    how many images it holds. The rules are those of sources._scan."""
-    from difftrain.data.sources import IMAGE_EXTENSIONS
-
-    base = {".": "", "/": "/"}.get(folder, folder + os.sep)
+    how many images it holds (sources.scan_entries decides what counts, as for the listing)."""
+    base = folder_prefix(folder)
     count = total = 0
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            name = entry.name
-            dot = name.rfind(".")
-            if _true(entry.is_dir):
-                if subdirs is not None and not name.startswith("."):
-                    subdirs.append(name)
-            elif 0 < dot < len(name) - 1 and name[dot:].lower() in IMAGE_EXTENSIONS:
-                if _true(entry.is_file):
-                    total += item_value(prefix + name, entry.stat)
-                    count += 1
-                elif entry.is_symlink() and not os.path.exists(base + name):
-                    links.append((base + name, str(Path(os.readlink(base + name)))))
+    for kind, entry in scan_entries(folder):
+        if kind == "dir":
+            if subdirs is not None:
+                subdirs.append(entry.name)
+        elif kind == "image":
+            total += item_value(prefix + entry.name, entry.stat)
+            count += 1
+        else:
+            links.append((base + entry.name, link_target(base + entry.name)))
     fingerprint.add(class_name, total, count)
     return count
 
@@ -97,7 +86,7 @@ def summarize_folder(folder: Path) -> Optional[FolderSummary]:
     subdirs: list[str] = []
     text = str(folder)
     flat = _walk(text, None, "", fingerprint, root_links, subdirs)
-    base = {".": "", "/": "/"}.get(text, text + os.sep)
+    base = folder_prefix(text)
     subdirs.sort()
     counts, links = {}, sorted(root_links)
     for d in subdirs:
@@ -106,10 +95,7 @@ def summarize_folder(folder: Path) -> Optional[FolderSummary]:
         links += sorted(sub_links)
     class_dirs = [d for d in subdirs if counts[d]]
     if flat and class_dirs:
-        raise ValueError(
-            f"{folder} holds both images and class subfolders ({', '.join(class_dirs[:3])}...); "
-            "use one layout: flat (unconditional) or one subfolder per class"
-        )
+        raise mixed_layout_error(folder, class_dirs)
     if flat:
         return FolderSummary(f"image folder {folder}", flat, fingerprint.hexdigest([]), [], sorted(root_links))
     if not class_dirs:
@@ -122,8 +108,7 @@ def fingerprint_source(source: Any) -> Optional[str]:
     """The same hash as `summarize_folder` for a folder source's sorted listing (None for other sources)."""
     if getattr(source, "root", None) is None or not source.names:
         return None
-    text = str(source.root)
-    base = {".": "", "/": "/"}.get(text, text + os.sep)
+    base = folder_prefix(str(source.root))
     fingerprint = FolderFingerprint()
     for i, name in enumerate(source.names):
         class_name = None if source.labels is None else source.class_names[source.labels[i]]

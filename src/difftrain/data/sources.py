@@ -11,7 +11,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -122,32 +122,54 @@ def _true(test: Callable[[], bool]) -> bool:
         return False
 
 
-def _scan(folder: Path) -> tuple[list[str], list[tuple[str, str]], list[str]]:
-    """One pass over `folder`: its image files, its dangling links (path, target) and its subfolders' names
-    (not hidden), as paths under `folder`, each sorted by name.
+def folder_prefix(folder: str) -> str:
+    """What joins `folder` and an entry's name into the path str(Path(folder) / name) would give."""
+    return {".": "", "/": "/"}.get(folder, folder + os.sep)
 
-    os.scandir reads a file's type from the directory entry itself, so listing 10^5 files costs no stat per
-    file (only links are followed), and the items stay strings, not Path objects (about 4x less memory).
+
+def scan_entries(folder: str) -> Iterator[tuple[str, os.DirEntry]]:
+    """The entries of `folder` a listing cares about, in directory order, each as ('dir', entry) for a subfolder
+    (not hidden; links followed, like Path.is_dir), ('image', entry) for an image file (Path.suffix's rule on the
+    extension) or ('dangling', entry) for a link with an image extension that points nowhere (or loops).
+
+    os.scandir reads a file's type from the directory entry itself, so this costs no stat per file (only links
+    are followed); the one rule for `_scan` (a listing) and folder_summary (a pass that keeps nothing).
     """
-    text = str(folder)
-    base = {".": "", "/": "/"}.get(text, text + os.sep)  # the paths str(folder / name) would give
-    files, links, subdirs = [], [], []
+    base = folder_prefix(folder)
     with os.scandir(folder) as entries:
         for entry in entries:
             name = entry.name
             dot = name.rfind(".")
-            if _true(entry.is_dir):  # follows links, like Path.is_dir
+            if _true(entry.is_dir):
                 if not name.startswith("."):
-                    subdirs.append(base + name)
-            elif 0 < dot < len(name) - 1 and name[dot:].lower() in IMAGE_EXTENSIONS:  # Path.suffix's rule
+                    yield "dir", entry
+            elif 0 < dot < len(name) - 1 and name[dot:].lower() in IMAGE_EXTENSIONS:
                 if _true(entry.is_file):
-                    files.append(base + name)
-                elif entry.is_symlink() and not os.path.exists(base + name):  # points nowhere, or loops
-                    links.append(base + name)
+                    yield "image", entry
+                elif entry.is_symlink() and not os.path.exists(base + name):
+                    yield "dangling", entry
+
+
+def link_target(path: str) -> str:
+    return str(Path(os.readlink(path)))
+
+
+def mixed_layout_error(folder: Path, class_dirs: list[str]) -> ValueError:
+    """A folder with images beside class subfolders (names of the first ones in `class_dirs`)."""
+    return ValueError(f"{folder} holds both images and class subfolders ({', '.join(class_dirs[:3])}...); "
+                      "use one layout: flat (unconditional) or one subfolder per class")
+
+
+def _scan(folder: Path) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """One pass over `folder`: its image files, its dangling links (path, target) and its subfolders, as paths
+    under `folder` (strings: about 4x less memory than Path objects), each sorted by name."""
+    base = folder_prefix(str(folder))
+    found: dict[str, list[str]] = {"dir": [], "image": [], "dangling": []}
+    for kind, entry in scan_entries(str(folder)):
+        found[kind].append(base + entry.name)
     # One prefix for all: sorting the paths sorts the names (what sorting Path objects did).
-    files.sort()
-    subdirs.sort()
-    return files, [(path, str(Path(os.readlink(path)))) for path in sorted(links)], subdirs
+    return (sorted(found["image"]), [(path, link_target(path)) for path in sorted(found["dangling"])],
+            sorted(found["dir"]))
 
 
 def dangling_links(folder: Path) -> list[tuple[str, str]]:
@@ -169,10 +191,7 @@ def folder_source(folder: Path) -> ImageSource:
     scanned = {d: _scan(Path(d)) for d in subdirs}
     class_dirs = [d for d in subdirs if scanned[d][0]]
     if flat and class_dirs:
-        raise ValueError(
-            f"{folder} holds both images and class subfolders ({', '.join(Path(d).name for d in class_dirs[:3])}...); "
-            "use one layout: flat (unconditional) or one subfolder per class"
-        )
+        raise mixed_layout_error(folder, [Path(d).name for d in class_dirs])
     if flat:
         return ImageSource(
             description=f"image folder {folder}",
