@@ -71,14 +71,26 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    backbone: Literal["unet", "dit"] = "unet"
+    """Denoising network: 'unet' (diffusers UNet2DModel, UNet2DConditionModel for text) or 'dit' (a transformer on patches: DiTTransformer2DModel, PixArtTransformer2DModel for text)."""
     size: Literal["tiny", "small", "base", "custom"] = "small"
-    """UNet size preset; 'custom' uses `unet` alone."""
+    """Size preset of the backbone (models/unet.py, models/backbone.py; 'base' DiT is DiT-S); 'custom' uses the explicit settings alone."""
     conditioning: Literal["none", "class", "text"] = "none"
     """'class': class embedding with a null class; 'text': UNet2DConditionModel with cross-attention on a text encoder."""
     num_classes: Optional[int] = None
     """Number of classes; None takes it from the data."""
     unet: dict = field(default_factory=dict)
     """Explicit diffusers UNet kwargs (UNet2DModel, or UNet2DConditionModel for text), applied over the size preset."""
+    patch_size: Optional[int] = None
+    """DiT: pixels (or latent cells) per patch side; None takes the size preset's. Must divide the sample size."""
+    depth: Optional[int] = None
+    """DiT: transformer blocks; None takes the size preset's."""
+    width: Optional[int] = None
+    """DiT: hidden width; None takes the size preset's. Must divide by num_heads."""
+    num_heads: Optional[int] = None
+    """DiT: attention heads; None takes the size preset's."""
+    transformer: dict = field(default_factory=dict)
+    """Explicit diffusers transformer kwargs (DiTTransformer2DModel, or PixArtTransformer2DModel for text), applied over the settings above."""
     space: Literal["pixel", "latent"] = "pixel"
     """'latent' trains the UNet on VAE latents (see the `vae` section); text-conditioned latent runs export a StableDiffusionPipeline."""
     pretrained: Optional[str] = None
