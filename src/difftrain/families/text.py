@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+
 from difftrain.config import RunConfig
 from difftrain.data.batches import MicroBatch
 from difftrain.diffusion.objective import Network, Objective
