@@ -3,8 +3,9 @@
 Public API (imported lazily, so `difftrain --help` does not load torch):
     load_config, RunConfig, ConfigError                 configuration (difftrain.config)
     train                                               run or resume training (difftrain.training.loop)
-    load_pipeline, ClassConditionalPipeline             inference on exported runs (difftrain.pipeline)
-    generate, generate_from_text                        sampling from a UNet (difftrain.sampling.generate)
+    load_pipeline, ClassConditionalPipeline,            inference on exported runs (difftrain.pipeline)
+    TextToImagePipeline, UnconditionalPipeline
+    generate, generate_from_text                        sampling from a UNet or transformer (difftrain.sampling.generate)
 """
 
 from importlib import import_module
@@ -21,6 +22,7 @@ _LAZY = {
     "generate": "difftrain.sampling.generate",
     "load_pipeline": "difftrain.pipeline",
     "TextToImagePipeline": "difftrain.pipeline",
+    "UnconditionalPipeline": "difftrain.pipeline",
     "generate_from_text": "difftrain.sampling.generate",
 }
 

@@ -1,9 +1,11 @@
 """Inference on exported runs: difftrain's pipelines and `load_pipeline`.
 
-Unconditional runs export a plain diffusers `DDPMPipeline`. diffusers has no pipeline for
-class-conditional UNet2DModels or pixel-space text-conditioned UNets, so those export
-:class:`ClassConditionalPipeline` and :class:`TextToImagePipeline` (`DiffusionPipeline` subclasses);
-`load_pipeline(dir)` opens every kind.
+Unconditional UNet runs export a plain diffusers `DDPMPipeline`. diffusers has no pipeline for
+class-conditional UNet2DModels, pixel-space text-conditioned networks or unconditional DiTs (DDPMPipeline calls its
+network without the class label a DiT needs), so those export :class:`ClassConditionalPipeline`,
+:class:`TextToImagePipeline` and :class:`UnconditionalPipeline` (`DiffusionPipeline` subclasses). Their denoising
+network is the `unet` component for UNets and the `transformer` component for transformers (DiT, PixArt), as
+diffusers names them; `load_pipeline(dir)` opens every kind.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from diffusers import DDPMPipeline, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel, UNet2DModel
+from diffusers import DDPMPipeline, DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from difftrain.models.backbone import denoising_network
 from difftrain.sampling.generate import ImageSampler
 from difftrain.sampling.sample import Seed
 from difftrain.sampling.schedulers import make_scheduler
@@ -65,8 +68,67 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} {value!r}: must be an integer >= 1")
 
 
-class ClassConditionalPipeline(DiffusionPipeline):
-    """UNet2DModel with a class embedding (last row = null class) and classifier-free guidance.
+class _NetworkPipeline(DiffusionPipeline):
+    """A pipeline whose denoising network is its `unet` (UNets) or its `transformer` (DiT, PixArt): one of the two
+    is registered, the other stays None (saved as [null, null]). The parts after it in `__init__` take a default
+    so the old keyword calls keep working; diffusers then counts them as components only when they are listed in
+    _optional_components, as here."""
+
+    _optional_components = ["unet", "transformer", "scheduler", "text_encoder", "tokenizer"]
+
+    def _register_network(self, unet: Optional[torch.nn.Module], transformer: Optional[torch.nn.Module]) -> None:
+        if (unet is None) == (transformer is None):
+            raise ValueError(f"{type(self).__name__}: pass the denoising network as `unet` (a UNet) or as "
+                             "`transformer` (a DiT or PixArt transformer), exactly one of them")
+        self.register_modules(unet=unet, transformer=transformer)  # the absent one is saved as [null, null]
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The denoising network, whichever component holds it."""
+        return denoising_network(self)
+
+
+class UnconditionalPipeline(_NetworkPipeline):
+    """An unconditional transformer (a DiT with one class, always 0), which DDPMPipeline cannot call.
+
+    Example:
+        >>> pipe = difftrain.load_pipeline("runs/digits-dit")
+        >>> images = pipe(batch_size=4, generator=torch.Generator().manual_seed(0)).images
+    """
+
+    model_cpu_offload_seq = "transformer"
+
+    def __init__(self, scheduler: Optional[SchedulerMixin] = None, unet: Optional[torch.nn.Module] = None,
+                 transformer: Optional[torch.nn.Module] = None):
+        super().__init__()
+        self.register_modules(scheduler=scheduler)
+        self._register_network(unet, transformer)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 25,
+        seed: Union[int, Sequence[int], None] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        generator: GeneratorArg = None,
+    ):
+        """Generate `batch_size` images; noise, `output_type` and `return_dict` as ClassConditionalPipeline's."""
+        _check_count("batch_size", batch_size)
+        images = ImageSampler(self.network).generate(
+            self.scheduler, noise_sources(batch_size, seed, generator), num_inference_steps=num_inference_steps,
+            device=self.device,
+        )
+        result = images_as(images, output_type)
+        if not return_dict:
+            return (result,)
+        return ImagePipelineOutput(images=result)
+
+
+class ClassConditionalPipeline(_NetworkPipeline):
+    """A class-conditional network and classifier-free guidance: a UNet2DModel with a class embedding (last row =
+    null class), or a DiT (null class 1000, diffusers' DiTPipeline convention).
 
     Example:
         >>> pipe = difftrain.load_pipeline("runs/digits")
@@ -76,14 +138,16 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, class_names: Optional[list] = None):
+    def __init__(self, unet: Optional[torch.nn.Module] = None, scheduler: Optional[SchedulerMixin] = None,
+                 class_names: Optional[list] = None, transformer: Optional[torch.nn.Module] = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(scheduler=scheduler)
+        self._register_network(unet, transformer)
         self.register_to_config(class_names=list(class_names) if class_names else None)
 
     @property
     def num_classes(self) -> int:
-        return int(self.unet.config.num_class_embeds) - 1
+        return ImageSampler.from_pipeline(self).num_classes
 
     @torch.no_grad()
     def __call__(
@@ -106,7 +170,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
         _check_count("num_images_per_prompt", num_images_per_prompt)
         labels = [class_labels] if isinstance(class_labels, int) else list(class_labels)
         labels = [c for c in labels for _ in range(num_images_per_prompt)]
-        images = ImageSampler(self.unet).generate(
+        bad = [c for c in labels if not 0 <= int(c) < self.num_classes]
+        if bad:
+            raise ValueError(f"class label(s) {bad} out of range: the model has classes 0..{self.num_classes - 1}")
+        images = ImageSampler(self.network).generate(
             self.scheduler, noise_sources(len(labels), seed, generator), num_inference_steps=num_inference_steps,
             labels=labels, guidance_scale=guidance_scale, device=self.device,
         )
@@ -116,10 +183,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=result)
 
 
-class TextToImagePipeline(DiffusionPipeline):
-    """Pixel-space text-to-image: UNet2DConditionModel + a transformers text encoder and tokenizer.
+class TextToImagePipeline(_NetworkPipeline):
+    """Pixel-space text-to-image: UNet2DConditionModel (`unet`) or PixArtTransformer2DModel (`transformer`, fed the
+    tokenizer's attention mask) + a transformers text encoder and tokenizer.
 
-    The tokenizer's model_max_length is the prompt length the UNet was trained with.
+    The tokenizer's model_max_length is the prompt length the network was trained with.
 
     Example:
         >>> pipe = difftrain.load_pipeline("runs/mnist-text")
@@ -130,9 +198,11 @@ class TextToImagePipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->unet"
 
-    def __init__(self, unet: UNet2DConditionModel, scheduler: SchedulerMixin, text_encoder, tokenizer):
+    def __init__(self, unet: Optional[torch.nn.Module] = None, scheduler: Optional[SchedulerMixin] = None,
+                 text_encoder=None, tokenizer=None, transformer: Optional[torch.nn.Module] = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+        self.register_modules(scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+        self._register_network(unet, transformer)
 
     @torch.no_grad()
     def __call__(
@@ -156,7 +226,7 @@ class TextToImagePipeline(DiffusionPipeline):
         _check_count("num_images_per_prompt", num_images_per_prompt)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        images = ImageSampler(self.unet, self.tokenizer, self.text_encoder).generate(
+        images = ImageSampler(self.network, self.tokenizer, self.text_encoder).generate(
             self.scheduler, noise_sources(len(prompts), seed, generator), num_inference_steps=num_inference_steps,
             prompts=prompts, negative_prompt=negative_prompt, guidance_scale=guidance_scale, device=self.device,
         )
@@ -190,7 +260,8 @@ def diffusers_pipeline_class(kind: str, folder: Union[str, Path]) -> type:
         raise ValueError(
             f"{folder}: model_index.json names the pipeline class {kind!r}, which is not a pipeline class of "
             f"diffusers {diffusers.__version__}; difftrain opens its own exports (DDPMPipeline, "
-            "ClassConditionalPipeline, TextToImagePipeline, StableDiffusionPipeline) and other diffusers pipelines"
+            "ClassConditionalPipeline, UnconditionalPipeline, TextToImagePipeline, StableDiffusionPipeline, "
+            "DiTPipeline, PixArtSigmaPipeline) and other diffusers pipelines"
         )
     return found
 
@@ -221,6 +292,8 @@ def load_pipeline(path: Union[str, Path], device: Union[str, torch.device, None]
         pipe = ClassConditionalPipeline.from_pretrained(str(path))
     elif kind == TextToImagePipeline.__name__:
         pipe = TextToImagePipeline.from_pretrained(str(path))
+    elif kind == UnconditionalPipeline.__name__:
+        pipe = UnconditionalPipeline.from_pretrained(str(path))
     elif kind == DDPMPipeline.__name__:
         pipe = DDPMPipeline.from_pretrained(str(path))
     else:

@@ -15,6 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
+from difftrain.models.backbone import denoising_network
 from difftrain.pipeline import load_pipeline, scheduler_for
 from difftrain.sampling.args import count_problem, raise_problems
 from difftrain.sampling.generate import ImageSampler
@@ -167,7 +168,7 @@ def sample_run(
 
 def _check_outputs(pipe, num_images: int, out: Path, out_dir: Optional[Path]) -> None:
     """Refuse an unwritable or full --out / --out-dir before sampling, with a size estimate of the images."""
-    size = getattr(pipe.unet.config, "sample_size", None) or 64
+    size = getattr(denoising_network(pipe).config, "sample_size", None) or 64
     size = int(max(size) if isinstance(size, (list, tuple)) else size)
     vae = getattr(pipe, "vae", None)
     if vae is not None:  # latent models: the VAE upsamples by 2 per extra block

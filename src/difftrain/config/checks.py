@@ -141,6 +141,9 @@ def _latent_and_finetune_problems(cfg: RunConfig, positive) -> list[str]:
     if m.pretrained is not None and m.unet:
         problems.append(f"'model.unet' = {m.unet!r} has no effect with 'model.pretrained' (the base UNet is used); "
                         "remove it")
+    if m.pretrained is not None and m.backbone != "unet":
+        problems.append(f"'model.backbone' = {m.backbone!r} has no effect with 'model.pretrained' (the base pipeline's "
+                        "UNet is fine-tuned); remove it")
     if m.finetune == "lora" and m.pretrained is None:
         problems.append("'model.finetune' = 'lora' needs 'model.pretrained' (the base pipeline the adapters go on)")
     if lora.train_text_encoder and m.finetune != "lora":

@@ -1,20 +1,23 @@
-"""Class-conditional pixel-space UNet from scratch: a class embedding whose last row is the null class
-(classifier-free guidance), exported as difftrain's ClassConditionalPipeline."""
+"""Class-conditional pixel-space model from scratch: a UNet with a class embedding whose last row is the null class
+(classifier-free guidance), or a DiT whose class table's null class is 1000 (diffusers' DiTPipeline convention),
+exported as difftrain's ClassConditionalPipeline."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from difftrain.config import ConfigError, RunConfig
 from difftrain.data.batches import MicroBatch
-from difftrain.diffusion.objective import Network, Objective
+from difftrain.diffusion.objective import Objective
 from difftrain.families.base import PreviewLayout, RunSummary
 from difftrain.families.export import save_pipeline_atomically, write_model_card
 from difftrain.families.unconditional import UnconditionalPixelFamily
+from difftrain.models.backbone import Conditioning, component_name
 from difftrain.pipeline import ClassConditionalPipeline
+from difftrain.sampling.generate import ImageSampler
 
 
 class ClassConditionalPixelFamily(UnconditionalPixelFamily):
@@ -38,21 +41,19 @@ class ClassConditionalPixelFamily(UnconditionalPixelFamily):
             dataset.class_names = [str(i) for i in range(self.num_classes)]
         super().plan()
 
-    def conditioning_kwargs(self) -> dict[str, Any]:
-        # One extra embedding row is the null class used for classifier-free guidance.
-        return {"num_class_embeds": self.num_classes + 1}
+    def conditioning(self) -> Conditioning:
+        return Conditioning("class", num_classes=self.num_classes)
 
     def condition(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         labels = micro.labels.to(device)
         dropout = self.cfg.train.condition_dropout
         if dropout > 0:
             drop = torch.rand(labels.shape, generator=generator, device=device) < dropout
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+            labels = torch.where(drop, torch.full_like(labels, self.network_plan.null_class), labels)
         return labels
 
-    def network(self, condition: Any) -> Network:
-        unet = self.unet
-        return lambda x, t: unet(x, t, class_labels=condition).sample
+    def sampler(self, network: torch.nn.Module) -> ImageSampler:
+        return ImageSampler(network, num_classes=self.num_classes)
 
     def preview_conditions(self) -> PreviewLayout:
         s = self.cfg.sample
@@ -70,7 +71,8 @@ class ClassConditionalPixelFamily(UnconditionalPixelFamily):
 
     def export(self, network: torch.nn.Module, objective: Objective, output_dir: Path) -> None:
         scheduler = objective.inference_scheduler(self.cfg.sample.scheduler)
-        pipe = ClassConditionalPipeline(unet=network, scheduler=scheduler, class_names=self.dataset.class_names)
+        pipe = ClassConditionalPipeline(scheduler=scheduler, class_names=self.dataset.class_names,
+                                        **{component_name(network): network})
         save_pipeline_atomically(pipe, output_dir)
 
     def write_model_card(self, summary: RunSummary, objective: Objective, output_dir: Path) -> None:

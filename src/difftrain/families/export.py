@@ -13,7 +13,7 @@ from difftrain.writes import atomic_write_text, check_writable, state_bytes, wri
 
 logger = logging.getLogger(__name__)
 
-EXPORT_ENTRIES = ("model_index.json", "unet", "scheduler", "text_encoder", "tokenizer", "vae")
+EXPORT_ENTRIES = ("model_index.json", "unet", "transformer", "scheduler", "text_encoder", "tokenizer", "vae")
 
 
 def pipeline_modules(pipe) -> list:
@@ -50,7 +50,12 @@ def write_model_card(cfg: RunConfig, summary: RunSummary, class_names: list[str]
     """OUTPUT_DIR/README.md of a pixel-space run; `objective` is the objective's `describe()`."""
     conditional = cfg.model.conditioning == "class"
     kind = cfg.model.conditioning
-    pipeline_class = {"class": "ClassConditionalPipeline", "text": "TextToImagePipeline"}.get(kind, "DDPMPipeline")
+    transformer = cfg.model.backbone == "dit"
+    network_class = (("PixArtTransformer2DModel" if kind == "text" else "DiTTransformer2DModel") if transformer
+                     else ("UNet2DConditionModel" if kind == "text" else "UNet2DModel"))
+    component = "transformer" if transformer else "unet"
+    pipeline_class = {"class": "ClassConditionalPipeline", "text": "TextToImagePipeline"}.get(
+        kind, "UnconditionalPipeline" if transformer else "DDPMPipeline")
     if kind == "text":
         te = cfg.text_encoder
         encoder = (f"pretrained `{te.pretrained}` ({'fine-tuned' if te.train else 'frozen'})" if te.pretrained
@@ -61,20 +66,35 @@ def write_model_card(cfg: RunConfig, summary: RunSummary, class_names: list[str]
             f"pipe = difftrain.load_pipeline(\"{output_dir}\")\n"
             "image = pipe(\"" + (cfg.sample.prompts[0] if cfg.sample.prompts else "a prompt like the training captions")
             + "\", guidance_scale=5.0).images[0]\n```\n\n"
-            "diffusers has no pipeline for pixel-space text-conditioned UNets, so this folder uses difftrain's "
-            "`TextToImagePipeline` (a `DiffusionPipeline` subclass). Its parts load with plain diffusers and "
-            f"transformers: `UNet2DConditionModel.from_pretrained(\"{output_dir}\", subfolder=\"unet\")`, "
+            f"diffusers has no pipeline for pixel-space text-conditioned {'transformers' if transformer else 'UNets'}, "
+            "so this folder uses difftrain's `TextToImagePipeline` (a `DiffusionPipeline` subclass). Its parts load "
+            f"with plain diffusers and transformers: `{network_class}.from_pretrained(\"{output_dir}\", "
+            f"subfolder=\"{component}\")`, "
             f"`AutoTokenizer.from_pretrained(\"{output_dir}\", subfolder=\"tokenizer\")` and the text encoder "
-            f"from `text_encoder/`.\n\nText encoder: {encoder}; prompts of {te.max_length} tokens."
+            f"from `text_encoder/`.\n\nText encoder: {encoder}; prompts of {te.max_length} tokens"
+            + (" (the transformer sees the tokenizer's attention mask, as diffusers' PixArt pipelines pass it)."
+               if transformer else ".")
         )
     elif conditional:
         load = (
             "```python\nimport difftrain\n\n"
             f"pipe = difftrain.load_pipeline(\"{output_dir}\")\n"
             "images = pipe(class_labels=[0, 1, 2], guidance_scale=2.0).images\n```\n\n"
-            "diffusers has no pipeline for class-conditional UNet2DModels, so this folder uses difftrain's "
-            "`ClassConditionalPipeline` (a `DiffusionPipeline` subclass). The UNet alone loads with plain diffusers: "
-            f"`UNet2DModel.from_pretrained(\"{output_dir}\", subfolder=\"unet\")`."
+            f"diffusers has no pipeline for pixel-space class-conditional {network_class}s, so this folder uses "
+            "difftrain's `ClassConditionalPipeline` (a `DiffusionPipeline` subclass). The network alone loads with "
+            f"plain diffusers: `{network_class}.from_pretrained(\"{output_dir}\", subfolder=\"{component}\")`."
+            + (" Its class table has 1,000 rows whatever the data's classes (row 1000 is the null class of guidance, "
+               "as diffusers' DiTPipeline expects); only the classes listed below were trained." if transformer else "")
+        )
+    elif transformer:
+        load = (
+            "```python\nimport difftrain\n\n"
+            f"pipe = difftrain.load_pipeline(\"{output_dir}\")\n"
+            "images = pipe(batch_size=4).images\n```\n\n"
+            "diffusers' DDPMPipeline calls its network without the class label a DiT needs (an unconditional DiT "
+            "has one class, always 0), so this folder uses difftrain's `UnconditionalPipeline` (a `DiffusionPipeline` "
+            f"subclass). The transformer alone loads with plain diffusers: `DiTTransformer2DModel.from_pretrained("
+            f"\"{output_dir}\", subfolder=\"transformer\")`."
         )
     else:
         load = (
@@ -96,7 +116,7 @@ pipeline_tag: {'text-to-image' if kind == 'text' else 'unconditional-image-gener
 # {Path(cfg.output_dir).name}
 
 A {dict(none='unconditional', text='text-to-image').get(kind, 'class-conditional')} pixel-space diffusion model (diffusers
-`{'UNet2DConditionModel' if kind == 'text' else 'UNet2DModel'}`, {summary.num_parameters / 1e6:.2f}M parameters) trained from scratch with
+`{network_class}`, {summary.num_parameters / 1e6:.2f}M parameters) trained from scratch with
 [difftrain](https://github.com/difftrain/difftrain).
 {grid}
 ## Training

@@ -31,6 +31,23 @@ def export_stable_diffusion(unet, vae, text_encoder, tokenizer, scheduler: Sched
     save_pipeline_atomically(pipe, output_dir)
 
 
+def export_pixart(transformer, vae, text_encoder, tokenizer, scheduler: SchedulerMixin, output_dir: Path) -> None:
+    """A folder that plain `PixArtSigmaPipeline.from_pretrained(output_dir)` loads: the pipeline records the
+    component classes it was given (difftrain's CLIP-style encoder and tokenizer), not its T5 annotations."""
+    from diffusers import PixArtSigmaPipeline
+
+    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=scheduler)
+    save_pipeline_atomically(pipe, output_dir)
+
+
+def pixart_call(prompt: str, max_length: int) -> str:
+    """The PixArtSigmaPipeline call that samples as difftrain trained: prompts of the trained token count, no
+    aspect-ratio bins (the transformer is square at one size) and no caption cleaning (it needs bs4 and ftfy)."""
+    return (f"pipe(\"{prompt}\", max_sequence_length={max_length}, use_resolution_binning=False, "
+            "clean_caption=False)")
+
+
 def export_lora(unet, text_encoder: Optional[torch.nn.Module], cfg: RunConfig, base: str, output_dir: Path) -> Path:
     """pytorch_lora_weights.safetensors + adapter_base.json; with lora.export_merged, OUTPUT_DIR/merged too."""
     path = save_lora_weights(output_dir, unet, text_encoder)
@@ -63,6 +80,17 @@ def write_latent_model_card(cfg: RunConfig, summary: RunSummary, output_dir: Pat
         )
         if cfg.lora.export_merged:
             load += f"\n\nA copy with the adapters merged in: `StableDiffusionPipeline.from_pretrained(\"{output_dir}/merged\")`."
+    elif m.backbone == "dit":
+        what = (f"A latent text-to-image model (PixArt transformer, {summary.num_parameters / 1e6:.2f}M parameters), "
+                "trained from scratch (VAE, text encoder and transformer)")
+        load = (
+            "```python\nfrom diffusers import PixArtSigmaPipeline\n\n"
+            f"pipe = PixArtSigmaPipeline.from_pretrained(\"{output_dir}\")\n"
+            f"image = {pixart_call(prompt, cfg.text_encoder.max_length)}.images[0]\n```\n\n"
+            "The text encoder is difftrain's (a CLIP-style transformer and its tokenizer, not PixArt's T5), which "
+            "PixArtSigmaPipeline loads as saved; the transformer was trained on the tokenizer's attention mask, as "
+            f"the pipeline passes it. `difftrain sample {output_dir} --prompt \"{prompt}\"` samples it too."
+        )
     else:
         origin = f"fine-tuned from `{base}`" if base else "trained from scratch (VAE, text encoder and UNet)"
         what = f"A latent text-to-image model ({summary.num_parameters / 1e6:.2f}M UNet parameters), {origin}"
@@ -84,7 +112,7 @@ library_name: diffusers
 tags:
 - difftrain
 - text-to-image
-{'- lora' if m.finetune == 'lora' else '- stable-diffusion'}
+{'- lora' if m.finetune == 'lora' else ('- pixart' if m.backbone == 'dit' else '- stable-diffusion')}
 pipeline_tag: text-to-image
 {f'base_model: {base}' if base else ''}
 ---

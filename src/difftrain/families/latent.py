@@ -1,6 +1,7 @@
 """Latent text-to-image from scratch: a UNet2DConditionModel on the latents of a frozen VAE (pretrained, or
 trained here first, the run's VAE stage), with the text machinery of the pixel text family; exported as a
-StableDiffusionPipeline folder that plain diffusers loads."""
+StableDiffusionPipeline folder that plain diffusers loads; with model.backbone = dit a PixArtTransformer2DModel,
+exported as a PixArtSigmaPipeline folder."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from difftrain.config import ConfigError, RunConfig
 from difftrain.data.batches import MicroBatch
 from difftrain.diffusion.objective import Objective
 from difftrain.families.base import Batch, Models, RunSummary
-from difftrain.families.export_latent import export_stable_diffusion, write_latent_model_card
+from difftrain.families.export_latent import export_pixart, export_stable_diffusion, write_latent_model_card
 from difftrain.families.latents import LatentEncoder
 from difftrain.families.text import TextPixelFamily
 from difftrain.families.vae_stage import train_vae, vae_is_complete
@@ -101,6 +102,10 @@ class LatentTextFamily(TextPixelFamily):
         return ImageSampler(network, self.text.tokenizer, self.text_encoder, self.vae)
 
     def export(self, network: torch.nn.Module, objective: Objective, output_dir: Path) -> None:
+        if self.cfg.model.backbone == "dit":  # a PixArt transformer
+            export_pixart(network, self.vae, self.exported_text_encoder, self.text.tokenizer,
+                          objective.inference_scheduler(self.cfg.sample.scheduler), output_dir)
+            return
         export_stable_diffusion(network, self.vae, self.exported_text_encoder, self.text.tokenizer,
                                 objective.inference_scheduler(self.cfg.sample.scheduler), output_dir)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from diffusers import UNet2DConditionModel
 
 from difftrain.config import RunConfig
 from difftrain.data.order import sample_indices
@@ -19,6 +20,7 @@ from difftrain.families.base import Models, NetworkSpec, RunSummary
 from difftrain.families.class_images import class_dir_for, ensure_class_images
 from difftrain.families.export_latent import export_lora, export_stable_diffusion, write_latent_model_card
 from difftrain.families.latent import LatentTextFamily
+from difftrain.models.backbone import NetworkPlan, network_call
 from difftrain.models.lora import add_lora
 from difftrain.models.pretrained import (check_base_pipeline, load_base_noise_scheduler, load_base_unet,
                                          load_base_unet_config, resolve, weight_dtype)
@@ -80,7 +82,9 @@ class StableDiffusionFamily(LatentTextFamily):
         return load_base_noise_scheduler(self.base)
 
     def plan_network(self) -> None:
-        """The base UNet is used as it is: no kwargs to build or check."""
+        """The base UNet is used as it is: no kwargs to build or check, only its class to call it by."""
+        self.network_plan = NetworkPlan(UNet2DConditionModel, {})
+        self.call = network_call(UNet2DConditionModel)
 
     # -- models --------------------------------------------------------------------------------------------------
 

@@ -1,5 +1,7 @@
-"""Text-conditioned pixel-space UNet from scratch (diffusers UNet2DConditionModel with cross-attention on a
-transformers text encoder, pretrained or built from the captions), exported as difftrain's TextToImagePipeline.
+"""Text-conditioned pixel-space model from scratch (diffusers UNet2DConditionModel, or PixArtTransformer2DModel with
+model.backbone = dit, with cross-attention on a transformers text encoder, pretrained or built from the captions),
+exported as difftrain's TextToImagePipeline. PixArt sees the tokenizer's attention mask as diffusers' PixArt
+pipelines feed it; the UNet sees every token, as Stable Diffusion.
 
 Its text machinery (captions as ids into a vocabulary, caption dropout to the empty prompt, the encoder
 trained or frozen) is shared by the latent families, which subclass it.
@@ -13,7 +15,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from diffusers import UNet2DConditionModel
 
 from difftrain.config import RunConfig
 from difftrain.data.batches import MicroBatch
@@ -21,6 +22,7 @@ from difftrain.diffusion.objective import Network, Objective
 from difftrain.families.base import Models, PreviewLayout, RunSummary
 from difftrain.families.export import save_pipeline_atomically, write_model_card
 from difftrain.families.unconditional import UnconditionalPixelFamily
+from difftrain.models.backbone import Conditioning, component_name, takes_text_mask
 from difftrain.models.conditioning import TextConditioner, caption_vocabulary, drop_captions
 from difftrain.models.text import (build_caption_tokenizer, build_scratch_text_encoder, load_pretrained_text_encoder,
                                    text_hidden_size)
@@ -49,7 +51,6 @@ class TextSetup:
 class TextPixelFamily(UnconditionalPixelFamily):
     name = "pixel-text"
     streams = False  # its caption vocabulary is built from every caption before training
-    unet_class = UNet2DConditionModel
     presets = COND_UNET_PRESETS
 
     @classmethod
@@ -79,8 +80,8 @@ class TextPixelFamily(UnconditionalPixelFamily):
         self.text = TextSetup(tokenizer, encoder, trainable, vocab, ids, max_length)
         super().plan()
 
-    def conditioning_kwargs(self) -> dict[str, Any]:
-        return {"cross_attention_dim": text_hidden_size(self.text.text_encoder)}
+    def conditioning(self) -> Conditioning:
+        return Conditioning("text", text_dim=text_hidden_size(self.text.text_encoder))
 
     def network_spec(self):
         spec = super().network_spec()
@@ -118,7 +119,8 @@ class TextPixelFamily(UnconditionalPixelFamily):
         self.text_encoder = trained[0] if self.text.trainable else self.text.text_encoder
         self.exported_text_encoder = accelerator.unwrap_model(self.text_encoder)
         self.conditioner = TextConditioner(self.text.tokenizer, self.text_encoder, self.text.vocab,
-                                           self.text.max_length, self.text.trainable).to(accelerator.device)
+                                           self.text.max_length, self.text.trainable,
+                                           with_mask=takes_text_mask(self.network_plan.cls)).to(accelerator.device)
         self.conditioner.precompute()
 
     # -- the step ------------------------------------------------------------------------------------------------
@@ -128,8 +130,8 @@ class TextPixelFamily(UnconditionalPixelFamily):
                              self.cfg.train.condition_dropout, generator)
 
     def network(self, condition: Any) -> Network:
-        unet, states = self.unet, self.conditioner(condition)
-        return lambda x, t: unet(x, t, encoder_hidden_states=states).sample
+        module, call, text = self.unet, self.call, self.conditioner(condition)  # states, or (states, mask)
+        return lambda x, t: call(module, x, t, text)
 
     # -- sampling and export -------------------------------------------------------------------------------------
 
@@ -161,8 +163,9 @@ class TextPixelFamily(UnconditionalPixelFamily):
         return labels, [template.format(label=class_names[k]) for k in labels]
 
     def export(self, network: torch.nn.Module, objective: Objective, output_dir: Path) -> None:
-        pipe = TextToImagePipeline(unet=network, scheduler=objective.inference_scheduler(self.cfg.sample.scheduler),
-                                   text_encoder=self.exported_text_encoder, tokenizer=self.text.tokenizer)
+        pipe = TextToImagePipeline(scheduler=objective.inference_scheduler(self.cfg.sample.scheduler),
+                                   text_encoder=self.exported_text_encoder, tokenizer=self.text.tokenizer,
+                                   **{component_name(network): network})
         save_pipeline_atomically(pipe, output_dir)
 
     def write_model_card(self, summary: RunSummary, objective: Objective, output_dir: Path) -> None:

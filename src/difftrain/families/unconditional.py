@@ -1,4 +1,5 @@
-"""Unconditional pixel-space UNet from scratch (diffusers UNet2DModel), exported as a DDPMPipeline.
+"""Unconditional pixel-space model from scratch: a diffusers UNet2DModel exported as a DDPMPipeline, or a DiT
+(model.backbone = dit, one class that is always 0) exported as difftrain's UnconditionalPipeline.
 
 The smallest family, and the base of the other pixel-space ones: docs/architecture.md walks through it.
 """
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import DDPMPipeline
 
 from difftrain.config import ConfigError, RunConfig
 from difftrain.data.batches import MicroBatch
@@ -17,15 +18,17 @@ from difftrain.data.transforms import random_hflip, to_model_range
 from difftrain.diffusion.objective import Network, Objective
 from difftrain.families.base import Batch, Family, Models, NetworkSpec, PreviewLayout, RunSummary
 from difftrain.families.export import save_pipeline_atomically, write_model_card
-from difftrain.models.unet import UNET_PRESETS, build_unet, check_unet_kwargs, unet_kwargs
+from difftrain.models.backbone import Conditioning, component_name, network_call, plan_network
+from difftrain.models.unet import UNET_PRESETS
+from difftrain.pipeline import UnconditionalPipeline
 from difftrain.sampling.generate import ImageSampler
 
 
 class UnconditionalPixelFamily(Family):
     name = "pixel-unconditional"
     streams = True
-    unet_class: type = UNet2DModel
     presets = UNET_PRESETS
+    """UNet size presets of this family (transformer presets are backbone.DIT_PRESETS)."""
 
     @classmethod
     def handles(cls, cfg: RunConfig) -> bool:
@@ -33,9 +36,9 @@ class UnconditionalPixelFamily(Family):
 
     # -- planning ------------------------------------------------------------------------------------------------
 
-    def conditioning_kwargs(self) -> dict[str, Any]:
-        """UNet kwargs the condition adds (none here)."""
-        return {}
+    def conditioning(self) -> Conditioning:
+        """What the network is conditioned on (nothing here)."""
+        return Conditioning("none")
 
     def geometry(self) -> tuple[int, int]:
         """(sample size, channels) of x0."""
@@ -45,22 +48,21 @@ class UnconditionalPixelFamily(Family):
         self.plan_network()
 
     def plan_network(self) -> None:
-        """The UNet's kwargs from the size preset, the data and `model.unet`, checked before anything is built."""
+        """The network of `model.backbone` (class and kwargs from the size preset, the data and `model.unet` or the
+        transformer fields), checked before anything is built or written."""
         size, channels = self.geometry()
-        m = self.cfg.model
-        self.unet_kwargs = unet_kwargs(self.presets, m.size, m.unet, size, channels, self.conditioning_kwargs())
-        problems = check_unet_kwargs(self.unet_kwargs, size, self.unet_class)
+        self.network_plan, problems = plan_network(self.cfg.model, size, channels, self.conditioning(), self.presets)
         if problems:
             raise ConfigError(problems)
+        self.call = network_call(self.network_plan.cls)
 
     # -- models --------------------------------------------------------------------------------------------------
 
     def network_spec(self) -> NetworkSpec:
-        return NetworkSpec(lambda: build_unet(self.unet_kwargs, self.unet_class),
-                           {"class": self.unet_class.__name__, **self.unet_kwargs})
+        return NetworkSpec(self.network_plan.build, self.network_plan.description)
 
     def build_models(self, mixed_precision: str) -> Models:
-        return Models(network=build_unet(self.unet_kwargs, self.unet_class))
+        return Models(network=self.network_plan.build())
 
     def use_prepared(self, network: torch.nn.Module, trained: list[torch.nn.Module], accelerator: Any) -> None:
         self.unet = network
@@ -78,8 +80,9 @@ class UnconditionalPixelFamily(Family):
         return None
 
     def network(self, condition: Any) -> Network:
-        unet = self.unet
-        return lambda x, t: unet(x, t).sample
+        # By the planned class: the prepared module may be wrapped (DDP), so its own type says nothing.
+        module, call = self.unet, self.call
+        return lambda x, t: call(module, x, t, condition)
 
     # -- sampling and export -------------------------------------------------------------------------------------
 
@@ -91,7 +94,12 @@ class UnconditionalPixelFamily(Family):
         return PreviewLayout(count=count, per_row=max(1, int(round(count ** 0.5))))
 
     def export(self, network: torch.nn.Module, objective: Objective, output_dir: Path) -> None:
-        save_pipeline_atomically(DDPMPipeline(unet=network, scheduler=objective.training_scheduler()), output_dir)
+        if component_name(network) == "unet":
+            pipe = DDPMPipeline(unet=network, scheduler=objective.training_scheduler())
+        else:  # DDPMPipeline calls its network without the class label a DiT needs
+            pipe = UnconditionalPipeline(transformer=network,
+                                         scheduler=objective.inference_scheduler(self.cfg.sample.scheduler))
+        save_pipeline_atomically(pipe, output_dir)
 
     def write_model_card(self, summary: RunSummary, objective: Objective, output_dir: Path) -> None:
         write_model_card(self.cfg, summary, [], objective.describe(), output_dir)

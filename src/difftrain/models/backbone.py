@@ -209,6 +209,27 @@ def takes_text(network: torch.nn.Module) -> bool:
     return isinstance(network, (UNet2DConditionModel, PixArtTransformer2DModel))
 
 
+def takes_text_mask(cls: type) -> bool:
+    """Whether a text network of class `cls` is fed the tokenizer's attention mask with the text states (PixArt, as
+    diffusers' PixArt pipelines feed it; the encoder sees the mask too). A UNet sees all tokens, as Stable Diffusion."""
+    return issubclass(cls, PixArtTransformer2DModel)
+
+
+def denoising_network(pipe: Any) -> Optional[torch.nn.Module]:
+    """The denoising network of a pipeline: its `unet` (UNet pipelines) or `transformer` (DiT, PixArt), else None."""
+    for name in ("unet", "transformer"):
+        network = getattr(pipe, name, None)
+        if network is not None:
+            return network
+    return None
+
+
+def component_name(network: torch.nn.Module) -> str:
+    """The pipeline component that holds `network`: 'unet' for UNets, 'transformer' for transformers (as diffusers'
+    DiT and PixArt pipelines name it)."""
+    return "unet" if isinstance(network, (UNet2DModel, UNet2DConditionModel)) else "transformer"
+
+
 def null_class(network: torch.nn.Module) -> Optional[int]:
     """Index of the null (unconditional) class of a class-conditional network, else None."""
     if isinstance(network, DiTTransformer2DModel):

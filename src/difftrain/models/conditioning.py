@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from difftrain.models.text import text_hidden_size, tokenize
+from difftrain.models.text import text_hidden_size, tokenize_with_mask
 
 logger = logging.getLogger(__name__)
 
@@ -29,20 +29,31 @@ def caption_vocabulary(captions: Sequence[str]) -> tuple[list[str], torch.Tensor
 
 
 class TextConditioner:
-    """Maps caption ids (B,) to cross-attention states (B, L, D)."""
+    """Maps caption ids (B,) to cross-attention states (B, L, D), or with `with_mask` to (states, attention mask
+    (B, L)): the mask is the tokenizer's, given to the encoder and to the network (PixArt), as diffusers' PixArt
+    pipelines do at sampling."""
 
-    def __init__(self, tokenizer, text_encoder: torch.nn.Module, vocab: list[str], max_length: int, trainable: bool):
+    def __init__(self, tokenizer, text_encoder: torch.nn.Module, vocab: list[str], max_length: int, trainable: bool,
+                 with_mask: bool = False):
         self.text_encoder = text_encoder
         self.vocab = vocab
         self.null_index = len(vocab) - 1
         self.trainable = trainable
         # Tokenised once: the step never calls the tokenizer.
-        self.token_ids = tokenize(tokenizer, vocab, max_length)
+        self.token_ids, mask = tokenize_with_mask(tokenizer, vocab, max_length)
+        self.mask = mask if with_mask else None
         self.cache: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "TextConditioner":
         self.token_ids = self.token_ids.to(device)
+        if self.mask is not None:
+            self.mask = self.mask.to(device)
         return self
+
+    def _encode(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        if self.mask is None:
+            return self.text_encoder(self.token_ids[rows])[0]
+        return self.text_encoder(self.token_ids[rows], attention_mask=self.mask[rows])[0]
 
     @torch.no_grad()
     def precompute(self, batch_size: int = 256) -> None:
@@ -53,20 +64,23 @@ class TextConditioner:
         if size > MAX_CACHE_BYTES:
             logger.info("not caching text states: %d distinct captions would take %.1f GiB", len(self.vocab), size / 2**30)
             return
-        chunks = [self.text_encoder(self.token_ids[i : i + batch_size])[0].float()
-                  for i in range(0, len(self.vocab), batch_size)]
+        chunks = [self._encode(slice(i, i + batch_size)).float() for i in range(0, len(self.vocab), batch_size)]
         self.cache = torch.cat(chunks)
         logger.info("cached frozen text-encoder states for %d distinct captions", len(self.vocab))
 
-    def __call__(self, caption_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, caption_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        states = self._states(caption_ids)
+        return states if self.mask is None else (states, self.mask[caption_ids])
+
+    def _states(self, caption_ids: torch.Tensor) -> torch.Tensor:
         if self.cache is not None:
             return self.cache[caption_ids]
         unique, inverse = torch.unique(caption_ids, return_inverse=True)
         if self.trainable:
-            states = self.text_encoder(self.token_ids[unique])[0]
+            states = self._encode(unique)
         else:
             with torch.no_grad():
-                states = self.text_encoder(self.token_ids[unique])[0]
+                states = self._encode(unique)
         return states[inverse]
 
 

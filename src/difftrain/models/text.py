@@ -124,6 +124,12 @@ def text_hidden_size(model: torch.nn.Module) -> int:
 
 def tokenize(tokenizer, prompts: Sequence[str], max_length: int, warn: bool = True) -> torch.Tensor:
     """Token ids (B, max_length), padded; prompts longer than max_length are truncated with a warning."""
+    return tokenize_with_mask(tokenizer, prompts, max_length, warn)[0]
+
+
+def tokenize_with_mask(tokenizer, prompts: Sequence[str], max_length: int, warn: bool = True,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask (1 on tokens, 0 on padding), both (B, max_length), padded as `tokenize`."""
     if warn:
         for prompt in set(prompts):
             length = len(tokenizer(prompt, truncation=False)["input_ids"])
@@ -131,12 +137,18 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int, warn: bool = Tr
                 logger.warning("prompt %r has %d tokens; truncated to text_encoder.max_length = %d",
                                prompt, length, max_length)
     batch = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    return batch["input_ids"]
+    return batch["input_ids"], batch["attention_mask"]
 
 
 def encode_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str], max_length: int,
-                   device: torch.device | str | None = None, warn: bool = True) -> torch.Tensor:
-    """Cross-attention states (B, max_length, hidden) for `prompts` (no attention mask, as Stable Diffusion)."""
+                   device: torch.device | str | None = None, warn: bool = True, with_mask: bool = False,
+                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention states (B, max_length, hidden) for `prompts` (no attention mask, as Stable Diffusion), or
+    with `with_mask` (states, attention mask) with the mask given to the encoder too (as diffusers' PixArt
+    pipelines encode prompts)."""
     device = device if device is not None else next(text_encoder.parameters()).device
-    ids = tokenize(tokenizer, prompts, max_length, warn=warn).to(device)
-    return text_encoder(ids)[0]
+    ids, mask = tokenize_with_mask(tokenizer, prompts, max_length, warn=warn)
+    ids, mask = ids.to(device), mask.to(device)
+    if not with_mask:
+        return text_encoder(ids)[0]
+    return text_encoder(ids, attention_mask=mask)[0], mask

@@ -1,4 +1,4 @@
-"""uint8 images from a diffusers UNet: `ImageSampler` (the network plus what turns labels or prompts into its
+"""uint8 images from a denoising network (a diffusers UNet, DiT or PixArt transformer): `ImageSampler` (the network plus what turns labels or prompts into its
 condition and decodes latents) and the functions it is built on, `generate` and `generate_from_text`.
 
 Every caller that samples (the pipelines, `difftrain sample`, `difftrain evaluate`, preview grids,
@@ -11,35 +11,39 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from difftrain.data.transforms import from_model_range
+from difftrain.models.backbone import denoising_network, geometry, network_call, null_class, takes_text_mask
 from difftrain.models.text import encode_prompts
 from difftrain.sampling.guidance import Denoiser
 from difftrain.sampling.sample import Seed, sample
 
 
-def unet_denoiser(unet: torch.nn.Module) -> Denoiser:
-    """Adapt a diffusers UNet to the (x_t, t, cond) denoiser interface.
+def network_denoiser(network: torch.nn.Module, text: Optional[tuple] = None) -> Denoiser:
+    """Adapt a denoising network (UNet, DiT, PixArt: models/backbone.py) to the (x_t, t, cond) denoiser interface.
 
-    cond is class labels (UNet2DModel), cross-attention states (UNet2DConditionModel) or None.
+    cond is class labels (or None), or with `text` = (states, mask or None) of the distinct prompts, rows into them:
+    the sampler slices and concatenates a row index like any batch-first condition, whatever the network is fed.
     """
-    if isinstance(unet, UNet2DConditionModel):
+    call = network_call(type(network))
+    if text is None:
         def denoise(x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
-            return unet(x.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample.float()
+            return call(network, x.to(network.dtype), t, cond).float()
     else:
+        states, mask = text
+
         def denoise(x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
-            return unet(x.to(unet.dtype), t, class_labels=cond).sample.float()
+            rows = states[cond].to(network.dtype)
+            return call(network, x.to(network.dtype), t, rows if mask is None else (rows, mask[cond])).float()
     return denoise
 
 
-def _sample_uint8(unet, scheduler, seeds, cond, null_cond, num_inference_steps, guidance_scale, batch_size, device,
-                  vae=None):
-    cfg = unet.config
-    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+def _sample_uint8(network, scheduler, seeds, cond, null_cond, num_inference_steps, guidance_scale, batch_size, device,
+                  vae=None, text=None):
+    channels, size = geometry(network)
     samples = sample(
-        unet_denoiser(unet), scheduler, shape, seeds,
+        network_denoiser(network, text), scheduler, (channels, size, size), seeds,
         num_inference_steps=num_inference_steps, cond=cond, null_cond=null_cond,
         guidance_scale=guidance_scale, batch_size=batch_size, device=device,
     )
@@ -52,15 +56,9 @@ def _sample_uint8(unet, scheduler, seeds, cond, null_cond, num_inference_steps, 
     return torch.cat(images)
 
 
-def null_class(unet: UNet2DModel) -> Optional[int]:
-    """Index of the null (unconditional) class, or None for an unconditional UNet."""
-    n = getattr(unet.config, "num_class_embeds", None)
-    return None if n is None else n - 1
-
-
 @torch.no_grad()
 def generate(
-    unet: UNet2DModel,
+    unet: torch.nn.Module,
     scheduler: SchedulerMixin,
     seeds: Sequence[Seed],
     *,
@@ -74,6 +72,8 @@ def generate(
     """Sample one image per seed (with class_labels[i] for image i); returns uint8 (N, C, H, W).
 
     A seed is an int or a torch.Generator (see `sample`). With `vae` the samples are latents and are decoded.
+    `unet` is any class or unconditional network of models/backbone.py (a DiT's null class is 1000: labels up to 999
+    pass here; a pipeline that knows the trained classes checks them).
     """
     device = torch.device(device) if device is not None else unet.device
     cond = null_cond = None
@@ -97,7 +97,7 @@ def generate(
 
 @torch.no_grad()
 def generate_from_text(
-    unet: UNet2DConditionModel,
+    unet: torch.nn.Module,
     scheduler: SchedulerMixin,
     tokenizer,
     text_encoder: torch.nn.Module,
@@ -114,20 +114,34 @@ def generate_from_text(
     """Sample image i from prompts[i] with seeds[i]; returns uint8 (N, C, H, W).
 
     Each distinct prompt is encoded once. The unconditional branch of guidance is `negative_prompt`
-    (the empty prompt the model was trained with by default). With `vae` the UNet works in latent space
-    and samples are decoded (divided by `vae.config.scaling_factor` first, as Stable Diffusion does).
+    (the empty prompt the model was trained with by default). With `vae` the network works in latent space
+    and samples are decoded (divided by `vae.config.scaling_factor` first, as Stable Diffusion does). A PixArt
+    network gets the tokenizer's attention mask with the states, as in training.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
     device = torch.device(device) if device is not None else unet.device
     max_length = int(tokenizer.model_max_length)
     distinct = sorted(set(prompts) | {negative_prompt})
-    states = encode_prompts(tokenizer, text_encoder, distinct, max_length, device=device).float()
+    encoded = encode_prompts(tokenizer, text_encoder, distinct, max_length, device=device,
+                             with_mask=takes_text_mask(type(unet)))
+    states, mask = encoded if isinstance(encoded, tuple) else (encoded, None)
     row = {p: i for i, p in enumerate(distinct)}
-    cond = states[torch.tensor([row[p] for p in prompts], device=device)]
-    null_cond = states[row[negative_prompt]].expand_as(cond)
+    cond = torch.tensor([row[p] for p in prompts], device=device)
+    null_cond = torch.full_like(cond, row[negative_prompt])
     return _sample_uint8(unet, scheduler, seeds, cond, null_cond, num_inference_steps, guidance_scale, batch_size, device,
-                         vae=vae)
+                         vae=vae, text=(states.float(), mask))
+
+
+def trained_classes(pipe) -> Optional[int]:
+    """Classes a pipeline was trained on, where its config says: difftrain's `class_names`, DiTPipeline's labels."""
+    names = getattr(pipe.config, "class_names", None) if hasattr(pipe, "config") else None
+    if names:
+        return len(names)
+    labels = getattr(pipe, "labels", None)  # DiTPipeline: label name -> class id, from its id2label
+    if isinstance(labels, dict) and labels:
+        return len(set(labels.values()))
+    return None
 
 
 class ImageSampler:
@@ -139,35 +153,41 @@ class ImageSampler:
     """
 
     def __init__(self, unet: torch.nn.Module, tokenizer=None, text_encoder: Optional[torch.nn.Module] = None,
-                 vae: Optional[torch.nn.Module] = None):
+                 vae: Optional[torch.nn.Module] = None, num_classes: Optional[int] = None):
         self.unet = unet
+        """The denoising network (any backbone: the name is the UNet-era one callers know)."""
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.vae = vae
+        self._num_classes = num_classes
 
     @classmethod
     def from_pipeline(cls, pipe) -> "ImageSampler":
-        """The sampler of a loaded pipeline: TextToImagePipeline and StableDiffusionPipeline (tokenizer, text
-        encoder and, for the latter, VAE), ClassConditionalPipeline, DDPMPipeline."""
-        unet = getattr(pipe, "unet", None)
-        if unet is None:
-            raise ValueError(f"{type(pipe).__name__} has no UNet; difftrain samples DDPMPipeline, "
-                             "ClassConditionalPipeline, TextToImagePipeline and StableDiffusionPipeline folders")
+        """The sampler of a loaded pipeline: its `unet` or `transformer`, with its tokenizer, text encoder and VAE
+        where it has them (difftrain's pipelines, DDPMPipeline, StableDiffusionPipeline, DiTPipeline, PixArt's)."""
+        network = denoising_network(pipe)
+        if network is None:
+            raise ValueError(f"{type(pipe).__name__} has no `unet` or `transformer`; difftrain samples DDPMPipeline, "
+                             "ClassConditionalPipeline, UnconditionalPipeline, TextToImagePipeline, "
+                             "StableDiffusionPipeline, DiTPipeline and PixArt pipeline folders")
         text_encoder = getattr(pipe, "text_encoder", None)
         tokenizer = getattr(pipe, "tokenizer", None) if text_encoder is not None else None
-        return cls(unet, tokenizer, text_encoder, getattr(pipe, "vae", None))
+        return cls(network, tokenizer, text_encoder, getattr(pipe, "vae", None), trained_classes(pipe))
 
     @property
     def kind(self) -> str:
-        """'text' with a text encoder, 'class' for a UNet with a class embedding, else 'unconditional'."""
+        """'text' with a text encoder, 'class' for a network with a class embedding, else 'unconditional'."""
         if self.text_encoder is not None:
             return "text"
         return "class" if null_class(self.unet) is not None else "unconditional"
 
     @property
     def num_classes(self) -> int:
-        """The model's classes (its class embedding less the null class); 0 unless `kind` is 'class'."""
-        return int(null_class(self.unet)) if self.kind == "class" else 0
+        """The classes the model was trained on (given, else its class table less the null class: a DiT's table has
+        1000 rows whatever it trained); 0 unless `kind` is 'class'."""
+        if self.kind != "class":
+            return 0
+        return self._num_classes or int(null_class(self.unet))
 
     def generate(
         self,
