@@ -52,7 +52,8 @@ def vae_train_steps(cfg: RunConfig, num_images: int) -> tuple[int, str]:
         return DEFAULT_MAX_VAE_STEPS, "vae.train_steps, train.max_steps and train.num_epochs unset"
     else:
         per_epoch = math.ceil(num_images / (t.batch_size * t.gradient_accumulation_steps))
-        steps, basis = int(t.num_epochs) * per_epoch, f"train.num_epochs = {t.num_epochs} ({steps} steps)"
+        steps = int(t.num_epochs) * per_epoch
+        basis = f"train.num_epochs = {t.num_epochs}: {steps} steps"
     return min(steps, DEFAULT_MAX_VAE_STEPS), (f"vae.train_steps unset: as many as the diffusion stage ({basis}), "
                                                f"at most {DEFAULT_MAX_VAE_STEPS}")
 
