@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from difftrain.config import load_config
+from difftrain.diffusion.objective import OBJECTIVES
 from difftrain.training.loop import train
 
 from .test_cli import run_cli
@@ -43,8 +44,14 @@ def class_dit(tmp_path_factory) -> Path:
 def test_latent_class_dit_loads_in_plain_dit_pipeline_and_samples_with_and_without_guidance(class_dit: Path):
     index = json.loads((class_dit / "model_index.json").read_text())
     assert index["_class_name"] == "DiTPipeline" and index["transformer"] == ["diffusers", "DiTTransformer2DModel"]
-    # The scheduler the run's previews sampled with (sample.scheduler), not the training schedule.
-    assert json.loads((class_dit / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDIMScheduler"
+    # The scheduler the run's previews sampled with (sample.scheduler on the objective's schedule).
+    cfg = load_config("tiny/latent-dit", [], output_dir="unused")
+    expected = OBJECTIVES[cfg.diffusion.objective].from_config(cfg.diffusion, latent=True).inference_scheduler(
+        cfg.sample.scheduler)
+    saved = json.loads((class_dit / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == type(expected).__name__ == "DDIMScheduler"
+    assert {k: saved[k] for k in expected.config if not k.startswith("_")} == json.loads(
+        json.dumps({k: v for k, v in expected.config.items() if not k.startswith("_")}))
     assert (class_dit / "samples" / "step-000004.png").is_file()
     card = (class_dit / "README.md").read_text()
     assert "DiTPipeline.from_pretrained" in card and "guidance_scale=3" in card
