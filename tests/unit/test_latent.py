@@ -108,8 +108,10 @@ def test_config_errors_for_dreambooth_and_lora_are_reported_together():
     assert "'train.prior_preservation' needs 'model.pretrained'" in text
     with pytest.raises(ConfigError, match="'model.finetune' = 'lora' needs 'model.pretrained'"):
         load_config("tiny/digits-text", ["model.finetune=lora"])
-    with pytest.raises(ConfigError, match="only 'text' is supported"):
+    with pytest.raises(ConfigError, match="'model.backbone' = 'unet' with model.space = 'latent'"):
         load_config("tiny/digits-class", ["model.space=latent"])
+    with pytest.raises(ConfigError, match="only 'text' is supported"):
+        load_config("tiny/digits-class", ["model.pretrained=/nonexistent/base"])
 
 
 def test_base_pipeline_checks_name_what_is_wrong(tmp_path: Path):

@@ -130,10 +130,18 @@ def _latent_and_finetune_problems(cfg: RunConfig, positive) -> list[str]:
     problems: list[str] = []
     d, m, t, v, lora = cfg.data, cfg.model, cfg.train, cfg.vae, cfg.lora
     latent = m.space == "latent" or m.pretrained is not None
-    if latent and m.conditioning != "text":
+    if m.pretrained is not None and m.conditioning != "text":
         problems.append(
-            f"'model.conditioning' = {m.conditioning!r} with a latent or pretrained model: only 'text' is supported "
-            "(the export is a StableDiffusionPipeline)"
+            f"'model.conditioning' = {m.conditioning!r} with 'model.pretrained': only 'text' is supported "
+            "(a Stable Diffusion style base model)"
+        )
+    elif latent and m.conditioning != "text" and m.backbone != "dit":
+        # diffusers' DiTPipeline would load a UNet2DModel in its transformer slot (with a warning), but only with a
+        # 1,001-row class table (null class 1000), also for an unconditional model: refused rather than exported so.
+        problems.append(
+            f"'model.backbone' = {m.backbone!r} with model.space = 'latent' and model.conditioning = "
+            f"{m.conditioning!r}: latent class-conditional and unconditional models export diffusers' DiTPipeline, "
+            "which takes a transformer; use model.backbone = 'dit' (or model.space = 'pixel' for a UNet)"
         )
     if m.pretrained is not None and cfg.text_encoder.pretrained is not None:
         problems.append("'text_encoder.pretrained' and 'model.pretrained' are both set; a fine-tuned pipeline "
@@ -149,8 +157,9 @@ def _latent_and_finetune_problems(cfg: RunConfig, positive) -> list[str]:
     if lora.train_text_encoder and m.finetune != "lora":
         problems.append("'lora.train_text_encoder' needs 'model.finetune' = 'lora'")
     if latent:
-        for name in ("train_steps", "batch_size", "learning_rate", "latent_channels", "layers_per_block"):
+        for name in ("batch_size", "learning_rate", "latent_channels", "layers_per_block"):
             positive(f"vae.{name}", getattr(v, name), allow_none=False)
+        positive("vae.train_steps", v.train_steps)
         positive("vae.scaling_factor", v.scaling_factor)
         if v.kl_weight < 0:
             problems.append(f"'vae.kl_weight' = {v.kl_weight}: must be >= 0")

@@ -92,7 +92,7 @@ class ModelConfig:
     transformer: dict = field(default_factory=dict)
     """Explicit diffusers transformer kwargs (DiTTransformer2DModel, or PixArtTransformer2DModel for text), applied over the settings above."""
     space: Literal["pixel", "latent"] = "pixel"
-    """'latent' trains the UNet on VAE latents (see the `vae` section); text-conditioned latent runs export a StableDiffusionPipeline."""
+    """'latent' trains the network on VAE latents (see the `vae` section); text-conditioned latent runs export a StableDiffusionPipeline, class-conditional and unconditional ones (model.backbone = 'dit') diffusers' DiTPipeline."""
     pretrained: Optional[str] = None
     """Stable Diffusion style pipeline (hub id or local dir) to fine-tune: its UNet, VAE, text encoder, tokenizer and noise schedule are used."""
     finetune: Literal["full", "lora"] = "full"
@@ -111,8 +111,8 @@ class VaeConfig:
     """ResNet layers per level of a from-scratch VAE."""
     latent_channels: int = 4
     """Latent channels of a from-scratch VAE."""
-    train_steps: int = 1000
-    """Optimizer steps of from-scratch VAE training (reconstruction + KL)."""
+    train_steps: Optional[int] = None
+    """Optimizer steps of from-scratch VAE training (reconstruction + KL); None: as many as the diffusion stage (train.max_steps, or the steps of train.num_epochs), at most 800. The run logs the stage's length and estimated time after its first steps."""
     batch_size: int = 16
     """Images per VAE training step."""
     learning_rate: float = 1e-3

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 FAMILIES: dict[str, str] = {
     "stable-diffusion": "difftrain.families.stable_diffusion:StableDiffusionFamily",
     "latent-text": "difftrain.families.latent:LatentTextFamily",
+    "latent-class": "difftrain.families.latent_class:LatentClassFamily",
+    "latent-unconditional": "difftrain.families.latent_class:LatentUnconditionalFamily",
     "pixel-text": "difftrain.families.text:TextPixelFamily",
     "pixel-class": "difftrain.families.class_conditional:ClassConditionalPixelFamily",
     "pixel-unconditional": "difftrain.families.unconditional:UnconditionalPixelFamily",

@@ -18,7 +18,9 @@ EXPORT_ENTRIES = ("model_index.json", "unet", "transformer", "scheduler", "text_
 
 def pipeline_modules(pipe) -> list:
     """The registered parts of a diffusers pipeline (models, scheduler, tokenizer...): what save_pretrained writes."""
-    return [getattr(pipe, name, None) for name in pipe.config.keys() if not name.startswith("_")]
+    # Components are (library, class) entries of the config; other entries (DiTPipeline's id2label) are settings.
+    return [getattr(pipe, name, None) for name, value in pipe.config.items()
+            if not name.startswith("_") and isinstance(value, (list, tuple))]
 
 
 def save_pipeline_atomically(pipe, output_dir: Path, what: str = "the exported pipeline") -> None:

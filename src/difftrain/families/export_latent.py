@@ -133,3 +133,65 @@ pipeline_tag: text-to-image
 {load}
 """
     atomic_write_text(output_dir / "README.md", text, "the model card")
+
+
+def write_dit_model_card(cfg: RunConfig, summary: RunSummary, class_names: list[str], objective: str,
+                         output_dir: Path) -> None:
+    """OUTPUT_DIR/README.md of a latent class-conditional or unconditional DiT (a DiTPipeline folder)."""
+    s = cfg.sample
+    if class_names:
+        kind = "class-conditional"
+        shown = list(range(min(3, len(class_names))))
+        load = (
+            "```python\nfrom diffusers import DiTPipeline\n\n"
+            f"pipe = DiTPipeline.from_pretrained(\"{output_dir}\")\n"
+            f"images = pipe(class_labels={shown}, num_inference_steps={s.num_inference_steps}, "
+            f"guidance_scale={s.guidance_scale:g}).images\n"
+            f"labels = pipe.get_label_ids([{class_names[0]!r}])  # class names -> labels (pipe.labels lists them)\n```\n\n"
+            f"Labels are 0..{len(class_names) - 1}; the unconditional class of classifier-free guidance is "
+            "DiTPipeline's class 1000 (guidance is on when guidance_scale > 1)."
+        )
+        classes = f"\n- Classes ({len(class_names)}): {', '.join(class_names)}"
+    else:
+        kind = "unconditional"
+        load = (
+            "```python\nfrom diffusers import DiTPipeline\n\n"
+            f"pipe = DiTPipeline.from_pretrained(\"{output_dir}\")\n"
+            f"images = pipe(class_labels=[0] * 4, guidance_scale=1.0, num_inference_steps={s.num_inference_steps}).images\n"
+            "```\n\n"
+            "DiTPipeline is made for class-conditional models: this unconditional DiT has a single class, 0, and no "
+            "unconditional class, so pass class 0 once per image and guidance_scale=1.0 (the pipeline's default 4.0 "
+            "would ask for class 1000, which this model does not have)."
+        )
+        classes = ""
+    vae = f"pretrained `{cfg.vae.pretrained}`" if cfg.vae.pretrained else "trained from scratch on the same data first"
+    loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
+    grid = f"\n![samples]({summary.sample_grid})\n" if summary.sample_grid else ""
+    text = f"""---
+library_name: diffusers
+tags:
+- difftrain
+- dit
+pipeline_tag: unconditional-image-generation
+---
+
+# {Path(cfg.output_dir).name}
+
+A {kind} latent diffusion transformer (diffusers `DiTTransformer2DModel`, {summary.num_parameters / 1e6:.2f}M parameters)
+on the latents of an `AutoencoderKL` ({vae}), trained from scratch with [difftrain](https://github.com/difftrain/difftrain).
+{grid}
+## Training
+- Data: {summary.data_description}: {summary.num_images} images at {cfg.data.resolution} px{f'; {summary.num_skipped} file(s) skipped (named in train.log)' if summary.num_skipped else ''}{classes}
+- Steps: {summary.steps} optimizer steps, {summary.images_seen} images seen ({summary.epochs:.1f} epochs), batch {cfg.train.batch_size}
+- Objective: {objective}
+- Optimizer: AdamW, learning rate {cfg.train.learning_rate:g} ({cfg.train.lr_scheduler}), mixed precision {cfg.train.mixed_precision}; weights exported {'as the EMA' if cfg.train.use_ema else 'as trained (no EMA)'}
+- Final training loss: {loss}; training time: {summary.train_seconds / 60:.1f} min
+- Full configuration: `config.yaml`; TensorBoard logs: `logs/`; sample grids: `samples/`
+
+## How to load
+Exported pipeline: diffusers' `DiTPipeline` (transformer, vae, scheduler: the `{s.scheduler}` sampler the run's
+previews used), loaded by plain diffusers:
+
+{load}
+"""
+    atomic_write_text(output_dir / "README.md", text, "the model card")

@@ -1,105 +1,32 @@
 """Latent text-to-image from scratch: a UNet2DConditionModel on the latents of a frozen VAE (pretrained, or
-trained here first, the run's VAE stage), with the text machinery of the pixel text family; exported as a
-StableDiffusionPipeline folder that plain diffusers loads; with model.backbone = dit a PixArtTransformer2DModel,
-exported as a PixArtSigmaPipeline folder."""
+trained here first, the run's VAE stage: families/latent_space.py), with the text machinery of the pixel text
+family; exported as a StableDiffusionPipeline folder that plain diffusers loads; with model.backbone = dit a
+PixArtTransformer2DModel, exported as a PixArtSigmaPipeline folder."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Any, Optional
 
 import torch
 
-from difftrain.config import ConfigError, RunConfig
-from difftrain.data.batches import MicroBatch
+from difftrain.config import RunConfig
 from difftrain.diffusion.objective import Objective
-from difftrain.families.base import Batch, Models, RunSummary
+from difftrain.families.base import RunSummary
 from difftrain.families.export_latent import export_pixart, export_stable_diffusion, write_latent_model_card
-from difftrain.families.latents import LatentEncoder
+from difftrain.families.latent_space import LatentSpace
 from difftrain.families.text import TextPixelFamily
-from difftrain.families.vae_stage import train_vae, vae_is_complete
-from difftrain.models.vae import downsample_factor, load_pretrained_vae
-from difftrain.sampling.generate import ImageSampler
-
-logger = logging.getLogger(__name__)
 
 
-class LatentTextFamily(TextPixelFamily):
+class LatentTextFamily(LatentSpace, TextPixelFamily):
     name = "latent-text"
-    latent = True
 
     @classmethod
     def handles(cls, cfg: RunConfig) -> bool:
         return cfg.model.conditioning == "text" and cfg.model.space == "latent" and cfg.model.pretrained is None
 
-    # -- planning ------------------------------------------------------------------------------------------------
-
-    def pretrained_vae(self) -> Optional[Any]:
-        """The frozen VAE to use, or None to train one in the VAE stage."""
-        if self.cfg.vae.pretrained is None:
-            return None
-        return load_pretrained_vae(self.cfg.vae.pretrained)
-
     def plan(self) -> None:
-        self.vae = self.pretrained_vae()
-        v = self.cfg.vae
-        if self.vae is None:
-            self.latent_channels, factor = v.latent_channels, 2 ** (len(v.block_out_channels) - 1)
-        else:
-            self.vae.requires_grad_(False).eval()
-            self.latent_channels, factor = int(self.vae.config.latent_channels), downsample_factor(self.vae)
-        if self.cfg.data.resolution % factor:
-            raise ConfigError([f"'data.resolution' = {self.cfg.data.resolution} must divide by the VAE's downsampling "
-                               f"factor {factor}"])
-        self.latent_size = self.cfg.data.resolution // factor
+        self.plan_latent_space()
         super().plan()
-
-    def geometry(self) -> tuple[int, int]:
-        return self.latent_size, self.latent_channels
-
-    def prepare_after_data(self, run_folder: Any, processes: Any) -> None:
-        """The VAE stage of a run without a pretrained VAE: train it, or reuse the one this run saved before."""
-        if self.vae is not None:
-            return
-        from diffusers import AutoencoderKL
-
-        vae_dir = run_folder.path / "vae"
-        if not vae_is_complete(vae_dir):
-            if processes.is_main_process:
-                train_vae(self.cfg, self.dataset.images, run_folder.path, processes.device)
-            processes.wait_for_everyone()
-        else:
-            logger.info("using the VAE this run trained before (%s)", vae_dir)
-        self.vae = AutoencoderKL.from_pretrained(str(vae_dir)).requires_grad_(False).eval()
-
-    # -- models --------------------------------------------------------------------------------------------------
-
-    def build_models(self, mixed_precision: str) -> Models:
-        if self.vae is None:
-            raise ValueError("this latent run trains its VAE first (no vae.pretrained); check times the UNet "
-                             "step only with a VAE: run `difftrain train-vae` and pass vae.pretrained=DIR")
-        models = super().build_models(mixed_precision)
-        models.frozen.append(self.vae)
-        return models
-
-    def use_prepared(self, network: torch.nn.Module, trained: list[torch.nn.Module], accelerator: Any) -> None:
-        super().use_prepared(network, trained, accelerator)
-        if self.cfg.vae.scaling_factor is not None:  # saved with the VAE, so the exported pipeline decodes alike
-            self.vae.register_to_config(scaling_factor=self.cfg.vae.scaling_factor)
-        self.latents = LatentEncoder(self.vae, float(self.vae.config.scaling_factor), self.dataset.images,
-                                     self.cfg.data.random_flip, self.cfg.vae.cache_latents)
-
-    # -- the step ------------------------------------------------------------------------------------------------
-
-    def batch(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> Batch:
-        x0 = self.latents.draw(micro, generator)  # flips and latent noise, from the generator
-        return Batch(x0, self.condition(micro, generator, device))
-
-    # -- sampling and export -------------------------------------------------------------------------------------
-
-    def sampler(self, network: torch.nn.Module) -> ImageSampler:
-        return ImageSampler(network, self.text.tokenizer, self.text_encoder, self.vae)
 
     def export(self, network: torch.nn.Module, objective: Objective, output_dir: Path) -> None:
         if self.cfg.model.backbone == "dit":  # a PixArt transformer
@@ -111,4 +38,3 @@ class LatentTextFamily(TextPixelFamily):
 
     def write_model_card(self, summary: RunSummary, objective: Objective, output_dir: Path) -> None:
         write_latent_model_card(self.cfg, summary, output_dir, None)
-

@@ -1,6 +1,10 @@
 """Train a small AutoencoderKL from scratch (reconstruction MSE + weighted KL), the first stage of a
 latent run without a pretrained VAE, or the `difftrain train-vae` task on its own.
 
+Its length is vae.train_steps, or when that is unset, as many steps as the diffusion stage trains (at most
+DEFAULT_MAX_VAE_STEPS), so a short run has a short VAE stage. The first steps are timed and the stage's length and
+estimated time are logged before the rest runs.
+
 The finished VAE is written whole to OUTPUT_DIR/vae (temporary name, then rename) with its measured
 latent scaling factor in its config; a run that finds it there skips this stage.
 """
@@ -8,6 +12,7 @@ latent scaling factor in its config; a run that finds it there skips this stage.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -29,6 +34,30 @@ logger = logging.getLogger(__name__)
 _VAE_SEED_OFFSET = 0x7AE
 
 
+# The VAE stage of a run that leaves vae.train_steps unset follows its diffusion stage up to this many steps.
+DEFAULT_MAX_VAE_STEPS = 800
+# Steps timed before the stage's estimate is logged (the first one, which allocates, is timed apart).
+_TIMED_STEPS = 4
+
+
+def vae_train_steps(cfg: RunConfig, num_images: int) -> tuple[int, str]:
+    """Steps of the VAE stage and where the number comes from: vae.train_steps, else the diffusion stage's steps
+    (train.max_steps, or train.num_epochs passes over `num_images` on one process), at most DEFAULT_MAX_VAE_STEPS."""
+    v, t = cfg.vae, cfg.train
+    if v.train_steps is not None:
+        return int(v.train_steps), "vae.train_steps"
+    if t.max_steps is not None:
+        steps, basis = int(t.max_steps), f"train.max_steps = {t.max_steps}"
+    elif t.num_epochs is None:  # `difftrain train-vae` of a config without a diffusion length
+        return DEFAULT_MAX_VAE_STEPS, "vae.train_steps, train.max_steps and train.num_epochs unset"
+    else:
+        per_epoch = math.ceil(num_images / (t.batch_size * t.gradient_accumulation_steps))
+        steps = int(t.num_epochs) * per_epoch
+        basis = f"train.num_epochs = {t.num_epochs}: {steps} steps"
+    return min(steps, DEFAULT_MAX_VAE_STEPS), (f"vae.train_steps unset: as many as the diffusion stage ({basis}), "
+                                               f"at most {DEFAULT_MAX_VAE_STEPS}")
+
+
 def vae_is_complete(vae_dir: Path) -> bool:
     return (vae_dir / "config.json").is_file() and any(vae_dir.glob("diffusion_pytorch_model*.safetensors"))
 
@@ -41,10 +70,12 @@ def train_vae(cfg: RunConfig, images_uint8: torch.Tensor, output_dir: Path, devi
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=v.learning_rate)
     n = images_uint8.shape[0]
-    logger.info("training a %.2fM-parameter AutoencoderKL for %d steps (batch %d) on %d images",
-                sum(p.numel() for p in vae.parameters()) / 1e6, v.train_steps, v.batch_size, n)
-    progress = tqdm(range(v.train_steps), desc="vae", dynamic_ncols=True, mininterval=1.0)
+    num_steps, basis = vae_train_steps(cfg, n)
+    logger.info("training a %.2fM-parameter AutoencoderKL for %d steps (%s; batch %d) on %d images",
+                sum(p.numel() for p in vae.parameters()) / 1e6, num_steps, basis, v.batch_size, n)
+    progress = tqdm(range(num_steps), desc="vae", dynamic_ncols=True, mininterval=1.0)
     start, loss_sum, since_log = time.perf_counter(), torch.zeros((), device=device), 0
+    first_step_s = 0.0
     for step in progress:
         generator = step_generator(seed, step, 0, 0, device)
         images = images_uint8[sample_indices(n, seed, step * v.batch_size, v.batch_size)].to(device)
@@ -61,7 +92,11 @@ def train_vae(cfg: RunConfig, images_uint8: torch.Tensor, output_dir: Path, devi
         optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach()
         since_log += 1
-        if (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == v.train_steps:
+        if step == 0:
+            first_step_s = _seconds_since(start, device)
+        if step + 1 == min(_TIMED_STEPS, num_steps):
+            _log_estimate(num_steps, step + 1, first_step_s, _seconds_since(start, device))
+        if (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == num_steps:
             mean = (loss_sum / since_log).item()
             progress.set_postfix(loss=f"{mean:.4f}")
             logger.debug("vae step %d loss %.5f", step + 1, mean)
@@ -77,6 +112,21 @@ def train_vae(cfg: RunConfig, images_uint8: torch.Tensor, output_dir: Path, devi
     _save_vae(vae, output_dir / "vae")
     _reconstruction_grid(vae, images_uint8[:8], output_dir / "samples" / "vae-reconstructions.png")
     return vae
+
+
+def _seconds_since(start: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the steps were only queued
+    return time.perf_counter() - start
+
+
+def _log_estimate(num_steps: int, timed: int, first_step_s: float, elapsed_s: float) -> None:
+    """'VAE stage: N steps, about M min', from the first step and the mean of the ones after it."""
+    per_step = (elapsed_s - first_step_s) / (timed - 1) if timed > 1 else first_step_s
+    estimate_s = first_step_s + per_step * (num_steps - 1)
+    about = f"{estimate_s / 60:.1f} min" if estimate_s >= 60 else f"{estimate_s:.0f} s"
+    logger.info("VAE stage: %d steps, about %s (%.2f s per step over the first %d); set vae.train_steps to change it",
+                num_steps, about, per_step, timed)
 
 
 def _save_vae(vae: AutoencoderKL, vae_dir: Path) -> None:
