@@ -81,6 +81,8 @@ class _NetworkPipeline(DiffusionPipeline):
             raise ValueError(f"{type(self).__name__}: pass the denoising network as `unet` (a UNet) or as "
                              "`transformer` (a DiT or PixArt transformer), exactly one of them")
         self.register_modules(unet=unet, transformer=transformer)  # the absent one is saved as [null, null]
+        if transformer is not None:  # enable_model_cpu_offload moves the component that holds the network
+            self.model_cpu_offload_seq = self.model_cpu_offload_seq.replace("unet", "transformer")
 
     @property
     def network(self) -> torch.nn.Module:
