@@ -143,8 +143,11 @@ def test_flow_matching_class_run_samples_with_guidance(tmp_path: Path):
     import difftrain
 
     run = tmp_path / "flow-class"
-    result = run_cli("train", "tiny/digits-flow", "--output-dir", str(run), cwd=tmp_path)
+    result = run_cli("train", "tiny/digits-flow", "--output-dir", str(run), "train.eval_every_steps=2",
+                     "train.eval_num_samples=10", "train.eval_inception=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    evals = [json.loads(line)["eval"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert len(evals) == 2 and all("accuracy" in e for e in evals)  # evaluation during training, flow samplers
     assert "shift 1.58 (by resolution (8 px side))" in (run / "train.log").read_text()  # exp(mu), mu(16 tokens) = 0.459
     pipe = difftrain.load_pipeline(run)
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
