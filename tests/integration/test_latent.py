@@ -63,7 +63,8 @@ def test_mini_sd_exports_a_stable_diffusion_pipeline_that_plain_diffusers_runs(t
 def test_latent_flow_matching_run_exports_a_pipeline_that_plain_diffusers_runs(tiny_sd: Path, tmp_path: Path):
     run = tmp_path / "flow-sd"
     result = run_cli("train", "tiny/mini-sd", "--output-dir", str(run), f"vae.pretrained={tiny_sd}",
-                     "train.max_steps=2", "diffusion.objective=flow_matching", "diffusion.flow_shift_by_resolution=true",
+                     "train.max_steps=2", "diffusion.objective=flow_matching",
+                     "diffusion.flow_shift_by_resolution=true",
                      "sample.scheduler=dpm++", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     scheduler = json.loads((run / "scheduler" / "scheduler_config.json").read_text())

@@ -213,8 +213,9 @@ def _objective_problems(cfg: RunConfig) -> list[str]:
                         f"use one of {', '.join(FLOW_SCHEDULERS)}")
     elif cfg.model.space == "latent" and cfg.sample.scheduler in _NO_INIT_NOISE_SIGMA:
         # StableDiffusionPipeline scales its first latents by scheduler.init_noise_sigma, which FlowMatch* lack.
-        problems.append(f"'sample.scheduler' = {cfg.sample.scheduler!r}: a latent run exports a StableDiffusionPipeline, "
-                        f"which steps a flow-matching model only with {', '.join(_SD_FLOW_SCHEDULERS)}")
+        problems.append(f"'sample.scheduler' = {cfg.sample.scheduler!r}: a latent run exports a "
+                        "StableDiffusionPipeline, which steps a flow-matching model only with "
+                        f"{', '.join(_SD_FLOW_SCHEDULERS)}")
     if not diff.logit_std > 0:
         problems.append(f"'diffusion.logit_std' = {diff.logit_std}: must be > 0")
     if not diff.flow_shift > 0:
