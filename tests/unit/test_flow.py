@@ -224,3 +224,11 @@ def test_flow_matching_refuses_a_pretrained_base_and_euler_in_latent_runs():
 def test_flow_digits_preset_loads():
     cfg = load_config("digits-flow")
     assert cfg.diffusion.objective == "flow_matching" and cfg.diffusion.timestep_sampling == "logit_normal"
+
+
+def test_resume_refuses_a_changed_shift_but_not_a_changed_density():
+    from difftrain.training.resume_check import is_unsafe
+
+    # The shift changes the schedule the weights were trained on (and export); the density only where training looks.
+    assert is_unsafe("diffusion", "flow_shift") and is_unsafe("diffusion", "flow_shift_by_resolution")
+    assert not is_unsafe("diffusion", "timestep_sampling") and not is_unsafe("diffusion", "loss_weighting")
