@@ -61,7 +61,7 @@ def flow_shift_of(base_config: Any) -> float:
 
 def make_flow_scheduler(key: str, base_config: Any) -> SchedulerMixin:
     """A flow-matching sampler of kind `key` (one of FLOW_SCHEDULERS) on the schedule of `base_config`: the same
-    train timesteps and static shift, so its sigmas are the training ones (diffusion/flow.py).
+    train timesteps and static shift as training (diffusion/flow.py), so it steps through the σ's trained on.
 
     No sampler here clips the x0 estimate of a flow model: see FlowMatchingObjective.inference_scheduler.
     """
