@@ -42,6 +42,11 @@ def _assert_same(a, b, where=""):
     ("tiny/folder-uncond", []),
     # text conditioning with a trained from-scratch encoder (saved as a second model) and caption dropout
     ("tiny/digits-text", []),
+    # flow matching: class conditioning, logit-normal times, the resolution shift
+    ("tiny/digits-flow", []),
+    # flow matching with SD3's mode density and cosmap weighting, accumulation, flips and offset noise
+    ("tiny/folder-uncond", ["diffusion.objective=flow_matching", "diffusion.timestep_sampling=mode",
+                            "diffusion.loss_weighting=cosmap", "sample.scheduler=heun"]),
 ])
 def test_resume_is_bit_identical(tmp_path: Path, preset: str, extra: list[str], flowers_dir: Path):
     overrides = [*extra, "train.checkpoints_total_limit=null"]

@@ -87,3 +87,18 @@ def test_unknown_text_encoder_path_fails_before_writing(tmp_path: Path):
     assert result.returncode == 1
     assert "missing-clip" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_flow_matching_text_run_samples_with_guidance(tmp_path: Path):
+    import difftrain
+
+    run = tmp_path / "flow-text"
+    result = run_cli("train", "tiny/digits-text", "--output-dir", str(run), "train.max_steps=2",
+                     "diffusion.objective=flow_matching", "diffusion.beta_schedule=linear",
+                     "diffusion.prediction_type=epsilon", "diffusion.snr_gamma=null", "sample.scheduler=unipc",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    pipe = difftrain.load_pipeline(run)
+    assert isinstance(pipe, difftrain.TextToImagePipeline) and pipe.scheduler.config.use_flow_sigmas
+    images = pipe("A handwritten digit 3", num_inference_steps=2, guidance_scale=4.0).images
+    assert len(images) == 1

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
-from difftrain.config.schema import RunConfig
+from difftrain.config.schema import (DDPM_ONLY_FIELDS, FLOW_ONLY_FIELDS, FLOW_SCHEDULERS, DiffusionConfig,
+                                     RunConfig)
 
 
 def check_config(cfg: RunConfig) -> list[str]:
@@ -109,6 +111,8 @@ def check_config(cfg: RunConfig) -> list[str]:
             "need 0 < beta_start < beta_end < 1"
         )
 
+    problems.extend(_objective_problems(cfg))
+
     s = cfg.sample
     for name in ("num_inference_steps", "num_images", "images_per_class", "batch_size"):
         positive(f"sample.{name}", getattr(s, name), allow_none=False)
@@ -188,4 +192,51 @@ def _latent_and_finetune_problems(cfg: RunConfig, positive) -> list[str]:
         positive("data.num_class_images", d.num_class_images, allow_none=False)
         if t.prior_loss_weight < 0:
             problems.append(f"'train.prior_loss_weight' = {t.prior_loss_weight}: must be >= 0")
+    return problems
+
+
+# SD3's 'mode' density maps [0, 1] onto itself monotonically only for scales in this range (Esser et al. 2024).
+_MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
+
+
+# Flow samplers that StableDiffusionPipeline cannot step (FlowMatchEuler / FlowMatchHeun have no init_noise_sigma).
+_NO_INIT_NOISE_SIGMA = ("euler", "heun")
+_SD_FLOW_SCHEDULERS = tuple(n for n in FLOW_SCHEDULERS if n not in _NO_INIT_NOISE_SIGMA)
+
+
+def _objective_problems(cfg: RunConfig) -> list[str]:
+    """Fields of one objective set with the other, and what flow matching cannot do."""
+    diff, defaults = cfg.diffusion, DiffusionConfig()
+
+    def changed(names: tuple[str, ...]) -> list[str]:
+        return [n for n in names if getattr(diff, n) != getattr(defaults, n)]
+
+    if diff.objective == "ddpm":
+        return [f"'diffusion.{n}' = {getattr(diff, n)!r} is a flow-matching setting; it needs 'diffusion.objective' = "
+                "'flow_matching' (or remove it)" for n in changed(FLOW_ONLY_FIELDS)]
+    problems = [f"'diffusion.{n}' = {getattr(diff, n)!r} is a DDPM setting, not read by 'diffusion.objective' = "
+                f"'flow_matching' (flow settings: {', '.join(FLOW_ONLY_FIELDS)}); remove it"
+                for n in changed(DDPM_ONLY_FIELDS)]
+    if cfg.model.pretrained is not None:
+        problems.append(f"'diffusion.objective' = 'flow_matching' with 'model.pretrained' = {cfg.model.pretrained!r}: "
+                        "a pretrained base was trained as a DDPM model; flow matching trains from scratch only")
+    if cfg.sample.scheduler not in FLOW_SCHEDULERS:
+        problems.append(f"'sample.scheduler' = {cfg.sample.scheduler!r} cannot sample a flow-matching model; "
+                        f"use one of {', '.join(FLOW_SCHEDULERS)}")
+    elif cfg.model.space == "latent" and cfg.sample.scheduler in _NO_INIT_NOISE_SIGMA:
+        # StableDiffusionPipeline scales its first latents by scheduler.init_noise_sigma, which FlowMatch* lack.
+        problems.append(f"'sample.scheduler' = {cfg.sample.scheduler!r}: a latent run exports a "
+                        "StableDiffusionPipeline, which steps a flow-matching model only with "
+                        f"{', '.join(_SD_FLOW_SCHEDULERS)}")
+    if not diff.logit_std > 0:
+        problems.append(f"'diffusion.logit_std' = {diff.logit_std}: must be > 0")
+    if not diff.flow_shift > 0:
+        problems.append(f"'diffusion.flow_shift' = {diff.flow_shift}: must be > 0")
+    if diff.flow_shift_by_resolution and diff.flow_shift != defaults.flow_shift:
+        problems.append(f"'diffusion.flow_shift' = {diff.flow_shift} and 'diffusion.flow_shift_by_resolution' = true "
+                        "are both set; the shift by resolution replaces the static one, set one of them")
+    low, high = _MODE_SCALE_RANGE
+    if not low <= diff.mode_scale <= high:
+        problems.append(f"'diffusion.mode_scale' = {diff.mode_scale}: must be in [{low:g}, {high:.4f}] "
+                        "(SD3's mode density is monotone only there)")
     return problems

@@ -15,6 +15,13 @@ BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 SchedulerName = Literal["ddpm", "ddim", "dpm++", "unipc", "euler", "euler-a", "heun"]
+FLOW_SCHEDULERS = ("euler", "heun", "dpm++", "unipc")
+"""The sample.scheduler names that can sample a flow-matching model (sampling/schedulers.py builds their flow kinds)."""
+FLOW_ONLY_FIELDS = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "flow_shift",
+                    "flow_shift_by_resolution", "loss_weighting")
+"""diffusion.* fields that only the flow-matching objective reads."""
+DDPM_ONLY_FIELDS = ("beta_schedule", "beta_start", "beta_end", "prediction_type", "snr_gamma")
+"""diffusion.* fields that only the DDPM objective reads."""
 
 
 @dataclass
@@ -161,8 +168,8 @@ class TextEncoderConfig:
 
 @dataclass
 class DiffusionConfig:
-    objective: Literal["ddpm"] = "ddpm"
-    """Training objective (diffusion/objective.py): 'ddpm' draws discrete timesteps and trains the prediction_type target."""
+    objective: Literal["ddpm", "flow_matching"] = "ddpm"
+    """Training objective (docs/objectives.md): 'ddpm' draws discrete timesteps and trains the prediction_type target; 'flow_matching' (rectified flow, SD3 / Flux) trains the velocity noise - x0 on x_t = (1 - sigma) x0 + sigma noise, from scratch only, and samples with the flow samplers (euler, heun, dpm++, unipc)."""
     num_train_timesteps: int = 1000
     """Discrete diffusion timesteps of the training schedule."""
     beta_schedule: BetaSchedule = "linear"
@@ -177,6 +184,20 @@ class DiffusionConfig:
     """Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the usual value, None disables it."""
     offset_noise: float = 0.0
     """Scale of per-channel offset noise added to the noise (0 disables it)."""
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
+    """Flow matching: density of the training times (SD3's names): uniform, logit-normal (logit_mean, logit_std) or mode (mode_scale)."""
+    logit_mean: float = 0.0
+    """Flow matching, timestep_sampling 'logit_normal': mean of logit(u)."""
+    logit_std: float = 1.0
+    """Flow matching, timestep_sampling 'logit_normal': standard deviation of logit(u)."""
+    mode_scale: float = 1.29
+    """Flow matching, timestep_sampling 'mode': SD3's scale s (in [-1, 2 / (pi - 2)]; 0 is uniform)."""
+    flow_shift: float = 1.0
+    """Flow matching: static shift of the sigmas, sigma -> shift * sigma / (1 + (shift - 1) * sigma) (more time at high noise when > 1); exported as the scheduler's `shift`."""
+    flow_shift_by_resolution: bool = False
+    """Flow matching: the shift follows the sample size as in Flux / SD3: exp(mu), mu linear in the token count (side / 2)^2 from 0.5 at 256 to 1.15 at 4096 tokens (replaces flow_shift; exported as a static shift)."""
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    """Flow matching: SD3's per-example loss weighting (diffusers' compute_loss_weighting_for_sd3): none, sigma_sqrt (sigma^-2) or cosmap."""
 
 
 @dataclass

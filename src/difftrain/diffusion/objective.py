@@ -3,7 +3,7 @@
 An objective draws the noise and the times of a batch, forms x_t, says what the network should predict
 there and how each example's error is weighted, and gives the matching schedule for sampling and export.
 The training loop and the model families only call this interface, so a second objective (flow matching)
-is one more class registered in OBJECTIVES.
+is one more class registered in OBJECTIVES (FlowMatchingObjective, flow.py).
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ class Objective(ABC):
 
     @classmethod
     @abstractmethod
-    def from_config(cls, cfg: DiffusionConfig, latent: bool = False, base_schedule: Optional[Any] = None) -> "Objective":
+    def from_config(cls, cfg: DiffusionConfig, latent: bool = False, base_schedule: Optional[Any] = None,
+                    sample_size: Optional[int] = None) -> "Objective":
         """The objective of `diffusion.*`; `latent`: x0 is a VAE latent (never clipped to [-1, 1] when sampling);
-        `base_schedule`: a fine-tuned base model's own schedule, which wins over `diffusion.*` (and says so)."""
+        `base_schedule`: a fine-tuned base model's own schedule, which wins over `diffusion.*` (and says so);
+        `sample_size`: the side of x0 in pixels or latent cells (for schedules that follow the resolution)."""
 
     @abstractmethod
     def sample_noise(self, shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -79,8 +81,8 @@ class DDPMObjective(Objective):
         self.offset_noise = offset_noise
 
     @classmethod
-    def from_config(cls, cfg: DiffusionConfig, latent: bool = False,
-                    base_schedule: Optional[Any] = None) -> "DDPMObjective":
+    def from_config(cls, cfg: DiffusionConfig, latent: bool = False, base_schedule: Optional[Any] = None,
+                    sample_size: Optional[int] = None) -> "DDPMObjective":
         """From `diffusion.*`, or from a fine-tuned base model's own schedule when `base_schedule` is given.
 
         A base model was trained on its schedule and prediction type; training it on others would undo what it
@@ -123,3 +125,7 @@ class DDPMObjective(Objective):
 
 
 OBJECTIVES: dict[str, type[Objective]] = {DDPMObjective.name: DDPMObjective}
+"""Objective classes by `diffusion.objective`; flow.py adds FlowMatchingObjective when imported (just below)."""
+
+# Last, so that flow.py finds Objective and OBJECTIVES here whichever of the two modules is imported first.
+import difftrain.diffusion.flow  # noqa: E402,F401

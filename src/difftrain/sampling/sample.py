@@ -70,12 +70,13 @@ def sample(
             # value and, when the schedule repeats its first timestep (Karras sigmas on a cosine schedule),
             # starts one step late and indexes past the end of its sigmas.
             scheduler.set_begin_index(0)
-        x = x * scheduler.init_noise_sigma
+        # FlowMatch* schedulers start from unit noise and take x_t as it is: they have neither attribute.
+        x = x * getattr(scheduler, "init_noise_sigma", 1.0)
         c = None if cond is None else cond[start : start + len(chunk)]
         nc = None if null_cond is None else null_cond[start : start + len(chunk)]
         extra = {**step_options, "generator": generators} if "generator" in step_parameters else step_options
         for i, t in enumerate(scheduler.timesteps):
-            model_input = scheduler.scale_model_input(x, t)
+            model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
             prediction = guided_prediction(denoiser, model_input, t, c, nc, guidance_scale)
             x = scheduler.step(prediction, t, x, **extra).prev_sample
             if callback is not None:

@@ -80,9 +80,12 @@ def plan_run(cfg: RunConfig, family: Family, world_size: int = 1) -> RunPlan:
 
 
 def build_objective(cfg: RunConfig, family: Family) -> Objective:
-    """The training objective, on the base model's schedule when the family fine-tunes one."""
+    """The training objective, on the base model's schedule when the family fine-tunes one, for x0 of the family's
+    sample size (after `family.plan`)."""
+    sample_size, _ = family.geometry()
     return OBJECTIVES[cfg.diffusion.objective].from_config(cfg.diffusion, latent=family.latent,
-                                                           base_schedule=family.base_schedule())
+                                                           base_schedule=family.base_schedule(),
+                                                           sample_size=sample_size)
 
 
 def check_mixed_precision(cfg: RunConfig) -> None:
