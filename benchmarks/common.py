@@ -116,10 +116,11 @@ def flops_per_image(unet, text_tokens: int = 0) -> float:
     the input shape and conditioning (class label, or `text_tokens` caption tokens) taken from its config."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from difftrain.models.backbone import network_call
     from difftrain.training.precision import probe_inputs
 
     x, t, cond = probe_inputs(unet, 1, text_tokens or None, next(unet.parameters()).device)
     with FlopCounterMode(display=False) as counter:
-        unet(x, t, **cond).sample.float().square().mean().backward()
+        network_call(type(unet))(unet, x, t, cond).float().square().mean().backward()
     unet.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())

@@ -105,7 +105,8 @@ def time_variant(preset: str, overrides: list[str], variant: str, batch_size: in
     g = torch.Generator(device=device).manual_seed(0)
     x0 = (torch.rand(batch_size, c.in_channels, c.sample_size, c.sample_size, generator=g, device=device) * 2 - 1)
     x0 = x0.contiguous(memory_format=memory_format)
-    extra = probe_inputs(unet, batch_size, text_tokens or None, device)[2]  # class 0 / random caption states
+    condition = probe_inputs(unet, batch_size, text_tokens or None, device)[2]  # class 0 / random caption states
+    extra = {} if condition is None else {"encoder_hidden_states" if text_tokens else "class_labels": condition}
     dtype = PRECISIONS[precision]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     num_timesteps = noise_scheduler.config.num_train_timesteps

@@ -55,7 +55,21 @@ def test_probe_times_each_candidate_once_then_reads_the_cache():
 
 def test_probe_inputs_match_the_model_conditioning():
     x, t, cond = precision.probe_inputs(_tiny_unet(), 3, None, torch.device("cpu"))
-    assert x.shape == (3, 1, 8, 8) and t.shape == (3,) and cond["class_labels"].shape == (3,)
+    assert x.shape == (3, 1, 8, 8) and t.shape == (3,) and cond.shape == (3,)
+
+
+def test_probe_times_a_transformer_step():
+    from difftrain.models.backbone import Conditioning, plan_network
+    from difftrain.models.unet import COND_UNET_PRESETS
+    from difftrain.config import RunConfig
+
+    model = RunConfig().model
+    model.backbone, model.size = "dit", "tiny"
+    for condition, text_length in ((Conditioning("class", 3), None), (Conditioning("text", text_dim=16), 5)):
+        plan, problems = plan_network(model, 8, 1, condition, COND_UNET_PRESETS)
+        network = plan.build()
+        inputs = precision.probe_inputs(network, 2, text_length, torch.device("cpu"))
+        assert precision.time_step_ms(network, inputs, torch.device("cpu"), "no", warmup_steps=1, timed_steps=1) > 0
 
 
 def test_auto_resolves_without_a_probe_where_there_is_nothing_to_gain():

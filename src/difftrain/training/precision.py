@@ -58,21 +58,28 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def probe_inputs(unet: torch.nn.Module, batch_size: int, text_length: Optional[int],
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Random inputs of the training step's shapes for `unet` (noisy sample, timesteps, conditioning)."""
-    c = unet.config
+def probe_inputs(network: torch.nn.Module, batch_size: int, text_length: Optional[int],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Random inputs of the training step's shapes for `network` (noisy sample, timesteps, and the condition in
+    models/backbone.py's convention: class 0 for a network with a class table, random caption states, with an
+    all-ones attention mask for a transformer, or None)."""
+    from diffusers import UNet2DConditionModel
+
+    c = network.config
     g = torch.Generator().manual_seed(0)
     size = c.sample_size if isinstance(c.sample_size, int) else tuple(c.sample_size)
     hw = (size, size) if isinstance(size, int) else size
     x = torch.randn(batch_size, c.in_channels, *hw, generator=g).to(device)
     t = torch.randint(0, 1000, (batch_size,), generator=g).to(device)
-    cond: dict[str, torch.Tensor] = {}
+    condition: Any = None
     if text_length is not None:
-        cond["encoder_hidden_states"] = torch.randn(batch_size, text_length, c.cross_attention_dim, generator=g).to(device)
-    if getattr(c, "num_class_embeds", None):
-        cond["class_labels"] = torch.zeros(batch_size, dtype=torch.long, device=device)
-    return x, t, cond
+        width = getattr(c, "caption_channels", None) or c.cross_attention_dim
+        states = torch.randn(batch_size, text_length, width, generator=g).to(device)
+        condition = states if isinstance(network, UNet2DConditionModel) else (
+            states, torch.ones(batch_size, text_length, dtype=torch.long, device=device))
+    elif getattr(c, "num_class_embeds", None) or getattr(c, "num_embeds_ada_norm", None):
+        condition = torch.zeros(batch_size, dtype=torch.long, device=device)
+    return x, t, condition
 
 
 def time_step_ms(unet: torch.nn.Module, inputs: tuple, device: torch.device, precision: str,
@@ -80,10 +87,13 @@ def time_step_ms(unet: torch.nn.Module, inputs: tuple, device: torch.device, pre
     """Median milliseconds of one forward + backward of `unet` under `precision`'s autocast."""
     x, t, cond = inputs
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    from difftrain.models.backbone import network_call
+
+    call = network_call(type(unet))
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = unet(x, t, **cond).sample
+            out = call(unet, x, t, cond)
         out.float().square().mean().backward()
         unet.zero_grad(set_to_none=True)
 
