@@ -40,10 +40,10 @@ class _FlowLikeObjective(objectives.DDPMObjective):
 
 def test_dit_pipeline_needs_a_scheduler_with_scale_model_input(monkeypatch):
     cfg = load_config("tiny/latent-dit", [], output_dir="unused")
-    assert dit_pipeline_scheduler_problems(cfg) == []  # DDIM has it
+    assert dit_pipeline_scheduler_problems(cfg, 8) == []  # DDIM has it
     monkeypatch.setitem(objectives.OBJECTIVES, "flow-like", _FlowLikeObjective)
     cfg.diffusion.objective = "flow-like"
-    problems = dit_pipeline_scheduler_problems(cfg)
+    problems = dit_pipeline_scheduler_problems(cfg, 8)
     assert len(problems) == 1 and "'sample.scheduler' = 'ddim'" in problems[0]
     assert "FlowMatchEulerDiscreteScheduler, which has no scale_model_input" in problems[0]
 

@@ -199,7 +199,8 @@ def _latent_and_finetune_problems(cfg: RunConfig, positive) -> list[str]:
 _MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
 
 
-# Flow samplers that StableDiffusionPipeline cannot step (FlowMatchEuler / FlowMatchHeun have no init_noise_sigma).
+# Flow samplers that diffusers' latent pipelines cannot step (FlowMatchEuler / FlowMatchHeun have no init_noise_sigma
+# nor scale_model_input, which StableDiffusionPipeline, PixArtSigmaPipeline and DiTPipeline call).
 _NO_INIT_NOISE_SIGMA = ("euler", "heun")
 _SD_FLOW_SCHEDULERS = tuple(n for n in FLOW_SCHEDULERS if n not in _NO_INIT_NOISE_SIGMA)
 
@@ -224,9 +225,9 @@ def _objective_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"'sample.scheduler' = {cfg.sample.scheduler!r} cannot sample a flow-matching model; "
                         f"use one of {', '.join(FLOW_SCHEDULERS)}")
     elif cfg.model.space == "latent" and cfg.sample.scheduler in _NO_INIT_NOISE_SIGMA:
-        # StableDiffusionPipeline scales its first latents by scheduler.init_noise_sigma, which FlowMatch* lack.
-        problems.append(f"'sample.scheduler' = {cfg.sample.scheduler!r}: a latent run exports a "
-                        "StableDiffusionPipeline, which steps a flow-matching model only with "
+        problems.append(f"'sample.scheduler' = {cfg.sample.scheduler!r}: a latent run exports a diffusers pipeline "
+                        "(StableDiffusionPipeline, PixArtSigmaPipeline or DiTPipeline), which steps a flow-matching "
+                        "model only with "
                         f"{', '.join(_SD_FLOW_SCHEDULERS)}")
     if not diff.logit_std > 0:
         problems.append(f"'diffusion.logit_std' = {diff.logit_std}: must be > 0")

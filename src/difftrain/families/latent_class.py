@@ -24,10 +24,10 @@ from difftrain.families.unconditional import UnconditionalPixelFamily
 from difftrain.models.backbone import DIT_PIPELINE_NULL_CLASS
 
 
-def dit_pipeline_scheduler_problems(cfg: RunConfig) -> list[str]:
+def dit_pipeline_scheduler_problems(cfg: RunConfig, sample_size: int) -> list[str]:
     """Why DiTPipeline could not sample with the run's `sample.scheduler` on its objective (empty if it can): the
     pipeline calls `scheduler.scale_model_input`, which diffusers' FlowMatchEulerDiscreteScheduler lacks."""
-    objective = OBJECTIVES[cfg.diffusion.objective].from_config(cfg.diffusion, latent=True)
+    objective = OBJECTIVES[cfg.diffusion.objective].from_config(cfg.diffusion, latent=True, sample_size=sample_size)
     scheduler = objective.inference_scheduler(cfg.sample.scheduler)
     if hasattr(scheduler, "scale_model_input"):
         return []
@@ -43,10 +43,10 @@ class _LatentDiT(LatentSpace):
     streams = False  # the latent encoder reads the decoded images (VAE stage, latent cache)
 
     def plan(self) -> None:
-        problems = dit_pipeline_scheduler_problems(self.cfg)
+        self.plan_latent_space()
+        problems = dit_pipeline_scheduler_problems(self.cfg, self.latent_size)
         if problems:
             raise ConfigError(problems)
-        self.plan_latent_space()
         super().plan()
 
     def label_names(self) -> list[str]:
