@@ -1,5 +1,6 @@
-"""uint8 images from a denoising network (a diffusers UNet, DiT or PixArt transformer): `ImageSampler` (the network plus what turns labels or prompts into its
-condition and decodes latents) and the functions it is built on, `generate` and `generate_from_text`.
+"""uint8 images from a denoising network (a diffusers UNet, DiT or PixArt transformer): `ImageSampler` (the network
+plus what turns labels or prompts into its condition and decodes latents) and the functions it is built on,
+`generate` and `generate_from_text`.
 
 Every caller that samples (the pipelines, `difftrain sample`, `difftrain evaluate`, preview grids,
 evaluation during training, DreamBooth class images) goes through here, so an image depends on the same
