@@ -169,6 +169,11 @@ class Family(ABC):
         """Decisions that need the data (classes, captions, text encoder, latent size, network shape); raises
         ConfigError/ValueError for a bad combination, before anything is written."""
 
+    @abstractmethod
+    def geometry(self) -> tuple[int, int]:
+        """(side, channels) of x0: pixels, or latent cells in latent space (the objective's shift by resolution
+        reads the side)."""
+
     def prepare_after_data(self, run_folder: Any, processes: Any) -> None:
         """Work written into the (started) run folder before training (e.g. a latent run's VAE stage)."""
 

@@ -47,6 +47,20 @@ def save_pipeline_atomically(pipe, output_dir: Path, what: str = "the exported p
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def card_front_matter(tags: list[str], pipeline_tag: str, base_model: str = "") -> str:
+    """The YAML header of a model card (the hub reads library, tags, pipeline and base model from it)."""
+    lines = ["---", "library_name: diffusers", "tags:", *(f"- {t}" for t in tags), f"pipeline_tag: {pipeline_tag}"]
+    if base_model:
+        lines.append(f"base_model: {base_model}")
+    return "\n".join([*lines, "---"]) + "\n"
+
+
+def card_loss_and_grid(summary: RunSummary) -> tuple[str, str]:
+    """The final loss as the card prints it, and the Markdown image of the last sample grid ('' without one)."""
+    loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
+    return loss, (f"\n![samples]({summary.sample_grid})\n" if summary.sample_grid else "")
+
+
 def write_model_card(cfg: RunConfig, summary: RunSummary, class_names: list[str], objective: str,
                      output_dir: Path) -> None:
     """OUTPUT_DIR/README.md of a pixel-space run; `objective` is the objective's `describe()`."""
@@ -105,16 +119,10 @@ def write_model_card(cfg: RunConfig, summary: RunSummary, class_names: list[str]
             "image = pipe(num_inference_steps=1000).images[0]\n```"
         )
     classes = f"\n- Classes ({len(class_names)}): {', '.join(class_names)}" if conditional else ""
-    loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
-    grid = f"\n![samples]({summary.sample_grid})\n" if summary.sample_grid else ""
-    text = f"""---
-library_name: diffusers
-tags:
-- difftrain
-- diffusion
-pipeline_tag: {'text-to-image' if kind == 'text' else 'unconditional-image-generation'}
----
-
+    loss, grid = card_loss_and_grid(summary)
+    front = card_front_matter(["difftrain", "diffusion"],
+                              "text-to-image" if kind == "text" else "unconditional-image-generation")
+    text = f"""{front}
 # {Path(cfg.output_dir).name}
 
 A {dict(none='unconditional', text='text-to-image').get(kind, 'class-conditional')} pixel-space diffusion model (diffusers

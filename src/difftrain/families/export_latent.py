@@ -16,7 +16,7 @@ from difftrain.models.lora import LORA_WEIGHTS_NAME, save_lora_weights
 from difftrain.models.pretrained import stable_diffusion_pipeline_class
 from difftrain.pipeline import ADAPTER_BASE_FILE
 from difftrain.families.base import RunSummary
-from difftrain.families.export import pipeline_modules, save_pipeline_atomically
+from difftrain.families.export import card_front_matter, card_loss_and_grid, pipeline_modules, save_pipeline_atomically
 from difftrain.writes import atomic_write_text, save_folder_atomically, state_bytes
 
 logger = logging.getLogger(__name__)
@@ -105,18 +105,10 @@ def write_latent_model_card(cfg: RunConfig, summary: RunSummary, output_dir: Pat
                       + (f"; prior preservation with {cfg.data.num_class_images} class images of "
                          f"{cfg.data.class_prompt!r}, weight {cfg.train.prior_loss_weight:g}"
                          if cfg.train.prior_preservation else ""))
-    loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
-    grid = f"\n![samples]({summary.sample_grid})\n" if summary.sample_grid else ""
-    text = f"""---
-library_name: diffusers
-tags:
-- difftrain
-- text-to-image
-{'- lora' if m.finetune == 'lora' else ('- pixart' if m.backbone == 'dit' else '- stable-diffusion')}
-pipeline_tag: text-to-image
-{f'base_model: {base}' if base else ''}
----
-
+    loss, grid = card_loss_and_grid(summary)
+    kind_tag = "lora" if m.finetune == "lora" else ("pixart" if m.backbone == "dit" else "stable-diffusion")
+    front = card_front_matter(["difftrain", "text-to-image", kind_tag], "text-to-image", base or "")
+    text = f"""{front}
 # {Path(cfg.output_dir).name}
 
 {what}, trained with [difftrain](https://github.com/difftrain/difftrain).
@@ -165,16 +157,9 @@ def write_dit_model_card(cfg: RunConfig, summary: RunSummary, class_names: list[
         )
         classes = ""
     vae = f"pretrained `{cfg.vae.pretrained}`" if cfg.vae.pretrained else "trained from scratch on the same data first"
-    loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
-    grid = f"\n![samples]({summary.sample_grid})\n" if summary.sample_grid else ""
-    text = f"""---
-library_name: diffusers
-tags:
-- difftrain
-- dit
-pipeline_tag: unconditional-image-generation
----
-
+    loss, grid = card_loss_and_grid(summary)
+    front = card_front_matter(["difftrain", "dit"], "unconditional-image-generation")
+    text = f"""{front}
 # {Path(cfg.output_dir).name}
 
 A {kind} latent diffusion transformer (diffusers `DiTTransformer2DModel`, {summary.num_parameters / 1e6:.2f}M parameters)
