@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from difftrain.config import load_config
-from difftrain.diffusion.objective import OBJECTIVES
+from difftrain.diffusion.objectives import OBJECTIVES
 from difftrain.training.loop import train
 
 from .test_cli import run_cli

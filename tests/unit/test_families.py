@@ -12,7 +12,8 @@ import torch
 
 from difftrain import families
 from difftrain.config import DiffusionConfig, load_config
-from difftrain.diffusion.objective import OBJECTIVES, DDPMObjective
+from difftrain.diffusion.objective import DDPMObjective
+from difftrain.diffusion.objectives import OBJECTIVES
 from difftrain.diffusion.schedule import build_noise_scheduler
 from difftrain.families.unconditional import UnconditionalPixelFamily
 

@@ -11,7 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from difftrain.config import ConfigError, DiffusionConfig, load_config
 from difftrain.diffusion.flow import FlowMatchingObjective, resolution_mu, resolution_shift
-from difftrain.diffusion.objective import OBJECTIVES
+from difftrain.diffusion.objectives import OBJECTIVES
 from difftrain.sampling.sample import sample
 from difftrain.sampling.schedulers import is_flow_schedule, make_scheduler
 

@@ -8,7 +8,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from difftrain import families
 from difftrain.config import ConfigError, load_config
-from difftrain.diffusion import objective as objectives
+from difftrain.diffusion import objective, objectives
 from difftrain.families.latent_class import dit_pipeline_scheduler_problems
 from difftrain.families.vae_stage import DEFAULT_MAX_VAE_STEPS, vae_train_steps
 
@@ -29,7 +29,7 @@ def test_a_latent_unet_without_text_is_refused_naming_the_backbone(conditioning:
         load_config("tiny/latent-dit", overrides, output_dir="unused")
 
 
-class _FlowLikeObjective(objectives.DDPMObjective):
+class _FlowLikeObjective(objective.DDPMObjective):
     """Samples with diffusers' FlowMatchEulerDiscreteScheduler, as a flow-matching objective does."""
 
     name = "flow-like"

@@ -18,7 +18,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 
 from difftrain.config import DiffusionConfig
 from difftrain.diffusion.loss import sample_noise
-from difftrain.diffusion.objective import OBJECTIVES, Network, Objective
+from difftrain.diffusion.objective import Network, Objective
 from difftrain.sampling.schedulers import make_scheduler
 
 # FlowMatchEulerDiscreteScheduler's defaults for Flux's resolution-dependent shift: mu goes linearly in the image
@@ -136,5 +136,3 @@ class FlowMatchingObjective(Objective):
         return (f"flow matching (velocity target), {self.noise_scheduler.config.num_train_timesteps} sigmas, "
                 f"shift {self.shift:.3g} ({self.shift_source}), {density}{weighting}{offset}")
 
-
-OBJECTIVES[FlowMatchingObjective.name] = FlowMatchingObjective

@@ -3,7 +3,7 @@
 An objective draws the noise and the times of a batch, forms x_t, says what the network should predict
 there and how each example's error is weighted, and gives the matching schedule for sampling and export.
 The training loop and the model families only call this interface, so a second objective (flow matching)
-is one more class registered in OBJECTIVES (FlowMatchingObjective, flow.py).
+is one more class listed in objectives.py's OBJECTIVES (FlowMatchingObjective, flow.py).
 """
 
 from __future__ import annotations
@@ -122,10 +122,3 @@ class DDPMObjective(Objective):
         offset = f", offset noise {self.offset_noise:g}" if self.offset_noise else ""
         return (f"DDPM, {c.beta_schedule} betas, {c.num_train_timesteps} timesteps, {c.prediction_type} prediction"
                 f"{weighting}{offset}")
-
-
-OBJECTIVES: dict[str, type[Objective]] = {DDPMObjective.name: DDPMObjective}
-"""Objective classes by `diffusion.objective`; flow.py adds FlowMatchingObjective when imported (just below)."""
-
-# Last, so that flow.py finds Objective and OBJECTIVES here whichever of the two modules is imported first.
-import difftrain.diffusion.flow  # noqa: E402,F401

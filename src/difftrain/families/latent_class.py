@@ -14,7 +14,8 @@ import torch
 from diffusers import DiTPipeline
 
 from difftrain.config import ConfigError, RunConfig
-from difftrain.diffusion.objective import OBJECTIVES, Objective
+from difftrain.diffusion.objective import Objective
+from difftrain.diffusion.objectives import OBJECTIVES
 from difftrain.families.base import RunSummary
 from difftrain.families.class_conditional import ClassConditionalPixelFamily
 from difftrain.families.export import save_pipeline_atomically

@@ -24,7 +24,8 @@ from difftrain.config import ConfigError, RunConfig
 from difftrain.data.batches import TrainingData
 from difftrain.data.loader import BatchLoader, loader_workers
 from difftrain.data.order import stream_position
-from difftrain.diffusion.objective import OBJECTIVES, Objective
+from difftrain.diffusion.objective import Objective
+from difftrain.diffusion.objectives import OBJECTIVES
 from difftrain.families.base import Family
 from difftrain.models.lora import trainable_only_checkpoints
 from difftrain.processes import accelerator_kwargs, launched_local_size, quiet_other_ranks
