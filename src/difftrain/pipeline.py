@@ -172,10 +172,8 @@ class ClassConditionalPipeline(_NetworkPipeline):
         _check_count("num_images_per_prompt", num_images_per_prompt)
         labels = [class_labels] if isinstance(class_labels, int) else list(class_labels)
         labels = [c for c in labels for _ in range(num_images_per_prompt)]
-        bad = [c for c in labels if not 0 <= int(c) < self.num_classes]
-        if bad:
-            raise ValueError(f"class label(s) {bad} out of range: the model has classes 0..{self.num_classes - 1}")
-        images = ImageSampler(self.network).generate(
+        # The pipeline's sampler knows the trained classes (class_names), and refuses labels outside them.
+        images = ImageSampler.from_pipeline(self).generate(
             self.scheduler, noise_sources(len(labels), seed, generator), num_inference_steps=num_inference_steps,
             labels=labels, guidance_scale=guidance_scale, device=self.device,
         )

@@ -211,6 +211,12 @@ class ImageSampler:
         the models being trained.
         """
         if self.text_encoder is None:
+            if labels is not None and self.kind == "class":
+                # The trained classes, which a DiT's 1000-row table does not tell (generate checks only the table).
+                bad = [c for c in labels if not 0 <= int(c) < self.num_classes]
+                if bad:
+                    raise ValueError(f"class label(s) {bad} out of range: the model has classes "
+                                     f"0..{self.num_classes - 1}")
             return generate(self.unet, scheduler, seeds, num_inference_steps=num_inference_steps, class_labels=labels,
                             guidance_scale=guidance_scale, batch_size=batch_size, device=device, vae=self.vae)
         if prompts is None or self.tokenizer is None:
