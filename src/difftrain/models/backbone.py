@@ -204,11 +204,6 @@ def network_call(cls: type) -> NetworkCall:
                      f"{', '.join(c.__name__ for c in _CALLS)})")
 
 
-def takes_text(network: torch.nn.Module) -> bool:
-    """Whether the network is text-conditioned (cross-attention on text states)."""
-    return isinstance(network, (UNet2DConditionModel, PixArtTransformer2DModel))
-
-
 def takes_text_mask(cls: type) -> bool:
     """Whether a text network of class `cls` is fed the tokenizer's attention mask with the text states (PixArt, as
     diffusers' PixArt pipelines feed it; the encoder sees the mask too). A UNet sees all tokens, as Stable Diffusion."""
