@@ -218,3 +218,12 @@ def test_train_vae_then_a_latent_run_on_that_vae_encoding_every_step(tmp_path: P
     assert "training a" not in result.stderr  # no VAE stage: the given VAE is used
     saved = json.loads((run / "vae" / "config.json").read_text())
     assert saved["scaling_factor"] == json.loads((vae_run / "vae" / "config.json").read_text())["scaling_factor"]
+
+
+def test_check_of_a_from_scratch_latent_run_passes_and_says_why_the_step_is_not_timed(tmp_path: Path):
+    """Its VAE does not exist before `train`, so check cannot time the denoising step: a note, not a failure."""
+    checked = run_cli("check", "tiny/mini-sd", "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "step: not timed: this latent run trains its VAE first" in checked.stdout
+    assert "check: OK" in checked.stdout
+    assert not (tmp_path / "run").exists()

@@ -21,6 +21,11 @@ from difftrain.sampling.generate import ImageSampler
 logger = logging.getLogger(__name__)
 
 
+class VAENotTrainedYet(ValueError):
+    """A step of a latent run was asked for before its VAE stage ran (`difftrain check` of a from-scratch run):
+    not a mistake in the config, so check reports the step as not timed rather than failed."""
+
+
 class LatentSpace:
     """The VAE side of a latent family: plan_latent_space (call it first in plan), the VAE stage, the frozen VAE in
     Models, the latent encoder, latent batches and the decoding sampler."""
@@ -71,8 +76,9 @@ class LatentSpace:
 
     def build_models(self, mixed_precision: str) -> Models:
         if self.vae is None:
-            raise ValueError("this latent run trains its VAE first (no vae.pretrained); check times the denoising "
-                             "network's step only with a VAE: run `difftrain train-vae` and pass vae.pretrained=DIR")
+            raise VAENotTrainedYet("this latent run trains its VAE first (no vae.pretrained); the denoising "
+                                   "network's step can be timed only with a VAE: run `difftrain train-vae` and pass "
+                                   "vae.pretrained=DIR")
         models = super().build_models(mixed_precision)
         models.frozen.append(self.vae)
         return models

@@ -137,6 +137,7 @@ def run_check(cfg: RunConfig, with_step: bool = True, show_all: bool = False, ou
     except ValueError as exc:
         findings.append(Finding(cfg.output_dir, "error", "resume refused", str(exc)))
     from difftrain.families import family_for
+    from difftrain.families.latent_space import VAENotTrainedYet
 
     keep_labels, want_captions = family_for(cfg).data_wants()
     data_cfg = cfg.data
@@ -167,6 +168,8 @@ def run_check(cfg: RunConfig, with_step: bool = True, show_all: bool = False, ou
             where = f"{step.loader_workers} worker process(es)" if step.loader_workers else "the training process"
             out(f"loader: {step.loader_images_per_s:.0f} images/s gathered by {where}, against the step's "
                 f"{step.images_per_s:.1f} images/s (data.loader_workers)")
+        except VAENotTrainedYet as exc:
+            out(f"step: not timed: {exc}")
         except Exception as exc:  # noqa: BLE001 - any failure of the step is the finding itself
             errors.append(Finding("step", "error", "training step failed", f"{type(exc).__name__}: {exc}"))
             out(str(errors[-1]))
