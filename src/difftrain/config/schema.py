@@ -99,7 +99,7 @@ class ModelConfig:
     transformer: dict = field(default_factory=dict)
     """Explicit diffusers transformer kwargs (DiTTransformer2DModel, or PixArtTransformer2DModel for text), applied over the settings above."""
     space: Literal["pixel", "latent"] = "pixel"
-    """'latent' trains the network on VAE latents (see the `vae` section); text-conditioned latent runs export a StableDiffusionPipeline, class-conditional and unconditional ones (model.backbone = 'dit') diffusers' DiTPipeline."""
+    """'latent' trains the network on VAE latents (see the `vae` section); text-conditioned latent runs export a StableDiffusionPipeline (UNet) or a PixArtSigmaPipeline (DiT), class-conditional and unconditional ones (model.backbone = 'dit') diffusers' DiTPipeline."""
     pretrained: Optional[str] = None
     """Stable Diffusion style pipeline (hub id or local dir) to fine-tune: its UNet, VAE, text encoder, tokenizer and noise schedule are used."""
     finetune: Literal["full", "lora"] = "full"
