@@ -3,12 +3,14 @@ text sampler feeds a PixArt transformer exactly as diffusers' PixArtSigmaPipelin
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 
 from difftrain.config import TextEncoderConfig, load_config
 from difftrain.data.batches import MicroBatch
 from difftrain.families import family_for
+from difftrain.models.backbone import unread_backbone_settings
 from difftrain.models.text import build_caption_tokenizer, build_scratch_text_encoder, encode_prompts
 from difftrain.sampling.generate import network_denoiser
 from difftrain.sampling.sample import sample
@@ -52,3 +54,14 @@ def test_difftrain_samples_a_pixart_transformer_as_pixart_sigma_pipeline_does():
         ours = sample(network_denoiser(transformer, (states, mask)), DDIMScheduler(num_train_timesteps=100, clip_sample=False),
                       (4, 8, 8), [5], num_inference_steps=3, cond=torch.tensor([0]))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, unread", [
+    (["model.backbone=dit"], ["unet"]),  # the mnist-text preset's UNet settings, with a DiT asked for
+    (["model.backbone=dit", "model.unet={}"], []),
+    ([], []),
+    (["model.depth=4", "model.patch_size=2"], ["patch_size", "depth"]),
+])
+def test_settings_of_the_other_backbone_are_named_as_unread(overrides: list[str], unread: list[str]):
+    cfg = load_config("mnist-text", ["data.path=unused", *overrides], output_dir="unused")
+    assert unread_backbone_settings(cfg.model) == unread

@@ -4,13 +4,15 @@ the length of the VAE stage."""
 from __future__ import annotations
 
 import pytest
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 from difftrain import families
 from difftrain.config import ConfigError, load_config
-from difftrain.diffusion import objective, objectives
-from difftrain.families.latent_class import dit_pipeline_scheduler_problems
+from difftrain.config.checks import _NO_INIT_NOISE_SIGMA
+from difftrain.config.schema import FLOW_SCHEDULERS
+from difftrain.diffusion.objectives import OBJECTIVES
 from difftrain.families.vae_stage import DEFAULT_MAX_VAE_STEPS, vae_train_steps
+
+FLOW = ["diffusion.objective=flow_matching", "diffusion.beta_schedule=linear", "diffusion.prediction_type=epsilon"]
 
 
 @pytest.mark.parametrize("overrides, name", [
@@ -29,23 +31,18 @@ def test_a_latent_unet_without_text_is_refused_naming_the_backbone(conditioning:
         load_config("tiny/latent-dit", overrides, output_dir="unused")
 
 
-class _FlowLikeObjective(objective.DDPMObjective):
-    """Samples with diffusers' FlowMatchEulerDiscreteScheduler, as a flow-matching objective does."""
-
-    name = "flow-like"
-
-    def inference_scheduler(self, name, clip_x0=None):
-        return FlowMatchEulerDiscreteScheduler()
-
-
-def test_dit_pipeline_needs_a_scheduler_with_scale_model_input(monkeypatch):
-    cfg = load_config("tiny/latent-dit", [], output_dir="unused")
-    assert dit_pipeline_scheduler_problems(cfg, 8) == []  # DDIM has it
-    monkeypatch.setitem(objectives.OBJECTIVES, "flow-like", _FlowLikeObjective)
-    cfg.diffusion.objective = "flow-like"
-    problems = dit_pipeline_scheduler_problems(cfg, 8)
-    assert len(problems) == 1 and "'sample.scheduler' = 'ddim'" in problems[0]
-    assert "FlowMatchEulerDiscreteScheduler, which has no scale_model_input" in problems[0]
+@pytest.mark.parametrize("name", FLOW_SCHEDULERS)
+def test_the_config_check_refuses_exactly_the_flow_samplers_that_latent_pipelines_cannot_step(name: str):
+    """StableDiffusionPipeline, PixArtSigmaPipeline and DiTPipeline call scheduler.scale_model_input; the config
+    check's list of flow samplers refused in latent space is the list of those without it."""
+    cfg = load_config("tiny/latent-dit", [*FLOW, f"sample.scheduler={name}"] if name not in _NO_INIT_NOISE_SIGMA
+                      else [*FLOW, "sample.scheduler=dpm++"], output_dir="unused")
+    objective = OBJECTIVES["flow_matching"].from_config(cfg.diffusion, latent=True, sample_size=8)
+    steps_in_pipelines = hasattr(objective.inference_scheduler(name), "scale_model_input")
+    assert steps_in_pipelines == (name not in _NO_INIT_NOISE_SIGMA)
+    if not steps_in_pipelines:
+        with pytest.raises(ConfigError, match=f"'sample.scheduler' = '{name}': a latent run exports"):
+            load_config("tiny/latent-dit", [*FLOW, f"sample.scheduler={name}"], output_dir="unused")
 
 
 def test_the_vae_stage_follows_the_run_unless_its_steps_are_set():
@@ -57,7 +54,7 @@ def test_the_vae_stage_follows_the_run_unless_its_steps_are_set():
     assert steps("tiny/mini-sd", "vae.train_steps=null", "train.max_steps=100000") == DEFAULT_MAX_VAE_STEPS
     # 3 epochs of 64 images at batch 8: 24 steps
     assert steps("tiny/mini-sd", "vae.train_steps=null", "train.max_steps=null", "train.num_epochs=3") == 24
-    assert steps("mini-sd") == 800  # the preset's 2,000 steps: the same VAE stage as when it said 800
+    assert steps("mini-sd") == 500  # stated in the preset, a share of the budget in its header
     assert steps("mini-sd", "train.max_steps=2") == 2
     with pytest.raises(ConfigError, match="vae.train_steps"):
         load_config("tiny/mini-sd", ["vae.train_steps=0"], output_dir="unused")

@@ -67,7 +67,10 @@ def export_lora(unet, text_encoder: Optional[torch.nn.Module], cfg: RunConfig, b
     return path
 
 
-def write_latent_model_card(cfg: RunConfig, summary: RunSummary, output_dir: Path, base: Optional[str]) -> None:
+def write_latent_model_card(cfg: RunConfig, summary: RunSummary, output_dir: Path, base: Optional[str],
+                            objective: str) -> None:
+    """OUTPUT_DIR/README.md of a latent text-to-image run (from scratch, fine-tuned or LoRA); `objective` is the
+    objective's `describe()`."""
     m = cfg.model
     prompt = (cfg.sample.prompts[0] if cfg.sample.prompts else cfg.data.instance_prompt) or "a photo of a flower"
     if m.finetune == "lora" and base:
@@ -116,6 +119,7 @@ def write_latent_model_card(cfg: RunConfig, summary: RunSummary, output_dir: Pat
 ## Training
 - Data: {summary.data_description}: {summary.num_images} images at {cfg.data.resolution} px{f'; {summary.num_skipped} file(s) skipped (unreadable, too large, dangling links or without a caption; named in train.log)' if summary.num_skipped else ''}{dreambooth}
 - Steps: {summary.steps} optimizer steps, {summary.images_seen} images seen ({summary.epochs:.1f} epochs), batch {cfg.train.batch_size}
+- Objective: {objective}
 - Optimizer: AdamW, learning rate {cfg.train.learning_rate:g} ({cfg.train.lr_scheduler}), mixed precision {cfg.train.mixed_precision}
 - Validation prompts: {', '.join(repr(p) for p in cfg.sample.prompts) or 'the training captions'}
 - Final training loss: {loss}; training time: {summary.train_seconds / 60:.1f} min

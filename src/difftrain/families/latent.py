@@ -37,4 +37,4 @@ class LatentTextFamily(LatentSpace, TextPixelFamily):
                                 objective.inference_scheduler(self.cfg.sample.scheduler), output_dir)
 
     def write_model_card(self, summary: RunSummary, objective: Objective, output_dir: Path) -> None:
-        write_latent_model_card(self.cfg, summary, output_dir, None)
+        write_latent_model_card(self.cfg, summary, output_dir, None, objective.describe())

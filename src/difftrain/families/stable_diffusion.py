@@ -145,4 +145,4 @@ class StableDiffusionFamily(LatentTextFamily):
         logger.info("LoRA weights: %s (load with pipe.load_lora_weights(%r))", path, str(output_dir))
 
     def write_model_card(self, summary: RunSummary, objective: Objective, output_dir: Path) -> None:
-        write_latent_model_card(self.cfg, summary, output_dir, self.base)
+        write_latent_model_card(self.cfg, summary, output_dir, self.base, objective.describe())

@@ -6,6 +6,7 @@ The smallest family, and the base of the other pixel-space ones: docs/architectu
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,13 @@ from difftrain.data.transforms import random_hflip, to_model_range
 from difftrain.diffusion.objective import Network, Objective
 from difftrain.families.base import Batch, Family, Models, NetworkSpec, PreviewLayout, RunSummary
 from difftrain.families.export import save_pipeline_atomically, write_model_card
-from difftrain.models.backbone import Conditioning, component_name, network_call, plan_network
+from difftrain.models.backbone import (Conditioning, component_name, network_call, plan_network,
+                                       unread_backbone_settings)
 from difftrain.models.unet import UNET_PRESETS
 from difftrain.pipeline import UnconditionalPipeline
 from difftrain.sampling.generate import ImageSampler
+
+logger = logging.getLogger(__name__)
 
 
 class UnconditionalPixelFamily(Family):
@@ -51,6 +55,9 @@ class UnconditionalPixelFamily(Family):
         """The network of `model.backbone` (class and kwargs from the size preset, the data and `model.unet` or the
         transformer fields), checked before anything is built or written."""
         size, channels = self.geometry()
+        for key in unread_backbone_settings(self.cfg.model):
+            # A preset's UNet settings stay when model.backbone=dit is given on the command line: said, not refused.
+            logger.warning("model.%s is not read: model.backbone = %r", key, self.cfg.model.backbone)
         self.network_plan, problems = plan_network(self.cfg.model, size, channels, self.conditioning(), self.presets)
         if problems:
             raise ConfigError(problems)

@@ -112,6 +112,14 @@ def _transformer_problems(settings: dict[str, Any], sample_size: int, explicit: 
     return problems
 
 
+def unread_backbone_settings(model_cfg: Any) -> list[str]:
+    """model.* fields that are set but belong to the other backbone (model.unet with a DiT, the transformer fields
+    with a UNet)."""
+    if model_cfg.backbone == "dit":
+        return ["unet"] if model_cfg.unet else []
+    return [k for k in ("patch_size", "depth", "width", "num_heads", "transformer") if getattr(model_cfg, k)]
+
+
 def plan_network(model_cfg: Any, sample_size: int, channels: int, condition: Conditioning,
                  unet_presets: dict[str, dict[str, Any]]) -> tuple[NetworkPlan, list[str]]:
     """The network of `model.backbone` for x0 of `channels` x `sample_size`^2, and the problems found in it
