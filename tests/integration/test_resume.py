@@ -42,6 +42,9 @@ def _assert_same(a, b, where=""):
     ("tiny/folder-uncond", []),
     # text conditioning with a trained from-scratch encoder (saved as a second model) and caption dropout
     ("tiny/digits-text", []),
+    # captions that vary per step (a prefix, shuffled and dropped tags), tokenized in the step
+    ("tiny/digits-text", ["data.caption_template=digit {label}, handwritten, small, gray", "data.caption_prefix=sks",
+                          "data.shuffle_tags=true", "data.keep_tokens=1", "data.tag_dropout=0.3"]),
     # flow matching: class conditioning, logit-normal times, the resolution shift
     ("tiny/digits-flow", []),
     # flow matching with SD3's mode density and cosmap weighting, accumulation, flips and offset noise

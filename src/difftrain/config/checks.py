@@ -79,6 +79,21 @@ def check_config(cfg: RunConfig) -> list[str]:
         problems.append("'data.captions' = 'template' needs 'data.caption_template' (e.g. 'a photo of a {label}')")
     if d.captions == "column" and not d.caption_column:
         problems.append("'data.captions' = 'column' needs 'data.caption_column'")
+    caption_steps = {"caption_prefix": d.caption_prefix is not None, "shuffle_tags": d.shuffle_tags,
+                     "keep_tokens": d.keep_tokens != 0, "tag_dropout": d.tag_dropout != 0.0,
+                     "caption_lines": d.caption_lines != "join"}
+    if m.conditioning != "text":
+        problems += [f"'data.{name}' = {getattr(d, name)!r} needs 'model.conditioning' = 'text'"
+                     for name, is_set in caption_steps.items() if is_set]
+    if d.keep_tokens < 0:
+        problems.append(f"'data.keep_tokens' = {d.keep_tokens}: must be >= 0")
+    if not 0.0 <= d.tag_dropout < 1.0:
+        problems.append(f"'data.tag_dropout' = {d.tag_dropout}: must be in [0, 1)")
+    if not d.tag_separator or "\n" in d.tag_separator:
+        problems.append(f"'data.tag_separator' = {d.tag_separator!r}: must be a non-empty string without a newline")
+    if d.keep_tokens and not (d.shuffle_tags or d.tag_dropout):
+        problems.append(f"'data.keep_tokens' = {d.keep_tokens} has no effect without 'data.shuffle_tags' or "
+                        "'data.tag_dropout'")
     if d.caption_template is not None and "{label}" not in d.caption_template:
         problems.append(f"'data.caption_template' = {d.caption_template!r} must contain '{{label}}'")
     if _prompts_without_text_model(cfg):

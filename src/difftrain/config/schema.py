@@ -52,6 +52,18 @@ class DataConfig:
     """Caption from the class label, e.g. 'A handwritten digit {label}' or 'a photo of a {label}'."""
     caption_column: Optional[str] = None
     """Caption column of a `datasets` data set (or of metadata.jsonl / metadata.csv)."""
+    caption_lines: Literal["join", "choose"] = "join"
+    """Sidecar .txt files: 'join' makes the whole file one caption; 'choose' makes each non-empty line a caption of the image, one drawn per step. A metadata or column value that is a list is always several captions."""
+    caption_prefix: Optional[str] = None
+    """Put first in every training caption (a trigger word, e.g. 'sks dog'), joined by tag_separator; tag shuffling and tag dropout never move or drop it. Template-made evaluation prompts get it too."""
+    shuffle_tags: bool = False
+    """Shuffle each caption's tag_separator-separated tags every step (after the first keep_tokens), drawn from the step's generator: the same (seed, step) gives the same captions."""
+    keep_tokens: int = 0
+    """Tags at the start of each caption that shuffle_tags and tag_dropout leave in place (kohya's keep_tokens; the prefix is not counted)."""
+    tag_dropout: float = 0.0
+    """Probability of leaving out each tag (after the first keep_tokens) of a caption in a step."""
+    tag_separator: str = ","
+    """What separates the tags of a caption for shuffle_tags, tag_dropout and keep_tokens."""
     max_images: Optional[int] = None
     """Use only the first N images (after sorting), e.g. for quick trials."""
     instance_dir: Optional[str] = None

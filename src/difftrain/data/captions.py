@@ -2,7 +2,9 @@
 next to the images, or a caption column of a `datasets` data set.
 
 `resolve_captions` returns one caption (or None when missing/empty) per item; the data set then skips
-captionless items and names each one, as it does for unreadable images.
+captionless items and names each one, as it does for unreadable images. An image with several captions (a list in
+metadata.jsonl or a column, or the lines of a sidecar .txt with data.caption_lines = 'choose') gets them joined by
+caption_recipe.CHOICE_SEPARATOR; the step draws one (data/caption_recipe.py).
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from difftrain.config import DataConfig
+from difftrain.data.caption_recipe import CHOICE_SEPARATOR
 from difftrain.data.sources import ImageSource
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -26,7 +29,7 @@ def _metadata_path(root: Path) -> Optional[Path]:
     return None
 
 
-def read_metadata(path: Path, caption_key: Optional[str]) -> dict[str, str]:
+def read_metadata(path: Path, caption_key: Optional[str]) -> dict[str, Any]:
     """file_name (relative to the metadata file's folder) -> caption, from JSON lines or CSV."""
     if path.suffix == ".jsonl":
         rows = []
@@ -49,14 +52,24 @@ def read_metadata(path: Path, caption_key: Optional[str]) -> dict[str, str]:
     if key is None or key not in keys:
         wanted = caption_key or " or ".join(CAPTION_KEYS)
         raise ValueError(f"{path}: no caption column {wanted!r} (found {sorted(keys)}); set data.caption_column")
-    return {str(row["file_name"]): (row.get(key) or "") for row in rows}
+    return {str(row["file_name"]): (row.get(key) or "") for row in rows}  # a JSON list: several captions
 
 
-def _clean(caption: Optional[str]) -> Optional[str]:
+def _clean(caption: Any) -> Optional[str]:
+    """One caption with its whitespace collapsed, or several (a list: metadata.jsonl, a `datasets` column) joined
+    by CHOICE_SEPARATOR; None when empty."""
     if caption is None:
         return None
+    if isinstance(caption, (list, tuple)):
+        choices = [c for c in (_clean(item) for item in caption) if c]
+        return CHOICE_SEPARATOR.join(choices) or None
     caption = " ".join(str(caption).split())
     return caption or None
+
+
+def _sidecar(text: str, lines: str) -> Optional[str]:
+    """A sidecar .txt: one caption ('join'), or one per non-empty line ('choose')."""
+    return _clean(text.splitlines() if lines == "choose" else text)
 
 
 def resolve_captions(source: ImageSource, cfg: DataConfig) -> list[Optional[str]]:
@@ -100,5 +113,5 @@ def resolve_captions(source: ImageSource, cfg: DataConfig) -> list[Optional[str]
     captions = []
     for name in source.names:
         txt = Path(name).with_suffix(".txt")
-        captions.append(_clean(txt.read_text(errors="replace")) if txt.is_file() else None)
+        captions.append(_sidecar(txt.read_text(errors="replace"), cfg.caption_lines) if txt.is_file() else None)
     return captions

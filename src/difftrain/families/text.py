@@ -18,12 +18,13 @@ import torch
 
 from difftrain.config import RunConfig
 from difftrain.data.batches import MicroBatch
+from difftrain.data.caption_recipe import CaptionRecipe, step_captions
 from difftrain.diffusion.objective import Network, Objective
 from difftrain.families.base import Models, PreviewLayout, RunSummary
 from difftrain.families.export import save_pipeline_atomically, write_model_card
 from difftrain.families.unconditional import UnconditionalPixelFamily
 from difftrain.models.backbone import Conditioning, component_name, takes_text_mask
-from difftrain.models.conditioning import TextConditioner, caption_vocabulary, drop_captions
+from difftrain.models.conditioning import TextConditioner, caption_vocabulary, drop_caption_texts, drop_captions
 from difftrain.models.text import (build_caption_tokenizer, build_scratch_text_encoder, load_pretrained_text_encoder,
                                    text_hidden_size)
 from difftrain.models.unet import COND_UNET_PRESETS
@@ -74,8 +75,14 @@ class TextPixelFamily(UnconditionalPixelFamily):
         return tokenizer, build_scratch_text_encoder(tokenizer, te), True, te.max_length
 
     def plan(self) -> None:
-        vocab, ids = caption_vocabulary(self.dataset.captions)
-        tokenizer, encoder, trainable, max_length = self.text_components(vocab)
+        captions = self.dataset.captions
+        self.recipe = CaptionRecipe.from_config(self.cfg.data)
+        # Captions that never change (the common case) are ids into the distinct captions, each tokenized once;
+        # ones that do (several per image, shuffled or dropped tags) are made and tokenized per step.
+        self.captions_vary = self.recipe.varies(captions)
+        vocab, ids = caption_vocabulary([self.recipe.fixed(c) for c in captions])
+        words = vocab + self.recipe.vocabulary_texts(captions) if self.captions_vary else vocab
+        tokenizer, encoder, trainable, max_length = self.text_components(words)
         tokenizer.model_max_length = max_length  # sampling must use the length the UNet was trained on
         self.text = TextSetup(tokenizer, encoder, trainable, vocab, ids, max_length)
         super().plan()
@@ -121,13 +128,19 @@ class TextPixelFamily(UnconditionalPixelFamily):
         self.conditioner = TextConditioner(self.text.tokenizer, self.text_encoder, self.text.vocab,
                                            self.text.max_length, self.text.trainable,
                                            with_mask=takes_text_mask(self.network_plan.cls)).to(accelerator.device)
-        self.conditioner.precompute()
+        if not self.captions_vary:  # varying captions are encoded in the step, never from the cache
+            self.conditioner.precompute()
 
     # -- the step ------------------------------------------------------------------------------------------------
 
-    def condition(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        return drop_captions(self.text.caption_ids[micro.rows].to(device), self.conditioner.null_index,
-                             self.cfg.train.condition_dropout, generator)
+    def condition(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> Any:
+        """Caption ids (B,), or with captions that vary per step the step's caption texts; both after caption
+        dropout to the empty prompt."""
+        if not self.captions_vary:
+            return drop_captions(self.text.caption_ids[micro.rows].to(device), self.conditioner.null_index,
+                                 self.cfg.train.condition_dropout, generator)
+        texts = step_captions(self.recipe, self.dataset.captions, micro.rows.tolist(), generator)
+        return drop_caption_texts(texts, self.cfg.train.condition_dropout, generator)
 
     def network(self, condition: Any) -> Network:
         module, call, text = self.unet, self.call, self.conditioner(condition)  # states, or (states, mask)
@@ -160,7 +173,8 @@ class TextPixelFamily(UnconditionalPixelFamily):
                                  "no instance prompt and no sample.prompts: set sample.prompts to evaluate it")
             return None, [fixed[i % len(fixed)] for i in range(num_samples)]
         labels = [i % len(class_names) for i in range(num_samples)]
-        return labels, [template.format(label=class_names[k]) for k in labels]
+        recipe = CaptionRecipe.from_config(d)  # the prefix the training captions had
+        return labels, [recipe.fixed(template.format(label=class_names[k])) for k in labels]
 
     def export(self, network: torch.nn.Module, objective: Objective, output_dir: Path) -> None:
         pipe = TextToImagePipeline(scheduler=objective.inference_scheduler(self.cfg.sample.scheduler),

@@ -1,4 +1,5 @@
-"""Text conditioning during training: captions as ids into a vocabulary of distinct captions.
+"""Text conditioning during training: captions as ids into a vocabulary of distinct captions, or (captions that
+vary per step: data/caption_recipe.py) as texts tokenized in the step.
 
 A frozen encoder's states are computed once per distinct caption and cached; a trained encoder runs
 once per distinct caption in each batch (MNIST batches hold 10 distinct captions, not 512). The
@@ -36,6 +37,8 @@ class TextConditioner:
     def __init__(self, tokenizer, text_encoder: torch.nn.Module, vocab: list[str], max_length: int, trainable: bool,
                  with_mask: bool = False):
         self.text_encoder = text_encoder
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.with_mask = with_mask
         self.vocab = vocab
         self.null_index = len(vocab) - 1
         self.trainable = trainable
@@ -68,9 +71,20 @@ class TextConditioner:
         self.cache = torch.cat(chunks)
         logger.info("cached frozen text-encoder states for %d distinct captions", len(self.vocab))
 
-    def __call__(self, caption_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        states = self._states(caption_ids)
-        return states if self.mask is None else (states, self.mask[caption_ids])
+    def __call__(self, condition: torch.Tensor | Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """States of caption ids (B,), or of caption texts made by the step (tokenized here)."""
+        if not isinstance(condition, torch.Tensor):
+            return self._texts(list(condition))
+        states = self._states(condition)
+        return states if self.mask is None else (states, self.mask[condition])
+
+    def _texts(self, texts: list[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        device = self.token_ids.device
+        ids, mask = tokenize_with_mask(self.tokenizer, texts, self.max_length, warn=False)
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            states = self.text_encoder(ids, attention_mask=mask)[0] if self.with_mask else self.text_encoder(ids)[0]
+        return states if not self.with_mask else (states, mask)
 
     def _states(self, caption_ids: torch.Tensor) -> torch.Tensor:
         if self.cache is not None:
@@ -90,3 +104,11 @@ def drop_captions(caption_ids: torch.Tensor, null_index: int, probability: float
         return caption_ids
     drop = torch.rand(caption_ids.shape, generator=generator, device=caption_ids.device) < probability
     return torch.where(drop, torch.full_like(caption_ids, null_index), caption_ids)
+
+
+def drop_caption_texts(texts: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """`drop_captions` for caption texts: each replaced by the empty prompt with `probability`."""
+    if probability <= 0:
+        return texts
+    drop = (torch.rand(len(texts), generator=generator, device=generator.device) < probability).tolist()
+    return ["" if dropped else text for text, dropped in zip(texts, drop)]
