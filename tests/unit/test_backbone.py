@@ -58,7 +58,6 @@ def test_difftrain_samples_a_pixart_transformer_as_pixart_sigma_pipeline_does():
 
 @pytest.mark.parametrize("overrides, unread", [
     (["model.backbone=dit"], ["unet"]),  # the mnist-text preset's UNet settings, with a DiT asked for
-    (["model.backbone=dit", "model.unet={}"], []),
     ([], []),
     (["model.depth=4", "model.patch_size=2"], ["patch_size", "depth"]),
 ])
