@@ -54,7 +54,7 @@ def test_the_vae_stage_follows_the_run_unless_its_steps_are_set():
     assert steps("tiny/mini-sd", "vae.train_steps=null", "train.max_steps=100000") == DEFAULT_MAX_VAE_STEPS
     # 3 epochs of 64 images at batch 8: 24 steps
     assert steps("tiny/mini-sd", "vae.train_steps=null", "train.max_steps=null", "train.num_epochs=3") == 24
-    assert steps("mini-sd") == 500  # stated in the preset, a share of the budget in its header
+    assert steps("mini-sd") == 500  # the preset's 3,200 steps: the cap, the VAE stage its header's budget measured
     assert steps("mini-sd", "train.max_steps=2") == 2
     with pytest.raises(ConfigError, match="vae.train_steps"):
         load_config("tiny/mini-sd", ["vae.train_steps=0"], output_dir="unused")

@@ -131,7 +131,7 @@ class VaeConfig:
     latent_channels: int = 4
     """Latent channels of a from-scratch VAE."""
     train_steps: Optional[int] = None
-    """Optimizer steps of from-scratch VAE training (reconstruction + KL); None: as many as the diffusion stage (train.max_steps, or the steps of train.num_epochs), at most 800. The run logs the stage's length and estimated time after its first steps."""
+    """Optimizer steps of from-scratch VAE training (reconstruction + KL); None: as many as the diffusion stage (train.max_steps, or the steps of train.num_epochs), at most 500. The run logs the stage's length and estimated time after its first steps."""
     batch_size: int = 16
     """Images per VAE training step."""
     learning_rate: float = 1e-3

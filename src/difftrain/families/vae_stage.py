@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 _VAE_SEED_OFFSET = 0x7AE
 
 
-# The VAE stage of a run that leaves vae.train_steps unset follows its diffusion stage up to this many steps.
-DEFAULT_MAX_VAE_STEPS = 800
+# The VAE stage of a run that leaves vae.train_steps unset follows its diffusion stage up to this many steps: mini-sd's
+# 500 steps (batch 8, 64 px) took 10.8 min of its 58-min budget and gave flowers of the prompted species (BENCHMARKS.md).
+DEFAULT_MAX_VAE_STEPS = 500
 # Steps timed before the stage's estimate is logged (the first one, which allocates, is timed apart).
 _TIMED_STEPS = 4
 
