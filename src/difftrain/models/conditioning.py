@@ -9,7 +9,7 @@ empty prompt is the last vocabulary entry, so caption dropout is an index swap.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -38,7 +38,6 @@ class TextConditioner:
                  with_mask: bool = False):
         self.text_encoder = text_encoder
         self.tokenizer, self.max_length = tokenizer, max_length
-        self.with_mask = with_mask
         self.vocab = vocab
         self.null_index = len(vocab) - 1
         self.trainable = trainable
@@ -53,10 +52,11 @@ class TextConditioner:
             self.mask = self.mask.to(device)
         return self
 
+    def _run_encoder(self, ids: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.text_encoder(ids)[0] if mask is None else self.text_encoder(ids, attention_mask=mask)[0]
+
     def _encode(self, rows: torch.Tensor | slice) -> torch.Tensor:
-        if self.mask is None:
-            return self.text_encoder(self.token_ids[rows])[0]
-        return self.text_encoder(self.token_ids[rows], attention_mask=self.mask[rows])[0]
+        return self._run_encoder(self.token_ids[rows], None if self.mask is None else self.mask[rows])
 
     @torch.no_grad()
     def precompute(self, batch_size: int = 256) -> None:
@@ -82,9 +82,10 @@ class TextConditioner:
         device = self.token_ids.device
         ids, mask = tokenize_with_mask(self.tokenizer, texts, self.max_length, warn=False)
         ids, mask = ids.to(device), mask.to(device)
+        mask = None if self.mask is None else mask
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            states = self.text_encoder(ids, attention_mask=mask)[0] if self.with_mask else self.text_encoder(ids)[0]
-        return states if not self.with_mask else (states, mask)
+            states = self._run_encoder(ids, mask)
+        return states if mask is None else (states, mask)
 
     def _states(self, caption_ids: torch.Tensor) -> torch.Tensor:
         if self.cache is not None:
