@@ -276,13 +276,12 @@ def load_pipeline(path: Union[str, Path], device: Union[str, torch.device, None]
     A LoRA run (pytorch_lora_weights.safetensors, no model_index.json) loads its base pipeline and
     then the adapters with `load_lora_weights`.
     """
-    from difftrain.models.pretrained import stable_diffusion_pipeline_class
+    from difftrain.models.pretrained import load_base_pipeline, stable_diffusion_pipeline_class
 
     adapter_base = Path(path) / ADAPTER_BASE_FILE
     if not (Path(path) / "model_index.json").is_file() and adapter_base.is_file():
         base = json.loads(adapter_base.read_text())["base_model"]
-        pipe = stable_diffusion_pipeline_class().from_pretrained(base, safety_checker=None,
-                                                                 requires_safety_checker=False)
+        pipe = load_base_pipeline(base)
         pipe.load_lora_weights(str(path))
         return pipe.to(device) if device is not None else pipe
     kind = pipeline_kind(path)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 # Asked in order; the first family whose `handles(cfg)` is true trains the run.
 FAMILIES: dict[str, str] = {
+    "stable-diffusion-xl": "difftrain.families.sdxl:StableDiffusionXLFamily",
     "stable-diffusion": "difftrain.families.stable_diffusion:StableDiffusionFamily",
     "latent-text": "difftrain.families.latent:LatentTextFamily",
     "latent-class": "difftrain.families.latent_class:LatentClassFamily",

@@ -42,7 +42,7 @@ def ensure_class_images(cfg: RunConfig, device: torch.device, rank: int = 0, wor
     """
     from difftrain.pipeline import scheduler_for
     from difftrain.sampling.generate import ImageSampler
-    from difftrain.models.pretrained import resolve, stable_diffusion_pipeline_class
+    from difftrain.models.pretrained import load_base_pipeline
 
     folder = class_dir_for(cfg)
     have = existing_class_images(folder)
@@ -62,8 +62,7 @@ def ensure_class_images(cfg: RunConfig, device: torch.device, rank: int = 0, wor
     # Before the base pipeline loads and generation starts: a read-only or full class folder fails at once.
     check_writable(folder, png_bytes_estimate(cfg.data.resolution, cfg.data.resolution, count=len(indices)),
                    f"{len(indices)} class images")
-    pipe = stable_diffusion_pipeline_class().from_pretrained(resolve(cfg.model.pretrained), safety_checker=None,
-                                                             requires_safety_checker=False)
+    pipe = load_base_pipeline(cfg.model.pretrained)
     pipe.to(device)
     s = cfg.sample
     scheduler = scheduler_for(pipe, s.scheduler)

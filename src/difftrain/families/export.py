@@ -13,7 +13,6 @@ from difftrain.writes import atomic_write_text, check_writable, state_bytes, wri
 
 logger = logging.getLogger(__name__)
 
-EXPORT_ENTRIES = ("model_index.json", "unet", "transformer", "scheduler", "text_encoder", "tokenizer", "vae")
 
 
 def pipeline_modules(pipe) -> list:
@@ -35,7 +34,10 @@ def save_pipeline_atomically(pipe, output_dir: Path, what: str = "the exported p
         if tmp.exists():
             shutil.rmtree(tmp)
         pipe.save_pretrained(str(tmp), safe_serialization=True)
-        for name in EXPORT_ENTRIES:
+        # Each saved component's folder (SDXL's text_encoder_2 and tokenizer_2 too), then the index naming them.
+        components = [name for name, value in pipe.config.items()
+                      if not name.startswith("_") and isinstance(value, (list, tuple)) and value[0] is not None]
+        for name in [*components, "model_index.json"]:
             src, dst = tmp / name, output_dir / name
             if not src.exists():
                 continue

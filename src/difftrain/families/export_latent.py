@@ -13,7 +13,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from difftrain.config import RunConfig
 from difftrain.models.lora import LORA_WEIGHTS_NAME, save_lora_weights
-from difftrain.models.pretrained import stable_diffusion_pipeline_class
+from difftrain.models.pretrained import load_base_pipeline, stable_diffusion_pipeline_class
 from difftrain.pipeline import ADAPTER_BASE_FILE
 from difftrain.families.base import RunSummary
 from difftrain.families.export import card_front_matter, card_loss_and_grid, pipeline_modules, save_pipeline_atomically
@@ -27,6 +27,16 @@ def export_stable_diffusion(unet, vae, text_encoder, tokenizer, scheduler: Sched
     pipe = stable_diffusion_pipeline_class()(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    save_pipeline_atomically(pipe, output_dir)
+
+
+def export_stable_diffusion_xl(unet, vae, text_encoders: list, tokenizers: list, scheduler: SchedulerMixin,
+                               output_dir: Path) -> None:
+    """A folder that plain `StableDiffusionXLPipeline.from_pretrained(output_dir)` loads."""
+    pipe = stable_diffusion_pipeline_class(xl=True)(
+        vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
     )
     save_pipeline_atomically(pipe, output_dir)
 
@@ -48,15 +58,16 @@ def pixart_call(prompt: str, max_length: int) -> str:
             "clean_caption=False)")
 
 
-def export_lora(unet, text_encoder: Optional[torch.nn.Module], cfg: RunConfig, base: str, output_dir: Path) -> Path:
-    """pytorch_lora_weights.safetensors + adapter_base.json; with lora.export_merged, OUTPUT_DIR/merged too."""
-    path = save_lora_weights(output_dir, unet, text_encoder)
+def export_lora(unet, text_encoders: dict[str, torch.nn.Module], cfg: RunConfig, base: str, output_dir: Path,
+                xl: bool = False) -> Path:
+    """pytorch_lora_weights.safetensors (`text_encoders`: component name -> adapted encoder, those trained) +
+    adapter_base.json; with lora.export_merged, OUTPUT_DIR/merged too. `xl`: an SDXL base."""
+    path = save_lora_weights(output_dir, unet, text_encoders, xl=xl)
     atomic_write_text(output_dir / ADAPTER_BASE_FILE, json.dumps({"base_model": base}, indent=2) + "\n",
                       "the LoRA base-model note")
     if cfg.lora.export_merged:
         merged = output_dir / "merged"
-        pipe = stable_diffusion_pipeline_class().from_pretrained(base, safety_checker=None,
-                                                                 requires_safety_checker=False)
+        pipe = load_base_pipeline(base)
         pipe.load_lora_weights(str(output_dir))
         pipe.fuse_lora()
         pipe.unload_lora_weights()
@@ -68,21 +79,21 @@ def export_lora(unet, text_encoder: Optional[torch.nn.Module], cfg: RunConfig, b
 
 
 def write_latent_model_card(cfg: RunConfig, summary: RunSummary, output_dir: Path, base: Optional[str],
-                            objective: str) -> None:
+                            objective: str, pipeline: str = "StableDiffusionPipeline") -> None:
     """OUTPUT_DIR/README.md of a latent text-to-image run (from scratch, fine-tuned or LoRA); `objective` is the
-    objective's `describe()`."""
+    objective's `describe()`, `pipeline` the diffusers class that loads the export (or the LoRA's base)."""
     m = cfg.model
     prompt = (cfg.sample.prompts[0] if cfg.sample.prompts else cfg.data.instance_prompt) or "a photo of a flower"
     if m.finetune == "lora" and base:
         what = f"LoRA adapters (rank {cfg.lora.rank}) for `{base}`"
         load = (
-            "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
-            f"pipe = StableDiffusionPipeline.from_pretrained(\"{base}\")\n"
+            f"```python\nfrom diffusers import {pipeline}\n\n"
+            f"pipe = {pipeline}.from_pretrained(\"{base}\")\n"
             f"pipe.load_lora_weights(\"{output_dir}\")  # reads {LORA_WEIGHTS_NAME}\n"
             f"image = pipe(\"{prompt}\").images[0]\n```"
         )
         if cfg.lora.export_merged:
-            load += f"\n\nA copy with the adapters merged in: `StableDiffusionPipeline.from_pretrained(\"{output_dir}/merged\")`."
+            load += f"\n\nA copy with the adapters merged in: `{pipeline}.from_pretrained(\"{output_dir}/merged\")`."
     elif m.backbone == "dit":
         what = (f"A latent text-to-image model (PixArt transformer, {summary.num_parameters / 1e6:.2f}M parameters), "
                 "trained from scratch (VAE, text encoder and transformer)")
@@ -98,8 +109,8 @@ def write_latent_model_card(cfg: RunConfig, summary: RunSummary, output_dir: Pat
         origin = f"fine-tuned from `{base}`" if base else "trained from scratch (VAE, text encoder and UNet)"
         what = f"A latent text-to-image model ({summary.num_parameters / 1e6:.2f}M UNet parameters), {origin}"
         load = (
-            "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
-            f"pipe = StableDiffusionPipeline.from_pretrained(\"{output_dir}\")\n"
+            f"```python\nfrom diffusers import {pipeline}\n\n"
+            f"pipe = {pipeline}.from_pretrained(\"{output_dir}\")\n"
             f"image = pipe(\"{prompt}\").images[0]\n```"
         )
     dreambooth = ""
@@ -109,7 +120,8 @@ def write_latent_model_card(cfg: RunConfig, summary: RunSummary, output_dir: Pat
                          f"{cfg.data.class_prompt!r}, weight {cfg.train.prior_loss_weight:g}"
                          if cfg.train.prior_preservation else ""))
     loss, grid = card_loss_and_grid(summary)
-    kind_tag = "lora" if m.finetune == "lora" else ("pixart" if m.backbone == "dit" else "stable-diffusion")
+    kind_tag = "lora" if m.finetune == "lora" else ("pixart" if m.backbone == "dit" else
+                                                    "stable-diffusion-xl" if "XL" in pipeline else "stable-diffusion")
     front = card_front_matter(["difftrain", "text-to-image", kind_tag], "text-to-image", base or "")
     text = f"""{front}
 # {Path(cfg.output_dir).name}

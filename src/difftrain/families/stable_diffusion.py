@@ -72,6 +72,9 @@ class StableDiffusionFamily(LatentTextFamily):
         return tokenizer, encoder, trainable, int(tokenizer.model_max_length)
 
     def pretrained_vae(self) -> Optional[Any]:
+        """The base pipeline's VAE, or `vae.pretrained` in its place (e.g. SDXL's fp16-fixed VAE)."""
+        if self.cfg.vae.pretrained is not None:
+            return load_pretrained_vae(self.cfg.vae.pretrained)
         return load_pretrained_vae(self.cfg.model.pretrained, key="model.pretrained")
 
     def plan(self) -> None:
@@ -116,7 +119,7 @@ class StableDiffusionFamily(LatentTextFamily):
         lora = self.cfg.lora
         count = add_lora(encoder, lora.rank, lora.alpha, lora.dropout, lora.text_encoder_target_modules,
                          "lora.text_encoder_target_modules")
-        logger.info("LoRA rank %d on the text encoder: %d trainable parameters", lora.rank, count)
+        logger.info("LoRA rank %d on %s: %d trainable parameters", lora.rank, type(encoder).__name__, count)
 
     # -- the step ------------------------------------------------------------------------------------------------
 
@@ -140,8 +143,8 @@ class StableDiffusionFamily(LatentTextFamily):
             export_stable_diffusion(network, self.vae, self.exported_text_encoder, self.text.tokenizer,
                                     objective.inference_scheduler(self.cfg.sample.scheduler), output_dir)
             return
-        text_encoder = self.exported_text_encoder if self.cfg.lora.train_text_encoder else None
-        path = export_lora(network, text_encoder, self.cfg, self.base, output_dir)
+        encoders = {"text_encoder": self.exported_text_encoder} if self.cfg.lora.train_text_encoder else {}
+        path = export_lora(network, encoders, self.cfg, self.base, output_dir)
         logger.info("LoRA weights: %s (load with pipe.load_lora_weights(%r))", path, str(output_dir))
 
     def write_model_card(self, summary: RunSummary, objective: Objective, output_dir: Path) -> None:

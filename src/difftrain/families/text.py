@@ -125,11 +125,14 @@ class TextPixelFamily(UnconditionalPixelFamily):
         # A trained encoder is prepared (checkpointed, synchronised); a frozen one was only moved to the device.
         self.text_encoder = trained[0] if self.text.trainable else self.text.text_encoder
         self.exported_text_encoder = accelerator.unwrap_model(self.text_encoder)
-        self.conditioner = TextConditioner(self.text.tokenizer, self.text_encoder, self.text.vocab,
-                                           self.text.max_length, self.text.trainable,
-                                           with_mask=takes_text_mask(self.network_plan.cls)).to(accelerator.device)
+        self.conditioner = self.text_conditioner(trained, accelerator).to(accelerator.device)
         if not self.captions_vary:  # varying captions are encoded in the step, never from the cache
             self.conditioner.precompute()
+
+    def text_conditioner(self, trained: list[torch.nn.Module], accelerator: Any) -> Any:
+        """What turns a batch's captions into the network's text input (`self.text_encoder` is set)."""
+        return TextConditioner(self.text.tokenizer, self.text_encoder, self.text.vocab, self.text.max_length,
+                               self.text.trainable, with_mask=takes_text_mask(self.network_plan.cls))
 
     # -- the step ------------------------------------------------------------------------------------------------
 

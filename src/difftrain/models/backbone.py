@@ -172,7 +172,21 @@ def _unet(module, x, t, condition):
     return module(x, t, class_labels=condition).sample
 
 
+@dataclass
+class TextTimeCondition:
+    """The condition of an SDXL-style UNet (`addition_embed_type="text_time"`): cross-attention states, the pooled
+    text embedding (B, P) and the six size/crop ids per image (B, 6): original (h, w), crop (top, left), target
+    (h, w), as diffusers' SDXL pipelines pass them in `added_cond_kwargs`."""
+
+    states: torch.Tensor
+    text_embeds: torch.Tensor
+    time_ids: torch.Tensor
+
+
 def _unet_text(module, x, t, condition):
+    if isinstance(condition, TextTimeCondition):
+        return module(x, t, encoder_hidden_states=condition.states,
+                      added_cond_kwargs={"text_embeds": condition.text_embeds, "time_ids": condition.time_ids}).sample
     states, mask = text_condition(condition)
     return module(x, t, encoder_hidden_states=states).sample
 

@@ -44,23 +44,26 @@ def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
 
 
-def save_lora_weights(output_dir: Path, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module] = None) -> Path:
+def save_lora_weights(output_dir: Path, unet: torch.nn.Module,
+                      text_encoders: Optional[dict[str, torch.nn.Module]] = None, xl: bool = False) -> Path:
     """Write OUTPUT_DIR/pytorch_lora_weights.safetensors, replacing an older file only once the new one is whole.
 
-    The folder is checked first (writable, room for the adapters); a failed write removes `.lora-tmp/`.
+    `text_encoders` maps pipeline component names ("text_encoder", SDXL's "text_encoder_2") to adapted encoders;
+    `xl` saves through StableDiffusionXLPipeline. The folder is checked first (writable, room for the adapters);
+    a failed write removes `.lora-tmp/`.
     """
-    unet_layers = lora_state_dict(unet)
-    text_layers = lora_state_dict(text_encoder) if text_encoder is not None else None
+    layers = {"unet_lora_layers": lora_state_dict(unet)}
+    for name, encoder in (text_encoders or {}).items():
+        layers[f"{name}_lora_layers"] = lora_state_dict(encoder)
     target = output_dir / LORA_WEIGHTS_NAME
     what = "the LoRA weights"
-    size = sum(t.numel() * t.element_size() for layers in (unet_layers, text_layers or {}) for t in layers.values())
+    size = sum(t.numel() * t.element_size() for part in layers.values() for t in part.values())
     check_writable(output_dir, size, what)
     tmp = output_dir / ".lora-tmp"
     with writing(what, target, [tmp]):
         if tmp.exists():
             shutil.rmtree(tmp)
-        stable_diffusion_pipeline_class().save_lora_weights(
-            str(tmp), unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True)
+        stable_diffusion_pipeline_class(xl=xl).save_lora_weights(str(tmp), safe_serialization=True, **layers)
         (tmp / LORA_WEIGHTS_NAME).replace(target)
     shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -15,7 +15,8 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from difftrain.data.transforms import from_model_range
-from difftrain.models.backbone import denoising_network, geometry, network_call, null_class, takes_text_mask
+from difftrain.models.backbone import (TextTimeCondition, denoising_network, geometry, network_call, null_class,
+                                      takes_text_mask)
 from difftrain.models.text import encode_prompts
 from difftrain.sampling.guidance import Denoiser
 from difftrain.sampling.sample import Seed, sample
@@ -40,11 +41,23 @@ def network_denoiser(network: torch.nn.Module, text: Optional[tuple] = None) -> 
     return denoise
 
 
+def text_time_denoiser(network: torch.nn.Module, states: torch.Tensor, pooled: torch.Tensor,
+                       time_ids: torch.Tensor) -> Denoiser:
+    """The denoiser of an SDXL-style UNet: cond rows into the distinct prompts' (states, pooled) and one row of
+    size/crop ids for every image."""
+    def denoise(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        dtype = network.dtype
+        condition = TextTimeCondition(states[cond].to(dtype), pooled[cond].to(dtype),
+                                      time_ids.expand(x.shape[0], -1).to(dtype))
+        return network_call(type(network))(network, x.to(dtype), t, condition).float()
+    return denoise
+
+
 def _sample_uint8(network, scheduler, seeds, cond, null_cond, num_inference_steps, guidance_scale, batch_size, device,
-                  vae=None, text=None):
+                  vae=None, text=None, denoiser=None):
     channels, size = geometry(network)
     samples = sample(
-        network_denoiser(network, text), scheduler, (channels, size, size), seeds,
+        denoiser or network_denoiser(network, text), scheduler, (channels, size, size), seeds,
         num_inference_steps=num_inference_steps, cond=cond, null_cond=null_cond,
         guidance_scale=guidance_scale, batch_size=batch_size, device=device,
     )
@@ -134,6 +147,45 @@ def generate_from_text(
                          vae=vae, text=(states.float(), mask))
 
 
+@torch.no_grad()
+def generate_from_text_sdxl(
+    unet: torch.nn.Module,
+    scheduler: SchedulerMixin,
+    tokenizers: Sequence,
+    text_encoders: Sequence[torch.nn.Module],
+    prompts: Sequence[str],
+    seeds: Sequence[Seed],
+    *,
+    vae: torch.nn.Module,
+    num_inference_steps: int,
+    negative_prompt: str = "",
+    zero_empty_negative: bool = True,
+    guidance_scale: float = 1.0,
+    batch_size: int = 64,
+    device: Union[torch.device, str, None] = None,
+) -> torch.Tensor:
+    """`generate_from_text` for an SDXL-style UNet and its two text encoders (models/sdxl_text.py): square samples
+    at the UNet's size, ids of an uncropped image of that size, and, as StableDiffusionXLPipeline does with
+    `force_zeros_for_empty_prompt` (`zero_empty_negative`), zeros as the empty negative prompt's embeddings."""
+    from difftrain.models.sdxl_text import encode_sdxl, sdxl_time_ids, token_ids
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
+    device = torch.device(device) if device is not None else unet.device
+    distinct = sorted(set(prompts) | {negative_prompt})
+    states, pooled = encode_sdxl(text_encoders, token_ids(tokenizers, distinct))
+    states, pooled = states.float().to(device), pooled.float().to(device)
+    row = {p: i for i, p in enumerate(distinct)}
+    if negative_prompt == "" and zero_empty_negative:
+        states[row[""]], pooled[row[""]] = 0.0, 0.0
+    side = geometry(unet)[1] * 2 ** (len(vae.config.block_out_channels) - 1)
+    time_ids = sdxl_time_ids(None, None, (side, side), 1, device)
+    cond = torch.tensor([row[p] for p in prompts], device=device)
+    null_cond = torch.full_like(cond, row[negative_prompt])
+    return _sample_uint8(unet, scheduler, seeds, cond, null_cond, num_inference_steps, guidance_scale, batch_size,
+                         device, vae=vae, denoiser=text_time_denoiser(unet, states, pooled, time_ids))
+
+
 def trained_classes(pipe) -> Optional[int]:
     """Classes a pipeline was trained on, where its config says: difftrain's `class_names`, DiTPipeline's labels."""
     names = getattr(pipe.config, "class_names", None) if hasattr(pipe, "config") else None
@@ -154,13 +206,19 @@ class ImageSampler:
     """
 
     def __init__(self, unet: torch.nn.Module, tokenizer=None, text_encoder: Optional[torch.nn.Module] = None,
-                 vae: Optional[torch.nn.Module] = None, num_classes: Optional[int] = None):
+                 vae: Optional[torch.nn.Module] = None, num_classes: Optional[int] = None, tokenizer_2=None,
+                 text_encoder_2: Optional[torch.nn.Module] = None, zero_empty_negative: bool = True):
         self.unet = unet
         """The denoising network (any backbone: the name is the UNet-era one callers know)."""
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.vae = vae
         self._num_classes = num_classes
+        self.tokenizer_2 = tokenizer_2
+        self.text_encoder_2 = text_encoder_2
+        """SDXL: the second tokenizer and text encoder (the UNet then also takes the pooled embedding and ids)."""
+        self.zero_empty_negative = zero_empty_negative
+        """SDXL: the empty negative prompt as zeros (the pipeline's force_zeros_for_empty_prompt)."""
 
     @classmethod
     def from_pipeline(cls, pipe) -> "ImageSampler":
@@ -173,7 +231,10 @@ class ImageSampler:
                              "StableDiffusionPipeline, DiTPipeline and PixArt pipeline folders")
         text_encoder = getattr(pipe, "text_encoder", None)
         tokenizer = getattr(pipe, "tokenizer", None) if text_encoder is not None else None
-        return cls(network, tokenizer, text_encoder, getattr(pipe, "vae", None), trained_classes(pipe))
+        config = getattr(pipe, "config", {})
+        return cls(network, tokenizer, text_encoder, getattr(pipe, "vae", None), trained_classes(pipe),
+                   getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None),
+                   bool(config.get("force_zeros_for_empty_prompt", True)) if hasattr(config, "get") else True)
 
     @property
     def kind(self) -> str:
@@ -221,12 +282,21 @@ class ImageSampler:
                             guidance_scale=guidance_scale, batch_size=batch_size, device=device, vae=self.vae)
         if prompts is None or self.tokenizer is None:
             raise ValueError("a text-conditioned model needs prompts and its tokenizer to sample")
-        was_training = self.text_encoder.training
-        self.text_encoder.eval()
+        encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        was_training = [e.training for e in encoders]
+        for encoder in encoders:
+            encoder.eval()
         try:
+            if self.text_encoder_2 is not None:
+                return generate_from_text_sdxl(
+                    self.unet, scheduler, [self.tokenizer, self.tokenizer_2], encoders, prompts, seeds,
+                    vae=self.vae, num_inference_steps=num_inference_steps, negative_prompt=negative_prompt,
+                    zero_empty_negative=self.zero_empty_negative, guidance_scale=guidance_scale,
+                    batch_size=batch_size, device=device)
             return generate_from_text(self.unet, scheduler, self.tokenizer, self.text_encoder, prompts, seeds,
                                       num_inference_steps=num_inference_steps, negative_prompt=negative_prompt,
                                       guidance_scale=guidance_scale, batch_size=batch_size, device=device,
                                       vae=self.vae)
         finally:
-            self.text_encoder.train(was_training)
+            for encoder, mode in zip(encoders, was_training):
+                encoder.train(mode)

@@ -77,6 +77,14 @@ def probe_inputs(network: torch.nn.Module, batch_size: int, text_length: Optiona
         states = torch.randn(batch_size, text_length, width, generator=g).to(device)
         condition = states if isinstance(network, UNet2DConditionModel) else (
             states, torch.ones(batch_size, text_length, dtype=torch.long, device=device))
+        if getattr(c, "addition_embed_type", None) == "text_time":  # SDXL: pooled embedding and size/crop ids
+            from difftrain.models.backbone import TextTimeCondition
+
+            pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+            side = 8 * hw[0]
+            condition = TextTimeCondition(states, torch.randn(batch_size, pooled, generator=g).to(device),
+                                          torch.tensor([[side, side, 0, 0, side, side]] * batch_size,
+                                                       dtype=torch.float32, device=device))
     elif getattr(c, "num_class_embeds", None) or getattr(c, "num_embeds_ada_norm", None):
         condition = torch.zeros(batch_size, dtype=torch.long, device=device)
     return x, t, condition

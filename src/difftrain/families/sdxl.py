@@ -1,0 +1,114 @@
+"""Fine-tuning an SDXL base (`model.pretrained` a StableDiffusionXLPipeline folder or hub id): the whole UNet or
+LoRA adapters on it and optionally on both text encoders, on captioned data or DreamBooth instance images with
+prior preservation (class images from the SDXL base). What differs from Stable Diffusion 1.x/2.x is the text side
+(two encoders, penultimate states concatenated, the pooled embedding) and the six size/crop ids of every image,
+computed from its real size and crop; the export is a StableDiffusionXLPipeline folder or SDXL LoRA weights."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftrain.data.batches import MicroBatch
+from difftrain.diffusion.objective import Network, Objective
+from difftrain.families.base import Models, RunSummary
+from difftrain.families.export_latent import export_lora, export_stable_diffusion_xl, write_latent_model_card
+from difftrain.families.stable_diffusion import StableDiffusionFamily
+from difftrain.models.backbone import TextTimeCondition
+from difftrain.models.pretrained import SDXL_COMPONENTS, check_base_pipeline, is_sdxl_base
+from difftrain.models.sdxl_text import DualTextConditioner, load_sdxl_text_encoders, sdxl_time_ids
+from difftrain.sampling.generate import ImageSampler
+
+logger = logging.getLogger(__name__)
+
+
+class StableDiffusionXLFamily(StableDiffusionFamily):
+    name = "stable-diffusion-xl"
+
+    @classmethod
+    def handles(cls, cfg) -> bool:
+        return cfg.model.pretrained is not None and is_sdxl_base(cfg.model.pretrained)
+
+    def check_files(self) -> None:
+        check_base_pipeline(self.cfg.model.pretrained, components=SDXL_COMPONENTS, kind="an SDXL pipeline")
+        super(StableDiffusionFamily, self).check_files()  # the instance folder; the SD 1.x layout check is not ours
+
+    # -- planning ------------------------------------------------------------------------------------------------
+
+    def text_components(self, vocab: list[str]) -> tuple[Any, torch.nn.Module, bool, int]:
+        """The first tokenizer and encoder take the text family's place; the second pair is kept here."""
+        tokenizers, encoders = load_sdxl_text_encoders(self.cfg.model.pretrained)
+        self.tokenizer_2, self.text_encoder_2 = tokenizers[1], encoders[1]
+        trainable = bool(self.cfg.text_encoder.train) or (self.lora and self.cfg.lora.train_text_encoder)
+        return tokenizers[0], encoders[0], trainable, int(tokenizers[0].model_max_length)
+
+    # -- models --------------------------------------------------------------------------------------------------
+
+    def text_encoder_models(self, network: torch.nn.Module) -> Models:
+        """Both encoders, trained (adapters, or fully with text_encoder.train) or frozen, the second after the
+        first in `trained` / `frozen`."""
+        models = super().text_encoder_models(network)
+        encoder = self.text_encoder_2
+        adapters = self.text_adapters_wanted()
+        encoder.requires_grad_(self.text.trainable and not adapters)
+        if adapters:
+            self.add_text_adapters(encoder)
+        if self.text.trainable:
+            encoder.train()
+            models.trained.append((encoder, self.cfg.text_encoder.learning_rate))
+        else:
+            encoder.eval()
+            models.frozen.append(encoder)
+        return models
+
+    def text_conditioner(self, trained: list[torch.nn.Module], accelerator: Any) -> DualTextConditioner:
+        # trained = [text_encoder, text_encoder_2] when the encoders train (build order), else both are frozen.
+        if self.text.trainable:
+            self.text_encoder_2 = trained[1]
+        self.exported_text_encoder_2 = accelerator.unwrap_model(self.text_encoder_2)
+        return DualTextConditioner([self.text.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2],
+                                   self.text.vocab, self.text.trainable)
+
+    # -- the step ------------------------------------------------------------------------------------------------
+
+    def condition(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> Any:
+        """The text family's caption condition and each image's size/crop ids, from its recorded original size and
+        crop (the image as trained is the target size)."""
+        height, width = micro.images.shape[-2:]
+        time_ids = sdxl_time_ids(getattr(micro, "original_sizes", None), getattr(micro, "crops_top_left", None),
+                                 (int(height), int(width)), micro.images.shape[0], device)
+        return super().condition(micro, generator, device), time_ids
+
+    def network(self, condition: Any) -> Network:
+        captions, time_ids = condition
+        states, pooled = self.conditioner(captions)
+        module, call = self.unet, self.call
+        text = TextTimeCondition(states, pooled, time_ids)
+        return lambda x, t: call(module, x, t, text)
+
+    # -- sampling and export -------------------------------------------------------------------------------------
+
+    def sampler(self, network: torch.nn.Module) -> ImageSampler:
+        sampler = super().sampler(network)
+        sampler.tokenizer_2, sampler.text_encoder_2 = self.tokenizer_2, self.text_encoder_2
+        return sampler
+
+    def export(self, network: torch.nn.Module, objective: Objective, output_dir: Path) -> None:
+        if not self.lora:
+            export_stable_diffusion_xl(network, self.vae, [self.exported_text_encoder, self.exported_text_encoder_2],
+                                       [self.text.tokenizer, self.tokenizer_2],
+                                       objective.inference_scheduler(self.cfg.sample.scheduler), output_dir)
+            return
+        encoders = {}
+        if self.cfg.lora.train_text_encoder:
+            encoders = {"text_encoder": self.exported_text_encoder, "text_encoder_2": self.exported_text_encoder_2}
+        path = export_lora(network, encoders, self.cfg, self.base, output_dir, xl=True)
+        logger.info("LoRA weights: %s (load with StableDiffusionXLPipeline's pipe.load_lora_weights(%r))", path,
+                    str(output_dir))
+
+    def write_model_card(self, summary: RunSummary, objective: Objective, output_dir: Path) -> None:
+        write_latent_model_card(self.cfg, summary, output_dir, self.base, objective.describe(),
+                                pipeline="StableDiffusionXLPipeline")

@@ -1,0 +1,101 @@
+"""SDXL's text conditioning: two CLIP text encoders whose penultimate hidden states are concatenated (the UNet's
+cross-attention states) and the second encoder's pooled, projected embedding, plus the six size/crop ids of each
+image (micro-conditioning). `encode_sdxl` is the one place prompts become these, for training and sampling, as
+diffusers' StableDiffusionXLPipeline.encode_prompt computes them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+
+from difftrain.models.pretrained import resolve
+from difftrain.models.text import tokenize
+
+logger = logging.getLogger(__name__)
+
+MAX_CACHE_BYTES = 2 * 1024**3
+
+
+def load_sdxl_text_encoders(path: str) -> tuple[list, list[torch.nn.Module]]:
+    """([tokenizer, tokenizer_2], [text_encoder, text_encoder_2]) of an SDXL pipeline folder or hub id: CLIPTextModel
+    and CLIPTextModelWithProjection, as the pipeline's model_index.json names them."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    source = resolve(path)
+    tokenizers = [AutoTokenizer.from_pretrained(source, subfolder=name) for name in ("tokenizer", "tokenizer_2")]
+    encoders = [CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+                CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2")]
+    return tokenizers, encoders
+
+
+def token_ids(tokenizers: Sequence, prompts: Sequence[str], warn: bool = True) -> list[torch.Tensor]:
+    """Each tokenizer's ids (B, its model_max_length) for `prompts`."""
+    return [tokenize(tok, prompts, int(tok.model_max_length), warn=warn) for tok in tokenizers]
+
+
+def encode_sdxl(encoders: Sequence[torch.nn.Module], ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(states (B, L, D1 + D2), pooled (B, P)): each encoder's penultimate hidden states, concatenated, and the last
+    encoder's first output (CLIPTextModelWithProjection's text_embeds), as StableDiffusionXLPipeline.encode_prompt."""
+    states, pooled = [], None
+    for encoder, encoder_ids in zip(encoders, ids):
+        out = encoder(encoder_ids.to(encoder.device), output_hidden_states=True)
+        pooled = out[0]
+        states.append(out.hidden_states[-2])
+    return torch.cat(states, dim=-1), pooled
+
+
+def sdxl_time_ids(original_sizes: Optional[torch.Tensor], crops_top_left: Optional[torch.Tensor],
+                  target_hw: tuple[int, int], batch_size: int, device: torch.device) -> torch.Tensor:
+    """(B, 6) float32 ids: original (h, w), crop (top, left), target (h, w) in pixels. Without recorded sizes the
+    image is taken as uncropped at the target size (what the pipelines pass by default)."""
+    target = torch.tensor(target_hw, dtype=torch.float32).expand(batch_size, 2)
+    original = target if original_sizes is None else original_sizes.float()
+    crops = torch.zeros(batch_size, 2) if crops_top_left is None else crops_top_left.float()
+    return torch.cat([original, crops, target], dim=1).to(device)
+
+
+class DualTextConditioner:
+    """Caption ids (B,) into a vocabulary of distinct captions, or caption texts made by the step, to (states,
+    pooled). Frozen encoders run once per distinct caption and are cached; trained ones (LoRA on the encoders) run
+    on the distinct captions of each batch."""
+
+    def __init__(self, tokenizers: Sequence, encoders: Sequence[torch.nn.Module], vocab: list[str], trainable: bool):
+        self.tokenizers, self.encoders, self.vocab, self.trainable = list(tokenizers), list(encoders), vocab, trainable
+        self.null_index = len(vocab) - 1
+        self.ids = token_ids(self.tokenizers, vocab)
+        self.cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def to(self, device: torch.device) -> "DualTextConditioner":
+        self.ids = [i.to(device) for i in self.ids]
+        return self
+
+    @torch.no_grad()
+    def precompute(self, batch_size: int = 64) -> None:
+        """Encode every distinct caption once (frozen encoders only)."""
+        if self.trainable:
+            return
+        states, pooled = encode_sdxl(self.encoders, [i[:1] for i in self.ids])
+        size = len(self.vocab) * (states[0].numel() + pooled[0].numel()) * 4
+        if size > MAX_CACHE_BYTES:
+            logger.info("not caching text states: %d distinct captions would take %.1f GiB", len(self.vocab),
+                        size / 2**30)
+            return
+        parts = [encode_sdxl(self.encoders, [i[s : s + batch_size] for i in self.ids])
+                 for s in range(0, len(self.vocab), batch_size)]
+        self.cache = (torch.cat([p[0].float() for p in parts]), torch.cat([p[1].float() for p in parts]))
+        logger.info("cached frozen SDXL text states for %d distinct captions", len(self.vocab))
+
+    def __call__(self, condition: torch.Tensor | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(condition, torch.Tensor):  # texts made by the step
+            ids = token_ids(self.tokenizers, list(condition), warn=False)
+            with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+                return encode_sdxl(self.encoders, ids)
+        if self.cache is not None:
+            return self.cache[0][condition], self.cache[1][condition]
+        unique, inverse = torch.unique(condition, return_inverse=True)
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            states, pooled = encode_sdxl(self.encoders, [i[unique] for i in self.ids])
+        return states[inverse], pooled[inverse]
