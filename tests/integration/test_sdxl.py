@@ -74,11 +74,23 @@ def test_dreambooth_sdxl_lora_with_prior_preservation_through_the_cli(tiny_sdxl:
 
 def test_sdxl_full_finetune_exports_a_pipeline_plain_diffusers_runs(tiny_sdxl: Path, instance_dir: Path,
                                                                     tmp_path: Path):
+    # A separate VAE in the base's place (as the fp16-fixed SDXL VAE is used), run in bf16 with the rest.
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    AutoencoderKL.from_config(AutoencoderKL.load_config(str(tiny_sdxl / "vae"))).save_pretrained(tmp_path / "vae")
     run = tmp_path / "full"
     result = run_cli("train", PRESET, "--output-dir", str(run), f"model.pretrained={tiny_sdxl}",
                      f"data.instance_dir={instance_dir}", "model.finetune=full", "train.prior_preservation=false",
-                     "train.max_steps=2", cwd=tmp_path)
+                     "train.max_steps=2", f"vae.pretrained={tmp_path / 'vae'}", "vae.precision=mixed",
+                     "train.mixed_precision=bf16", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "the frozen VAE runs in bfloat16" in result.stderr
+    exported_vae = load_file(run / "vae" / "diffusion_pytorch_model.safetensors")
+    separate_vae = load_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    assert exported_vae.keys() == separate_vae.keys()
+    for key, value in separate_vae.items():  # the separate VAE, in fp32 although it ran in bf16
+        assert exported_vae[key].dtype == torch.float32 and torch.equal(exported_vae[key], value), key
     index = json.loads((run / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline" and index["text_encoder_2"][1] == \
         "CLIPTextModelWithProjection"

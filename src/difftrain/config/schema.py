@@ -121,7 +121,9 @@ class ModelConfig:
 @dataclass
 class VaeConfig:
     pretrained: Optional[str] = None
-    """AutoencoderKL (hub id or local dir, or a pipeline folder with vae/) for latent runs, kept frozen; None trains one first."""
+    """AutoencoderKL (hub id or local dir, or a pipeline folder with vae/) for latent runs, kept frozen; None trains one first. With model.pretrained it replaces the base pipeline's VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16) and is exported with a full fine-tune."""
+    precision: Literal["fp32", "mixed"] = "fp32"
+    """dtype of the frozen VAE: fp32 whatever train.mixed_precision is (SDXL's VAE gives NaN latents in fp16), or 'mixed': the mixed-precision dtype (less memory; for VAEs that are safe in it)."""
     scaling_factor: Optional[float] = None
     """Latent scale; None takes the VAE config's, or measures 1/std of the data's latents for a VAE trained here."""
     block_out_channels: list = field(default_factory=lambda: [32, 64, 64])

@@ -30,10 +30,10 @@ class LatentTextFamily(LatentSpace, TextPixelFamily):
 
     def export(self, network: torch.nn.Module, objective: Objective, output_dir: Path) -> None:
         if self.cfg.model.backbone == "dit":  # a PixArt transformer
-            export_pixart(network, self.vae, self.exported_text_encoder, self.text.tokenizer,
+            export_pixart(network, self.export_vae(), self.exported_text_encoder, self.text.tokenizer,
                           objective.inference_scheduler(self.cfg.sample.scheduler), output_dir)
             return
-        export_stable_diffusion(network, self.vae, self.exported_text_encoder, self.text.tokenizer,
+        export_stable_diffusion(network, self.export_vae(), self.exported_text_encoder, self.text.tokenizer,
                                 objective.inference_scheduler(self.cfg.sample.scheduler), output_dir)
 
     def write_model_card(self, summary: RunSummary, objective: Objective, output_dir: Path) -> None:

@@ -40,7 +40,7 @@ class _LatentDiT(LatentSpace):
 
     def export(self, network: torch.nn.Module, objective: Objective, output_dir: Path) -> None:
         # The scheduler the previews and evaluation sample with, so the folder samples as the run did.
-        pipe = DiTPipeline(transformer=network, vae=self.vae,
+        pipe = DiTPipeline(transformer=network, vae=self.export_vae(),
                            scheduler=objective.inference_scheduler(self.cfg.sample.scheduler))
         if self.label_names():
             # Saved in model_index.json and passed back by from_pretrained: pipe.get_label_ids(["daisy"]) works.

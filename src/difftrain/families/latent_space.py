@@ -80,8 +80,29 @@ class LatentSpace:
                                    "network's step can be timed only with a VAE: run `difftrain train-vae` and pass "
                                    "vae.pretrained=DIR")
         models = super().build_models(mixed_precision)
-        models.frozen.append(self.vae)
+        models.frozen.append(self.frozen_vae(mixed_precision))
         return models
+
+    def frozen_vae(self, mixed_precision: str) -> torch.nn.Module:
+        """The VAE in its dtype (vae.precision): fp32, or the mixed-precision dtype, with a warning for a VAE that
+        says it must be upcast (SDXL's: NaN latents and black images in fp16)."""
+        from difftrain.models.pretrained import weight_dtype
+
+        dtype = weight_dtype(mixed_precision) if self.cfg.vae.precision == "mixed" else torch.float32
+        if dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+            logger.warning("vae.precision = 'mixed' runs a VAE whose config says force_upcast in fp16: it is known to "
+                           "give NaN latents (SDXL's). Use vae.precision=fp32, or an fp16-safe VAE such as "
+                           "vae.pretrained=madebyollin/sdxl-vae-fp16-fix")
+        if dtype != torch.float32:
+            logger.info("the frozen VAE runs in %s (vae.precision = 'mixed')", str(dtype).removeprefix("torch."))
+        return self.vae.to(dtype)
+
+    def export_vae(self) -> torch.nn.Module:
+        """The VAE the export carries: fp32 weights, reloaded where vae.precision = 'mixed' cast the one in use."""
+        if self.vae.dtype == torch.float32:
+            return self.vae
+        fresh = self.pretrained_vae()
+        return fresh if fresh is not None else self.vae.to(torch.float32)
 
     def use_prepared(self, network: torch.nn.Module, trained: list[torch.nn.Module], accelerator: Any) -> None:
         super().use_prepared(network, trained, accelerator)

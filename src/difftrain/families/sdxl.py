@@ -98,8 +98,8 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
     def export(self, network: torch.nn.Module, objective: Objective, output_dir: Path) -> None:
         if not self.lora:
-            export_stable_diffusion_xl(network, self.vae, [self.exported_text_encoder, self.exported_text_encoder_2],
-                                       [self.text.tokenizer, self.tokenizer_2],
+            encoders = [self.exported_text_encoder, self.exported_text_encoder_2]
+            export_stable_diffusion_xl(network, self.export_vae(), encoders, [self.text.tokenizer, self.tokenizer_2],
                                        objective.inference_scheduler(self.cfg.sample.scheduler), output_dir)
             return
         encoders = {}

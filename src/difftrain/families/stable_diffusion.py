@@ -109,7 +109,7 @@ class StableDiffusionFamily(LatentTextFamily):
                              "lora.unet_target_modules")
             logger.info("LoRA rank %d on the UNet: %d trainable parameters", lora.rank, count)
         models = self.text_encoder_models(unet)
-        models.frozen.append(self.vae)
+        models.frozen.append(self.frozen_vae(mixed_precision))
         return models
 
     def text_adapters_wanted(self) -> bool:
@@ -140,7 +140,7 @@ class StableDiffusionFamily(LatentTextFamily):
 
     def export(self, network: torch.nn.Module, objective: Objective, output_dir: Path) -> None:
         if not self.lora:
-            export_stable_diffusion(network, self.vae, self.exported_text_encoder, self.text.tokenizer,
+            export_stable_diffusion(network, self.export_vae(), self.exported_text_encoder, self.text.tokenizer,
                                     objective.inference_scheduler(self.cfg.sample.scheduler), output_dir)
             return
         encoders = {"text_encoder": self.exported_text_encoder} if self.cfg.lora.train_text_encoder else {}
