@@ -24,7 +24,9 @@ def test_every_preset_loads_and_validates():
     names = list_presets()
     assert {"digits", "mnist", "butterflies", "flowers"} <= set(names)
     # Presets that fine-tune need a base model and the user's own photos, given on the command line.
-    needs = {"dreambooth-lora": ["model.pretrained=runs/sd", "data.instance_dir=photos"]}
+    needs = {"dreambooth-lora": ["model.pretrained=runs/sd", "data.instance_dir=photos"],
+             "dreambooth-sdxl-lora": ["model.pretrained=stabilityai/stable-diffusion-xl-base-1.0",
+                                      "data.instance_dir=photos"]}
     for name in names:
         cfg = load_config(name, needs.get(name, []))
         assert isinstance(cfg, RunConfig)
