@@ -30,7 +30,7 @@ from difftrain.data.sources import (
     is_saved_datasets_dir,
     open_source,
 )
-from difftrain.data.transforms import check_pixel_limit, draft_for_resolution, prepare_image
+from difftrain.data.transforms import check_pixel_limit, draft_for_resolution, prepare_image_at
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,11 @@ class ImageDataset:
     """One name per image: its file path, or 'source[index]' for sources without files."""
     in_memory: bool = True
     """False when `images` is memory-mapped from the disk cache (the loader then reads in worker processes)."""
+    original_sizes: Optional[torch.Tensor] = None
+    """(N, 2) int64: (height, width) of each source image from its header, before any resize (None: not recorded,
+    as in the disk cache)."""
+    crops_top_left: Optional[torch.Tensor] = None
+    """(N, 2) int64: (top, left) of each image's crop in its resized image (SDXL's crops_coords_top_left)."""
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -61,7 +66,13 @@ class ImageDataset:
         return sample_indices(num_items, seed, position, count)
 
     def gather(self, rows: torch.Tensor) -> MicroBatch:
-        return MicroBatch(rows, self.images[rows], None if self.labels is None else self.labels[rows])
+        return MicroBatch(rows, self.images[rows], None if self.labels is None else self.labels[rows],
+                          *self.geometry(rows))
+
+    def geometry(self, rows: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(original_sizes, crops_top_left) of `rows`, each None where not recorded."""
+        return (None if self.original_sizes is None else self.original_sizes[rows],
+                None if self.crops_top_left is None else self.crops_top_left[rows])
 
     def row_names(self, rows: Sequence[int]) -> list[str]:
         names = self.names
@@ -101,6 +112,13 @@ class ImageFacts:
     size: tuple[int, int]
     format: Optional[str]
     transparency: bool
+    crop_top_left: tuple[int, int] = (0, 0)
+    """(top, left) of the crop in the resized image."""
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        """(height, width) from the header."""
+        return self.size[1], self.size[0]
 
 
 def decode_item(source: ImageSource, index: int, cfg: DataConfig) -> tuple[np.ndarray, ImageFacts]:
@@ -112,10 +130,11 @@ def decode_item(source: ImageSource, index: int, cfg: DataConfig) -> tuple[np.nd
     with source.open(index) as image:
         size = image.size  # from the header: PIL has decoded nothing yet
         check_pixel_limit(size, cfg.max_image_pixels)
-        draft_for_resolution(image, cfg.resolution)
+        width = height = cfg.resolution
+        draft_for_resolution(image, max(width, height))
         image.load()
-        facts = ImageFacts(image.mode, size, image.format, "transparency" in image.info)
-        return prepare_image(image, cfg.resolution, cfg.channels, cfg.center_crop), facts
+        array, crop = prepare_image_at(image, width, height, cfg.channels, cfg.center_crop)
+        return array, ImageFacts(image.mode, size, image.format, "transparency" in image.info, crop)
 
 
 def _decode(source: ImageSource, index: int, cfg: DataConfig) -> np.ndarray:
@@ -131,13 +150,15 @@ def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[
         cache = decode_to_disk(source, cfg, count, captions, lambda i: _decode(source, i, cfg))
         return _dataset(source, cache.images, cache.rows, sorted(skipped + cache.skipped), count, captions, cache)
     arrays: list[Optional[np.ndarray]] = [None] * count
+    geometry: list[Optional[tuple[int, int, int, int]]] = [None] * count
 
     def work(i: int) -> None:
         if captions is not None and not captions[i]:
             skipped.append((source.names[i], "missing or empty caption"))
             return
         try:
-            arrays[i] = _decode(source, i, cfg)
+            arrays[i], facts = decode_item(source, i, cfg)
+            geometry[i] = (*facts.original_size, *facts.crop_top_left)
         except Exception as exc:  # any decoder failure means "not a readable image"
             skipped.append((source.names[i], f"{type(exc).__name__}: {exc}"))
 
@@ -145,7 +166,10 @@ def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[
         list(pool.map(work, range(count)))
     keep = [i for i in range(count) if arrays[i] is not None]
     images = torch.from_numpy(np.stack([arrays[i] for i in keep])) if keep else torch.empty(0, dtype=torch.uint8)
-    return _dataset(source, images, keep, sorted(skipped), count, captions)
+    dataset = _dataset(source, images, keep, sorted(skipped), count, captions)
+    table = torch.tensor([geometry[i] for i in keep], dtype=torch.long).reshape(len(keep), 4)
+    dataset.original_sizes, dataset.crops_top_left = table[:, :2].contiguous(), table[:, 2:].contiguous()
+    return dataset
 
 
 def _dataset(source: ImageSource, images: torch.Tensor, keep: Sequence[int], skipped: list[tuple[str, str]],
@@ -260,6 +284,9 @@ def load_dreambooth_dataset(cfg: DataConfig, class_dir: Optional[Path]) -> tuple
         raise FileNotFoundError(f"class image folder {class_dir} does not exist (data.class_dir)")
     class_cfg = dataclasses.replace(cfg, path=str(class_dir), source="folder", max_images=cfg.num_class_images)
     prior = load_image_dataset(class_cfg, want_labels=False)
+    def joined(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if a is None or b is None else torch.cat([a, b])
+
     combined = ImageDataset(
         images=torch.cat([instance.images, prior.images]),
         labels=None,
@@ -268,5 +295,7 @@ def load_dreambooth_dataset(cfg: DataConfig, class_dir: Optional[Path]) -> tuple
         skipped=instance.skipped + prior.skipped,
         captions=instance.captions + [str(cfg.class_prompt)] * len(prior),
         names=[*(instance.names or []), *(prior.names or [])],
+        original_sizes=joined(instance.original_sizes, prior.original_sizes),
+        crops_top_left=joined(instance.crops_top_left, prior.crops_top_left),
     )
     return combined, len(instance)
