@@ -32,6 +32,9 @@ class MicroBatch:
     crops_top_left: Optional[torch.Tensor] = None
     """(B, 2) int64: (top, left) of each image's crop in its resized image, before any flip (SDXL's
     `crops_coords_top_left`, as diffusers' train_text_to_image_sdxl.py computes it); None where not recorded."""
+    masks: Optional[torch.Tensor] = None
+    """(B, 1, H, W) uint8 loss masks (255: trained, 0: ignored), resized and cropped as the images (not yet flipped:
+    the family flips them with the images); None when the data has no masks."""
 
     def pin_memory(self) -> "MicroBatch":
         """Page-locked copies (DataLoader's pin_memory calls this), so the copy to an accelerator can overlap."""

@@ -131,3 +131,13 @@ def random_hflip(images: torch.Tensor, generator: Optional[torch.Generator]) -> 
     flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
     # torch.where instead of indexing keeps the step free of host-device syncs.
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def random_hflip_pair(images: torch.Tensor, generator: Optional[torch.Generator], masks: Optional[torch.Tensor],
+                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`random_hflip` of images and their loss masks with the same flips (one draw, as random_hflip's)."""
+    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    if masks is not None:
+        masks = torch.where(flip[:, None, None, None], masks.flip(-1), masks)
+    return images, masks
