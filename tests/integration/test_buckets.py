@@ -55,8 +55,6 @@ def test_bucketed_masked_pixel_run_resumes_exactly(tmp_path: Path):
     data = _mixed_folder(tmp_path / "mixed", masks=True)
     overrides = [f"data.path={data}", "data.buckets=auto", "train.checkpoints_total_limit=null"]
     straight = train(load_config("tiny/folder-uncond", overrides, output_dir=str(tmp_path / "straight")))
-    log = (straight / "train.log").read_text()
-    assert "data.buckets: " in log and "16x16" in log
     resumed_dir = str(tmp_path / "resumed")
     train(load_config("tiny/folder-uncond", overrides, output_dir=resumed_dir), stop_at_step=2)
     resumed = train(load_config("tiny/folder-uncond", overrides, output_dir=resumed_dir))
@@ -64,8 +62,6 @@ def test_bucketed_masked_pixel_run_resumes_exactly(tmp_path: Path):
     losses = _losses(straight)
     assert losses and all(np.isfinite(loss) for _, loss in losses)
     assert losses == _losses(resumed)
-    # the samples stay square at data.resolution
-    assert Image.open(straight / "samples" / "step-000004.png").size[0] % 16 == 0
 
 
 def test_bucketed_latent_run_from_scratch_resumes_exactly(tmp_path: Path):

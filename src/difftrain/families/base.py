@@ -159,6 +159,9 @@ class Family(ABC):
                                      f"is read as square images without masks; use an image folder or turn {key} off")
             return
         folder = Path(path).expanduser()
+        if d.mask_dir is None and d.instance_dir is None:
+            return  # NAME.mask.png files beside the images: decoding refuses a wrong size (before any model), and a
+            # large folder is not listed twice
         if d.source not in ("auto", "folder") and not d.instance_dir or not folder.is_dir() or \
                 is_saved_datasets_dir(folder) or is_mnist_folder(folder):
             return
