@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional
 
 from difftrain.config.schema import (DDPM_ONLY_FIELDS, FLOW_ONLY_FIELDS, FLOW_SCHEDULERS, DiffusionConfig,
@@ -52,6 +53,7 @@ def check_config(cfg: RunConfig) -> list[str]:
         problems.append("'train.push_to_hub' is true but 'train.hub_model_id' is not set")
 
     positive("data.resolution", d.resolution, allow_none=False)
+    problems += _bucket_problems(cfg)
     positive("data.max_images", d.max_images)
     positive("data.decode_workers", d.decode_workers)
     positive("data.max_memory_gb", d.max_memory_gb)
@@ -137,6 +139,24 @@ def check_config(cfg: RunConfig) -> list[str]:
         problems.append(f"'sample.guidance_scale' = {s.guidance_scale} needs a conditional model (model.conditioning)")
     if not cfg.output_dir:
         problems.append("'output_dir' must be set (e.g. --output-dir runs/my-run)")
+    return problems
+
+
+def _bucket_problems(cfg: RunConfig) -> list[str]:
+    """data.buckets: 'off', 'auto' or a non-empty list of 'WxH' strings (whether the network takes each size is the
+    family's check, from the base model's config); not with DreamBooth prior preservation (its instance and class
+    images share a micro-batch, which must be one size)."""
+    buckets = cfg.data.buckets
+    if buckets in ("off", "auto"):
+        problems = []
+    elif not buckets:
+        problems = ["'data.buckets' = []: give 'off', 'auto' or a list of 'WxH' sizes, e.g. ['512x512', '448x576']"]
+    else:
+        problems = [f"'data.buckets' entry {entry!r}: expected 'WxH' with positive integers, e.g. '512x768'"
+                    for entry in buckets if not re.match(r"^\s*[1-9][0-9]*\s*[xX]\s*[1-9][0-9]*\s*$", str(entry))]
+    if buckets != "off" and cfg.train.prior_preservation:
+        problems.append("'data.buckets' with 'train.prior_preservation' is not supported yet (instance and class "
+                        "images share each micro-batch, which holds one size); set data.buckets=off")
     return problems
 
 

@@ -85,6 +85,8 @@ def _check_value(value: Any, tp: Any) -> tuple[bool, Any]:
     if origin is Literal:
         if value is False and "no" in typing.get_args(tp):
             return True, "no"  # YAML 1.1 reads an unquoted `no` (mixed_precision=no) as false
+        if value is False and "off" in typing.get_args(tp):
+            return True, "off"  # and an unquoted `off` (data.buckets=off) too
         # type() equality keeps True from matching Literal[1, 3].
         return any(value == a and type(value) is type(a) for a in typing.get_args(tp)), value
     if tp is type(None):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Union, Literal, Optional
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
@@ -64,6 +64,10 @@ class DataConfig:
     """Probability of leaving out each tag (after the first keep_tokens) of a caption in a step."""
     tag_separator: str = ","
     """What separates the tags of a caption for shuffle_tags, tag_dropout and keep_tokens."""
+    buckets: Union[Literal["off", "auto"], list] = "off"
+    """Aspect-ratio buckets: 'off' trains square crops at data.resolution; 'auto' makes buckets of about data.resolution^2 pixels with aspect ratios from 1:4 to 4:1 and sides that are multiples of what the network takes (64 for Stable Diffusion: VAE 8 x UNet 8); or a list of 'WxH' sizes. Each image is resized to the bucket of nearest aspect ratio with the least crop, and each micro-batch comes from one bucket. Samples and previews stay square."""
+    mask_dir: Optional[str] = None
+    """Folder of loss masks: the mask of image REL/NAME.ext is mask_dir/REL/NAME.png (same size as its image; white trains, black is ignored). Without it, a file NAME.mask.png beside NAME.ext is the image's mask. Images without a mask train everywhere."""
     max_images: Optional[int] = None
     """Use only the first N images (after sorting), e.g. for quick trials."""
     instance_dir: Optional[str] = None

@@ -10,7 +10,7 @@ from the step's generator, so every path gives the same batches.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional, Protocol, Sequence
 
 import torch
@@ -26,11 +26,20 @@ class MicroBatch:
     """(B, C, H, W) uint8 at the training resolution."""
     labels: Optional[torch.Tensor] = None
     """(B,) int64 class labels, or None for unlabelled data."""
+    original_sizes: Optional[torch.Tensor] = None
+    """(B, 2) int64: (height, width) of each source image as its header gives it, before any resize; None where the
+    data does not record it (disk cache, streams)."""
+    crops_top_left: Optional[torch.Tensor] = None
+    """(B, 2) int64: (top, left) of each image's crop in its resized image, before any flip (SDXL's
+    `crops_coords_top_left`, as diffusers' train_text_to_image_sdxl.py computes it); None where not recorded."""
+    masks: Optional[torch.Tensor] = None
+    """(B, 1, H, W) uint8 loss masks (255: trained, 0: ignored), resized and cropped as the images (not yet flipped:
+    the family flips them with the images); None when the data has no masks."""
 
     def pin_memory(self) -> "MicroBatch":
         """Page-locked copies (DataLoader's pin_memory calls this), so the copy to an accelerator can overlap."""
-        return MicroBatch(self.rows.pin_memory(), self.images.pin_memory(),
-                          None if self.labels is None else self.labels.pin_memory())
+        return MicroBatch(*(None if value is None else value.pin_memory()
+                            for value in (getattr(self, f.name) for f in fields(self))))
 
 
 class TrainingData(Protocol):

@@ -17,7 +17,8 @@ from PIL.Image import DecompressionBombError, UnidentifiedImageError
 
 from difftrain.config import DataConfig
 from difftrain.data.captions import resolve_captions
-from difftrain.data.dataset import ImageFacts, decode_item
+from difftrain.data.buckets import format_bucket
+from difftrain.data.dataset import ImageFacts, MaskSizeError, bucket_sizes_of, decode_item, mask_paths
 from difftrain.data.sources import IMAGE_EXTENSIONS, ImageSource, dangling_link_message, open_source, streamed_kind
 from difftrain.data.transforms import ImageTooLarge
 
@@ -43,6 +44,8 @@ class ScanReport:
     scanned: int
     usable: int
     findings: list[Finding] = field(default_factory=list)
+    buckets: Optional[list[tuple[str, int]]] = None
+    """data.buckets: ('WxH', usable images) of each bucket."""
 
     @property
     def errors(self) -> list[Finding]:
@@ -65,6 +68,10 @@ class ScanReport:
         if self.warnings:
             text += f" ({counts(self.warnings)})"
         return text
+
+    def bucket_lines(self) -> list[str]:
+        """The bucket histogram (data.buckets), one line per bucket: `bucket WxH: N images`."""
+        return [f"bucket {size}: {n} images" for size, n in self.buckets or [] if n]
 
 
 def image_warnings(name: str, facts: ImageFacts, resolution: int) -> list[Finding]:
@@ -140,14 +147,20 @@ def scan_data(cfg: DataConfig, want_labels: bool, want_captions: bool) -> ScanRe
     captions: Optional[list[Optional[str]]] = resolve_captions(source, cfg) if want_captions else None
     per_item: list[list[Finding]] = [[] for _ in range(count)]
     usable = [False] * count
+    masks = mask_paths(source, cfg, count)
+    shapes: list[Optional[tuple[int, int]]] = [None] * count
 
     def work(i: int) -> None:
         name = source.names[i]
         try:
-            _, facts = decode_item(source, i, cfg)
+            array, facts = decode_item(source, i, cfg, masks[i] if masks else None)
+        except MaskSizeError as exc:  # training refuses the run
+            per_item[i].append(Finding(name, "error", "mask size", str(exc)))
+            return
         except Exception as exc:  # the same failures training skips
             per_item[i].append(_read_failure(name, exc))
             return
+        shapes[i] = (array.shape[2], array.shape[1])
         per_item[i].extend(image_warnings(name, facts, cfg.resolution))
         if captions is not None and not captions[i]:
             per_item[i].append(Finding(name, "error", "missing caption", "no caption, or an empty one"))
@@ -158,7 +171,11 @@ def scan_data(cfg: DataConfig, want_labels: bool, want_captions: bool) -> ScanRe
         list(pool.map(work, range(count)))
     for item in per_item:
         findings.extend(item)
-    return ScanReport(description, count + len(source.dangling_links), sum(usable), findings)
+    histogram = None
+    if bucket_sizes_of(cfg) is not None:
+        counted = collections.Counter(shapes[i] for i in range(count) if usable[i])
+        histogram = [(format_bucket(size), counted[size]) for size in bucket_sizes_of(cfg)]
+    return ScanReport(description, count + len(source.dangling_links), sum(usable), findings, histogram)
 
 
 def scan_stream(cfg: DataConfig, want_labels: bool) -> ScanReport:

@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from difftrain.config import DataConfig
 from difftrain.data.batches import MicroBatch
@@ -23,6 +25,7 @@ from difftrain.data.disk_cache import DiskCache, decode_to_disk, folder_cache_ke
 from difftrain.data.folder_summary import summarize_folder
 from difftrain.data.order import sample_indices
 from difftrain.data.sources import (
+    MASK_SUFFIX,
     ImageSource,
     dangling_link_message,
     folder_source,
@@ -30,7 +33,9 @@ from difftrain.data.sources import (
     is_saved_datasets_dir,
     open_source,
 )
-from difftrain.data.transforms import check_pixel_limit, draft_for_resolution, prepare_image
+from difftrain.data.buckets import BucketOrder, format_bucket, nearest_bucket, resolve_buckets
+from difftrain.data.transforms import (check_pixel_limit, convert_mode, covering_size, draft_for_resolution,
+                                       prepare_image_at, to_channels_first)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,13 @@ class ImageDataset:
     """One name per image: its file path, or 'source[index]' for sources without files."""
     in_memory: bool = True
     """False when `images` is memory-mapped from the disk cache (the loader then reads in worker processes)."""
+    original_sizes: Optional[torch.Tensor] = None
+    """(N, 2) int64: (height, width) of each source image from its header, before any resize (None: not recorded,
+    as in the disk cache)."""
+    crops_top_left: Optional[torch.Tensor] = None
+    """(N, 2) int64: (top, left) of each image's crop in its resized image (SDXL's crops_coords_top_left)."""
+    masks: Optional[torch.Tensor] = None
+    """(N, 1, H, W) uint8 loss masks (255: trained), or None when no image has one."""
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -61,7 +73,13 @@ class ImageDataset:
         return sample_indices(num_items, seed, position, count)
 
     def gather(self, rows: torch.Tensor) -> MicroBatch:
-        return MicroBatch(rows, self.images[rows], None if self.labels is None else self.labels[rows])
+        return MicroBatch(rows, self.images[rows], None if self.labels is None else self.labels[rows],
+                          *self.geometry(rows), None if self.masks is None else self.masks[rows])
+
+    def geometry(self, rows: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(original_sizes, crops_top_left) of `rows`, each None where not recorded."""
+        return (None if self.original_sizes is None else self.original_sizes[rows],
+                None if self.crops_top_left is None else self.crops_top_left[rows])
 
     def row_names(self, rows: Sequence[int]) -> list[str]:
         names = self.names
@@ -93,6 +111,91 @@ class CachedImageDataset(ImageDataset):
         return MicroBatch(rows, images, None if self.labels is None else self.labels[rows])
 
 
+class BucketedImageDataset(ImageDataset):
+    """An ImageDataset of aspect-ratio buckets (data.buckets; data/buckets.py): images of each bucket in their own
+    (n, C, H, W) tensor, every micro-batch from one bucket. `images` is a square view at data.resolution (each image
+    center-cropped to its short side and resized), made when first asked for: the reference set of evaluations and
+    the VAE stage read it; training reads the buckets."""
+
+    def __init__(self, base: ImageDataset, bucket_sizes: list[tuple[int, int]], bucket_images: list[torch.Tensor],
+                 row_bucket: torch.Tensor, row_slot: torch.Tensor, resolution: int,
+                 bucket_masks: Optional[list[torch.Tensor]] = None):
+        self._square: Optional[torch.Tensor] = None
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(ImageDataset)}
+        fields.update(images=None, masks=None)
+        super().__init__(**fields)
+        self.bucket_sizes, self.bucket_images, self.bucket_masks = bucket_sizes, bucket_images, bucket_masks
+        self.row_bucket, self.row_slot, self.resolution = row_bucket, row_slot, resolution
+        self.order = BucketOrder(row_bucket, len(bucket_sizes))
+
+    @classmethod
+    def from_arrays(cls, base: ImageDataset, arrays: list[np.ndarray], buckets: list[tuple[int, int]],
+                    resolution: int, masks: Optional[list[np.ndarray]] = None) -> "BucketedImageDataset":
+        """Group decoded arrays (each at its bucket's size) by bucket; buckets no image went to are dropped."""
+        index = {size: b for b, size in enumerate(buckets)}
+        row_bucket_all = [index[(a.shape[2], a.shape[1])] for a in arrays]
+        used = sorted(set(row_bucket_all))
+        renumber = {b: j for j, b in enumerate(used)}
+        row_bucket = torch.tensor([renumber[b] for b in row_bucket_all], dtype=torch.long)
+        row_slot = torch.zeros(len(arrays), dtype=torch.long)
+        images, bucket_masks = [], [] if masks is not None else None
+        for j, b in enumerate(used):
+            rows = [r for r, rb in enumerate(row_bucket_all) if rb == b]
+            row_slot[rows] = torch.arange(len(rows))
+            images.append(torch.from_numpy(np.stack([arrays[r] for r in rows])))
+            if masks is not None:
+                bucket_masks.append(torch.from_numpy(np.stack([masks[r] for r in rows])))
+        return cls(base, [buckets[b] for b in used], images, row_bucket, row_slot, resolution, bucket_masks)
+
+    @property
+    def images(self) -> torch.Tensor:  # type: ignore[override]
+        if self._square is None:
+            self._square = self._square_view()
+        return self._square
+
+    @images.setter
+    def images(self, value: Optional[torch.Tensor]) -> None:
+        self._square = value
+
+    def _square_view(self) -> torch.Tensor:
+        first = self.bucket_images[0]
+        out = torch.empty((len(self), first.shape[1], self.resolution, self.resolution), dtype=torch.uint8)
+        for b, images in enumerate(self.bucket_images):
+            height, width = images.shape[-2:]
+            side = min(height, width)
+            top, left = (height - side) // 2, (width - side) // 2
+            rows = torch.nonzero(self.row_bucket == b).flatten()  # ascending: row k of the bucket has slot k
+            for at in range(0, len(images), 256):
+                part = images[at:at + 256, :, top:top + side, left:left + side].float()
+                if side != self.resolution:
+                    part = F.interpolate(part, size=(self.resolution, self.resolution), mode="bilinear",
+                                         antialias=True, align_corners=False)
+                out[rows[at:at + len(part)]] = part.round().clamp(0, 255).to(torch.uint8)
+        return out
+
+    def __len__(self) -> int:
+        return int(self.row_bucket.shape[0])
+
+    def histogram(self) -> list[tuple[str, int]]:
+        """('WxH', images) of each bucket."""
+        return [(format_bucket(size), int((self.row_bucket == b).sum())) for b, size in enumerate(self.bucket_sizes)]
+
+    def rows(self, num_items: int, seed: int, position: int, count: int) -> torch.Tensor:
+        if num_items != len(self):
+            raise ValueError(f"bucketed data reads all its {len(self)} rows, not the first {num_items}")
+        return self.order.rows(seed, position, count)
+
+    def gather(self, rows: torch.Tensor) -> MicroBatch:
+        buckets = self.row_bucket[rows]
+        bucket = int(buckets[0])
+        if bool((buckets != bucket).any()):
+            raise ValueError(f"rows {rows.tolist()} come from several buckets; a micro-batch holds one")
+        slots = self.row_slot[rows]
+        return MicroBatch(rows, self.bucket_images[bucket][slots], None if self.labels is None else self.labels[rows],
+                          *self.geometry(rows),
+                          None if self.bucket_masks is None else self.bucket_masks[bucket][slots])
+
+
 @dataclass
 class ImageFacts:
     """What an image was before conversion (for `difftrain check`)."""
@@ -101,21 +204,115 @@ class ImageFacts:
     size: tuple[int, int]
     format: Optional[str]
     transparency: bool
+    crop_top_left: tuple[int, int] = (0, 0)
+    """(top, left) of the crop in the resized image."""
+    mask: Optional[np.ndarray] = None
+    """The loss mask (1, H, W) uint8, resized and cropped as the image, when it has one."""
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        """(height, width) from the header."""
+        return self.size[1], self.size[0]
 
 
-def decode_item(source: ImageSource, index: int, cfg: DataConfig) -> tuple[np.ndarray, ImageFacts]:
-    """Read, convert, resize and crop item `index`: the one reader of training and `difftrain check`.
+class MaskSizeError(ValueError):
+    """A loss mask whose size is not its image's: refused (not skipped), naming both files."""
 
-    Raises ImageTooLarge, from the header alone, for an image over `cfg.max_image_pixels`, and whatever the
+
+def bucket_sizes_of(cfg: DataConfig) -> Optional[list[tuple[int, int]]]:
+    """The (width, height) buckets of `cfg.buckets`, None when off. 'auto' is resolved by the family first
+    (Family.data_config: it needs the network's size multiple)."""
+    if cfg.buckets in (None, "off"):
+        return None
+    if cfg.buckets == "auto":
+        raise ValueError("data.buckets = 'auto' must be resolved against the network first (Family.data_config)")
+    return resolve_buckets(cfg.buckets, cfg.resolution, 1)
+
+
+def decode_item(source: ImageSource, index: int, cfg: DataConfig, mask_path: Optional[str] = None,
+                ) -> tuple[np.ndarray, ImageFacts]:
+    """Read, convert, resize and crop item `index` (and its loss mask, the same way): the one reader of training and
+    `difftrain check`.
+
+    With data.buckets the image goes to the bucket of nearest aspect ratio. Raises ImageTooLarge, from the header
+    alone, for an image over `cfg.max_image_pixels`, MaskSizeError for a mask of another size, and whatever the
     decoder raises for an unreadable, truncated or non-image file. Large JPEGs decode at reduced scale.
     """
     with source.open(index) as image:
         size = image.size  # from the header: PIL has decoded nothing yet
         check_pixel_limit(size, cfg.max_image_pixels)
-        draft_for_resolution(image, cfg.resolution)
+        buckets = bucket_sizes_of(cfg)
+        width, height = (cfg.resolution, cfg.resolution) if buckets is None else buckets[nearest_bucket(size, buckets)]
+        draft_for_resolution(image, max(width, height))
         image.load()
-        facts = ImageFacts(image.mode, size, image.format, "transparency" in image.info)
-        return prepare_image(image, cfg.resolution, cfg.channels, cfg.center_crop), facts
+        resized = covering_size(image.size, width, height) if cfg.center_crop else (width, height)
+        array, crop = prepare_image_at(image, width, height, cfg.channels, cfg.center_crop)
+        facts = ImageFacts(image.mode, size, image.format, "transparency" in image.info, crop)
+    if mask_path is not None:
+        facts.mask = read_mask(mask_path, source.names[index], size, resized, crop, (width, height))
+    return array, facts
+
+
+def read_mask(path: str, image_name: str, image_size: tuple[int, int], resized: tuple[int, int],
+              crop: tuple[int, int], target: tuple[int, int]) -> np.ndarray:
+    """The loss mask at `path` as (1, H, W) uint8, resized and cropped as its image was (bilinear)."""
+    with Image.open(path) as mask:
+        if mask.size != image_size:
+            raise MaskSizeError(mask_size_message(path, mask.size, image_name, image_size))
+        mask.load()
+        mask = convert_mode(mask, 1)
+        mask.load()
+    if mask.size != resized:
+        mask = mask.resize(resized, Image.Resampling.BILINEAR)
+    (top, left), (width, height) = crop, target
+    return to_channels_first(mask.crop((left, top, left + width, top + height)))
+
+
+def mask_size_message(path: str, mask_size: tuple[int, int], image_name: str, image_size: tuple[int, int]) -> str:
+    return (f"loss mask {path} is {mask_size[0]}x{mask_size[1]} px, but its image {image_name} is "
+            f"{image_size[0]}x{image_size[1]} px; a mask must have its image's size")
+
+
+def mask_paths(source: ImageSource, cfg: DataConfig, count: int) -> Optional[list[Optional[str]]]:
+    """The loss mask of each of the first `count` items (data.mask_dir/REL.png, else NAME.mask.png beside the file),
+    None for items without one; None when no item has one (or the source has no files)."""
+    root = getattr(source, "root", None)
+    if root is None or not Path(root).is_dir():
+        return None
+    root = Path(root)
+    paths: list[Optional[str]] = []
+    for name in source.names[:count]:
+        image = Path(name)
+        try:
+            if cfg.mask_dir is not None:
+                candidate = Path(cfg.mask_dir).expanduser() / image.relative_to(root).with_suffix(".png")
+            else:
+                candidate = image.with_name(image.stem + MASK_SUFFIX)
+        except ValueError:  # not under the folder (not a file of it)
+            candidate = None
+        paths.append(str(candidate) if candidate is not None and candidate.is_file() else None)
+    if not any(paths):
+        if cfg.mask_dir is not None:
+            logger.warning("data.mask_dir = %r holds no mask of any image of %s (expected REL/NAME.png); training "
+                           "without masks", cfg.mask_dir, source.description)
+        return None
+    return paths
+
+
+def check_mask_sizes(source: ImageSource, cfg: DataConfig) -> None:
+    """Refuse, from the headers alone, the first loss mask whose size is not its image's (before any model loads)."""
+    count = len(source) if cfg.max_images is None else min(len(source), cfg.max_images)
+    masks = mask_paths(source, cfg, count)
+    for i, path in enumerate(masks or []):
+        if path is None:
+            continue
+        try:
+            with Image.open(path) as mask, source.open(i) as image:
+                mask_size, image_size = mask.size, image.size
+        except Exception:  # an unreadable image or mask is found (and named) when it is decoded
+            continue
+        if mask_size != image_size:
+            raise MaskSizeError(mask_size_message(path, mask_size, source.names[i], image_size))
 
 
 def _decode(source: ImageSource, index: int, cfg: DataConfig) -> np.ndarray:
@@ -127,25 +324,54 @@ def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[
     count = len(source) if cfg.max_images is None else min(len(source), cfg.max_images)
     skipped: list[tuple[str, str]] = [(path, f"dangling link: {dangling_link_message(target)}")
                                        for path, target in source.dangling_links]
+    buckets = bucket_sizes_of(cfg)
+    masks = mask_paths(source, cfg, count)
     if count * cfg.channels * cfg.resolution ** 2 > memory_budget_bytes(cfg):
+        for what, key in ((buckets, "data.buckets"), (masks, "loss masks (data.mask_dir, NAME.mask.png)")):
+            if what is not None:
+                raise ValueError(f"{key}: {source.description} is over the memory budget (data.max_memory_gb), and the "
+                                 "disk cache holds square images without masks only; raise data.max_memory_gb or "
+                                 f"turn {key.split(' ')[0]} off")
         cache = decode_to_disk(source, cfg, count, captions, lambda i: _decode(source, i, cfg))
         return _dataset(source, cache.images, cache.rows, sorted(skipped + cache.skipped), count, captions, cache)
     arrays: list[Optional[np.ndarray]] = [None] * count
+    mask_arrays: list[Optional[np.ndarray]] = [None] * count
+    geometry: list[Optional[tuple[int, int, int, int]]] = [None] * count
 
     def work(i: int) -> None:
         if captions is not None and not captions[i]:
             skipped.append((source.names[i], "missing or empty caption"))
             return
         try:
-            arrays[i] = _decode(source, i, cfg)
+            arrays[i], facts = decode_item(source, i, cfg, masks[i] if masks else None)
+            geometry[i], mask_arrays[i] = (*facts.original_size, *facts.crop_top_left), facts.mask
+        except MaskSizeError:
+            raise
         except Exception as exc:  # any decoder failure means "not a readable image"
             skipped.append((source.names[i], f"{type(exc).__name__}: {exc}"))
 
     with ThreadPoolExecutor(max_workers=cfg.decode_workers) as pool:
         list(pool.map(work, range(count)))
     keep = [i for i in range(count) if arrays[i] is not None]
-    images = torch.from_numpy(np.stack([arrays[i] for i in keep])) if keep else torch.empty(0, dtype=torch.uint8)
-    return _dataset(source, images, keep, sorted(skipped), count, captions)
+    if masks is not None:
+        unmasked = [i for i in keep if mask_arrays[i] is None]
+        if unmasked:
+            logger.info("loss masks: %d of %d images have none and train everywhere (first: %s)", len(unmasked),
+                        len(keep), source.names[unmasked[0]])
+        for i in unmasked:
+            mask_arrays[i] = np.full((1, *arrays[i].shape[1:]), 255, dtype=np.uint8)
+    stack = buckets is None
+    images = torch.from_numpy(np.stack([arrays[i] for i in keep])) if keep and stack else \
+        torch.empty(0, dtype=torch.uint8)
+    dataset = _dataset(source, images, keep, sorted(skipped), count, captions)
+    table = torch.tensor([geometry[i] for i in keep], dtype=torch.long).reshape(len(keep), 4)
+    dataset.original_sizes, dataset.crops_top_left = table[:, :2].contiguous(), table[:, 2:].contiguous()
+    if masks is not None and stack:
+        dataset.masks = torch.from_numpy(np.stack([mask_arrays[i] for i in keep]))
+    if not stack:
+        dataset = BucketedImageDataset.from_arrays(dataset, [arrays[i] for i in keep], buckets, cfg.resolution,
+                                                   None if masks is None else [mask_arrays[i] for i in keep])
+    return dataset
 
 
 def _dataset(source: ImageSource, images: torch.Tensor, keep: Sequence[int], skipped: list[tuple[str, str]],
@@ -206,6 +432,8 @@ def _built_folder_cache(cfg: DataConfig, want_labels: bool) -> Optional[CachedIm
     """A whole image folder over the memory budget whose disk cache is built, opened without listing the folder
     into memory (data/folder_summary.py); None where the listing path is needed (anything else, or no cache)."""
     folder = Path(cfg.path).expanduser()
+    if cfg.buckets != "off" or cfg.mask_dir is not None:  # the listing path refuses them over the budget
+        return None
     if cfg.max_images is not None or cfg.source not in ("auto", "folder") or not folder.is_dir() or \
             (cfg.source == "auto" and (is_saved_datasets_dir(folder) or is_mnist_folder(folder))):
         return None
@@ -260,6 +488,9 @@ def load_dreambooth_dataset(cfg: DataConfig, class_dir: Optional[Path]) -> tuple
         raise FileNotFoundError(f"class image folder {class_dir} does not exist (data.class_dir)")
     class_cfg = dataclasses.replace(cfg, path=str(class_dir), source="folder", max_images=cfg.num_class_images)
     prior = load_image_dataset(class_cfg, want_labels=False)
+    def joined(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if a is None or b is None else torch.cat([a, b])
+
     combined = ImageDataset(
         images=torch.cat([instance.images, prior.images]),
         labels=None,
@@ -268,5 +499,22 @@ def load_dreambooth_dataset(cfg: DataConfig, class_dir: Optional[Path]) -> tuple
         skipped=instance.skipped + prior.skipped,
         captions=instance.captions + [str(cfg.class_prompt)] * len(prior),
         names=[*(instance.names or []), *(prior.names or [])],
+        masks=_joined_masks(instance, prior),
+        original_sizes=joined(instance.original_sizes, prior.original_sizes),
+        crops_top_left=joined(instance.crops_top_left, prior.crops_top_left),
     )
     return combined, len(instance)
+
+
+def _joined_masks(a: ImageDataset, b: ImageDataset) -> Optional[torch.Tensor]:
+    """The masks of two data sets one after the other (a full mask for images of the one without masks)."""
+    if a.masks is None and b.masks is None:
+        return None
+
+    def full(d: ImageDataset) -> torch.Tensor:
+        if d.masks is not None:
+            return d.masks
+        logger.info("loss masks: %d images of %s have none and train everywhere", len(d), d.description)
+        return torch.full((len(d), 1, *d.images.shape[-2:]), 255, dtype=torch.uint8)
+
+    return torch.cat([full(a), full(b)])

@@ -127,6 +127,10 @@ def folder_prefix(folder: str) -> str:
     return {".": "", "/": "/"}.get(folder, folder + os.sep)
 
 
+MASK_SUFFIX = ".mask.png"
+"""A file NAME.mask.png beside NAME.ext is that image's loss mask (data.mask_dir: a folder of them instead)."""
+
+
 def scan_entries(folder: str) -> Iterator[tuple[str, os.DirEntry]]:
     """The entries of `folder` a listing cares about, in directory order, each as ('dir', entry) for a subfolder
     (not hidden; links followed, like Path.is_dir), ('image', entry) for an image file (Path.suffix's rule on the
@@ -144,6 +148,8 @@ def scan_entries(folder: str) -> Iterator[tuple[str, os.DirEntry]]:
                 if not name.startswith("."):
                     yield "dir", entry
             elif 0 < dot < len(name) - 1 and name[dot:].lower() in IMAGE_EXTENSIONS:
+                if name.lower().endswith(MASK_SUFFIX):  # NAME.mask.png: the loss mask of NAME.ext, not an image
+                    continue
                 if _true(entry.is_file):
                     yield "image", entry
                 elif entry.is_symlink() and not os.path.exists(base + name):

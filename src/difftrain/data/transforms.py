@@ -67,28 +67,53 @@ def convert_mode(image: Image.Image, channels: int) -> Image.Image:
     return image if image.mode == target else image.convert(target)
 
 
+def fit_and_crop(image: Image.Image, width: int, height: int, center_crop: bool = True,
+                 ) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize so the image covers width x height with the least crop, then center-crop it to that size (or squash
+    it to that size if not center_crop). Returns the image and the crop's (top, left) in the resized image
+    (SDXL's `crops_coords_top_left`; (0, 0) when squashed)."""
+    if not center_crop:
+        return image.resize((width, height), Image.Resampling.BICUBIC), (0, 0)
+    new_w, new_h = covering_size(image.size, width, height)
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return image.crop((left, top, left + width, top + height)), (top, left)
+
+
+def covering_size(size: tuple[int, int], width: int, height: int) -> tuple[int, int]:
+    """(width, height) an image of `size` (width, height) is resized to so it covers width x height, keeping its
+    aspect ratio (rounded): the short side of a square target is its side."""
+    w, h = size
+    scale = max(width / w, height / h)
+    return max(width, round(w * scale)), max(height, round(h * scale))
+
+
 def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool = True) -> Image.Image:
     """Resize so the short side is `resolution`, then center-crop a square (or squash if not center_crop)."""
-    if not center_crop:
-        return image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-    width, height = image.size
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+    return fit_and_crop(image, resolution, resolution, center_crop)[0]
 
 
-def prepare_image(image: Image.Image, resolution: int, channels: int, center_crop: bool = True) -> np.ndarray:
-    """PIL image -> uint8 array (C, H, W) at the training resolution."""
-    image = resize_and_crop(convert_mode(image, channels), resolution, center_crop)
+def to_channels_first(image: Image.Image) -> np.ndarray:
+    """PIL image -> contiguous uint8 array (C, H, W)."""
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
         array = array[None]
     else:
         array = array.transpose(2, 0, 1)
     return np.ascontiguousarray(array)
+
+
+def prepare_image_at(image: Image.Image, width: int, height: int, channels: int, center_crop: bool = True,
+                     ) -> tuple[np.ndarray, tuple[int, int]]:
+    """PIL image -> uint8 array (C, height, width) and the crop's (top, left) in the resized image."""
+    image, crop = fit_and_crop(convert_mode(image, channels), width, height, center_crop)
+    return to_channels_first(image), crop
+
+
+def prepare_image(image: Image.Image, resolution: int, channels: int, center_crop: bool = True) -> np.ndarray:
+    """PIL image -> uint8 array (C, H, W) at the training resolution."""
+    return prepare_image_at(image, resolution, resolution, channels, center_crop)[0]
 
 
 def to_model_range(images_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -106,3 +131,13 @@ def random_hflip(images: torch.Tensor, generator: Optional[torch.Generator]) -> 
     flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
     # torch.where instead of indexing keeps the step free of host-device syncs.
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def random_hflip_pair(images: torch.Tensor, generator: Optional[torch.Generator], masks: Optional[torch.Tensor],
+                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`random_hflip` of images and their loss masks with the same flips (one draw, as random_hflip's)."""
+    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    if masks is not None:
+        masks = torch.where(flip[:, None, None, None], masks.flip(-1), masks)
+    return images, masks

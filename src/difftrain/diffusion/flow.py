@@ -17,7 +17,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from difftrain.config import DiffusionConfig
-from difftrain.diffusion.loss import sample_noise
+from difftrain.diffusion.loss import per_example_error, sample_noise
 from difftrain.diffusion.objective import Network, Objective
 from difftrain.sampling.schedulers import make_scheduler
 
@@ -98,14 +98,15 @@ class FlowMatchingObjective(Objective):
         """The training sigmas of indices `times`, shape (B,), float32 on their device."""
         return self.sigmas.to(times.device)[times]
 
-    def loss(self, network: Network, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    def loss(self, network: Network, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor,
+             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         sigmas = self.sigmas_at(times)
         s = sigmas.view(-1, *([1] * (x0.ndim - 1)))
         x_t = (1.0 - s) * x0 + s * noise
         # The network's timestep input is the scheduler's timestep for this sigma (sigma * N), as when sampling.
         prediction = network(x_t, sigmas * self.noise_scheduler.config.num_train_timesteps)
         target = noise - x0
-        per_example = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))
+        per_example = per_example_error(prediction, target, mask)
         return per_example * compute_loss_weighting_for_sd3(self.loss_weighting, sigmas).float()
 
     @property

@@ -25,6 +25,21 @@ def sample_noise(shape: torch.Size, generator: torch.Generator, device: torch.de
     return noise
 
 
+def per_example_error(prediction: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                      ) -> torch.Tensor:
+    """Per-example mean squared error (B,); with a loss `mask` (B, 1, H, W) in [0, 1], normalised by the mask's area:
+    sum(mask * err) / (sum(mask) * channels). Written as the unmasked mean times numel / (sum(mask) * channels), so an
+    all-ones mask gives exactly (bit for bit) the unmasked loss; an all-zero mask gives 0."""
+    error = (prediction.float() - target.float()).pow(2)
+    dims = tuple(range(1, error.ndim))
+    if mask is None:
+        return error.mean(dim=dims)
+    mask = mask.float()
+    per_example_numel = error[0].numel()
+    area = mask.sum(dim=dims) * error.shape[1]
+    return (error * mask).mean(dim=dims) * (per_example_numel / area.clamp_min(1e-12))
+
+
 def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the network should output for `scheduler.config.prediction_type`."""
     return parameterisation(scheduler.config.prediction_type).target(scheduler, x0, noise, timesteps)
@@ -37,6 +52,7 @@ def denoising_loss(
     noise: torch.Tensor,
     timesteps: torch.Tensor,
     snr_gamma: Optional[float] = None,
+    mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Per-example weighted MSE between `model(x_t, t)` and the target, shape (B,).
 
@@ -47,6 +63,7 @@ def denoising_loss(
         noise: the noise to add, same shape.
         timesteps: integer timesteps (B,).
         snr_gamma: Min-SNR-gamma weighting if given.
+        mask: (B, 1, H, W) loss mask in [0, 1], or None (see `per_example_error`).
     """
     x_t = scheduler.add_noise(x0, noise, timesteps)
     prediction = model(x_t, timesteps)
@@ -54,7 +71,7 @@ def denoising_loss(
         # Models that also predict variance output twice the channels; the first half is the mean.
         prediction = prediction[:, : x0.shape[1]]
     target = training_target(scheduler, x0, noise, timesteps)
-    per_example = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))
+    per_example = per_example_error(prediction, target, mask)
     if snr_gamma is not None:
         weights = min_snr_weights(snr(scheduler.alphas_cumprod, timesteps), snr_gamma, scheduler.config.prediction_type)
         per_example = per_example * weights

@@ -48,8 +48,11 @@ class Objective(ABC):
         """One training time per example, drawn from the step's generator (after the noise)."""
 
     @abstractmethod
-    def loss(self, network: Network, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
-        """Per-example weighted loss (B,): forms x_t, calls `network(x_t, times)`, compares with the target."""
+    def loss(self, network: Network, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor,
+             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-example weighted loss (B,): forms x_t, calls `network(x_t, times)`, compares with the target; with a
+        loss `mask` (B, 1, H, W) in [0, 1] at x0's resolution, the error is averaged over the mask's area
+        (diffusion/loss.py per_example_error; an all-ones mask gives exactly the unmasked loss)."""
 
     @property
     @abstractmethod
@@ -106,8 +109,9 @@ class DDPMObjective(Objective):
         return torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator,
                              device=device)
 
-    def loss(self, network: Network, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
-        return denoising_loss(network, self.noise_scheduler, x0, noise, times, self.snr_gamma)
+    def loss(self, network: Network, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor,
+             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return denoising_loss(network, self.noise_scheduler, x0, noise, times, self.snr_gamma, mask)
 
     @property
     def scheduler_config(self) -> Any:

@@ -34,6 +34,8 @@ class Batch:
 
     x0: torch.Tensor
     condition: Any = None
+    mask: Optional[torch.Tensor] = None
+    """(B, 1, h, w) float loss mask in [0, 1] at x0's resolution (1: trained), or None for the whole image."""
 
 
 @dataclass
@@ -112,13 +114,62 @@ class Family(ABC):
     # -- before any model is built: nothing here writes unless it starts the run folder itself --------------------
 
     def check_files(self) -> None:
-        """Checks that need files but no model (a base pipeline's layout, an instance folder)."""
+        """Checks that need files but no model (a base pipeline's layout, an instance folder, data.buckets against the
+        network's configs, loss mask sizes)."""
         instance_dir = self.cfg.data.instance_dir
         if instance_dir is not None:
             from difftrain.data.sources import open_source
 
             if len(open_source(instance_dir, "folder", "train", "image", None, False, None)) == 0:
                 raise ValueError(f"data.instance_dir = {instance_dir!r} holds no images")
+        self.check_data_settings()
+
+    def size_multiple(self) -> int:
+        """What every side of a training image (in pixels) must divide by for the network (and VAE) to take it, from
+        configs alone (no weights); raises ValueError when the network takes square inputs only (data.buckets reads
+        it before any model loads)."""
+        return 1
+
+    def data_config(self) -> Any:
+        """`cfg.data` with data.buckets resolved against `size_multiple()` ('auto': the bucket list; a list: checked,
+        ValueError naming the entry the network cannot take)."""
+        import dataclasses
+
+        from difftrain.data.buckets import format_bucket, resolve_buckets
+
+        d = self.cfg.data
+        if d.buckets == "off":
+            return d
+        sizes = resolve_buckets(d.buckets, d.resolution, self.size_multiple())
+        return dataclasses.replace(d, buckets=[format_bucket(size) for size in sizes])
+
+    def check_data_settings(self) -> None:
+        """Before any model loads: data.buckets against the network, each loss mask's size against its image's
+        (headers only), and no buckets or masks on streamed data."""
+        from difftrain.data.dataset import check_mask_sizes
+        from difftrain.data.sources import folder_source, is_mnist_folder, is_saved_datasets_dir, streamed_kind
+
+        d = self.data_config()
+        path = d.instance_dir or d.path
+        kind = None if d.instance_dir else streamed_kind(d.path, d.source, d.streaming)
+        if kind is not None:
+            for on, key in ((d.buckets != "off", "data.buckets"), (d.mask_dir is not None, "data.mask_dir")):
+                if on:
+                    raise ValueError(f"{key}: data.path = {d.path!r} is streamed ({kind} shards), and streamed data "
+                                     f"is read as square images without masks; use an image folder or turn {key} off")
+            return
+        folder = Path(path).expanduser()
+        if d.mask_dir is None and d.instance_dir is None:
+            return  # NAME.mask.png files beside the images: decoding refuses a wrong size (before any model), and a
+            # large folder is not listed twice
+        if d.source not in ("auto", "folder") and not d.instance_dir or not folder.is_dir() or \
+                is_saved_datasets_dir(folder) or is_mnist_folder(folder):
+            return
+        try:
+            source = folder_source(folder)
+        except ValueError:  # a folder layout problem: load_data names it
+            return
+        check_mask_sizes(source, d)
 
     def prepare_before_data(self, run_folder: Any, processes: Any) -> None:
         """Files the data needs, written into the run folder (e.g. DreamBooth class images).
@@ -140,18 +191,28 @@ class Family(ABC):
         from difftrain.data.dataset import load_dreambooth_dataset, load_image_dataset
         from difftrain.data.streaming import open_streaming_set
 
-        if self.cfg.data.instance_dir is not None:
-            self.dataset, self.num_train_images = load_dreambooth_dataset(self.cfg.data, self.class_images_dir())
+        data = self.data_config()
+        if data.instance_dir is not None:
+            self.dataset, self.num_train_images = load_dreambooth_dataset(data, self.class_images_dir())
+            self._log_buckets()
             return self.dataset
         labels, captions = self.data_wants()
-        stream = open_streaming_set(self.cfg.data, want_labels=labels) if self.streams else None
+        stream = open_streaming_set(data, want_labels=labels) if self.streams and data.buckets == "off" else None
         if stream is None:
             self._refuse_a_stream()
-            self.dataset = load_image_dataset(self.cfg.data, want_labels=labels, want_captions=captions)
+            self.dataset = load_image_dataset(data, want_labels=labels, want_captions=captions)
+            self._log_buckets()
         else:
             self.dataset = stream
         self.num_train_images = len(self.dataset)
         return self.dataset
+
+    def _log_buckets(self) -> None:
+        histogram = getattr(self.dataset, "histogram", None)
+        if histogram is not None:
+            import logging
+
+            logging.getLogger(__name__).info("data.buckets: %s", ", ".join(f"{size}: {n}" for size, n in histogram()))
 
     def _refuse_a_stream(self) -> None:
         from difftrain.data.sources import streamed_kind

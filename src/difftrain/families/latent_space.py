@@ -15,7 +15,7 @@ from difftrain.data.batches import MicroBatch
 from difftrain.families.base import Batch, Models
 from difftrain.families.latents import LatentEncoder
 from difftrain.families.vae_stage import train_vae, vae_is_complete
-from difftrain.models.vae import downsample_factor, load_pretrained_vae
+from difftrain.models.vae import downsample_factor, load_pretrained_vae, load_vae_config
 from difftrain.sampling.generate import ImageSampler
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,20 @@ class LatentSpace:
 
     def geometry(self) -> tuple[int, int]:
         return self.latent_size, self.latent_channels
+
+    def size_multiple(self) -> int:
+        """The VAE's downsampling x the network's (a base model's UNet: from its config.json), from configs alone."""
+        base = self.cfg.model.pretrained
+        if base is not None:
+            from difftrain.models.pretrained import load_base_unet_config
+
+            network = 2 ** (len(load_base_unet_config(base)["block_out_channels"]) - 1)
+        else:
+            network = super().size_multiple()
+        v = self.cfg.vae
+        path, key = (v.pretrained, "vae.pretrained") if v.pretrained is not None else (base, "model.pretrained")
+        channels = v.block_out_channels if path is None else load_vae_config(path, key)["block_out_channels"]
+        return 2 ** (len(channels) - 1) * network
 
     def prepare_after_data(self, run_folder: Any, processes: Any) -> None:
         """The VAE stage of a run without a pretrained VAE: train it, or reuse the one this run saved before."""
@@ -108,14 +122,17 @@ class LatentSpace:
         super().use_prepared(network, trained, accelerator)
         if self.cfg.vae.scaling_factor is not None:  # saved with the VAE, so the exported pipeline decodes alike
             self.vae.register_to_config(scaling_factor=self.cfg.vae.scaling_factor)
-        self.latents = LatentEncoder(self.vae, float(self.vae.config.scaling_factor), self.dataset.images,
-                                     self.cfg.data.random_flip, self.cfg.vae.cache_latents)
+        buckets = getattr(self.dataset, "bucket_images", None)  # data.buckets: latents per bucket
+        images = self.dataset.images if buckets is None else buckets
+        index = None if buckets is None else (self.dataset.row_bucket, self.dataset.row_slot)
+        self.latents = LatentEncoder(self.vae, float(self.vae.config.scaling_factor), images,
+                                     self.cfg.data.random_flip, self.cfg.vae.cache_latents, index)
 
     # -- the step ------------------------------------------------------------------------------------------------
 
     def batch(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> Batch:
-        x0 = self.latents.draw(micro, generator)  # flips and latent noise, from the generator
-        return Batch(x0, self.condition(micro, generator, device))
+        x0, mask = self.latents.draw_with_mask(micro, generator)  # flips and latent noise, from the generator
+        return Batch(x0, self.condition(micro, generator, device), mask)
 
     # -- sampling ------------------------------------------------------------------------------------------------
 

@@ -53,6 +53,7 @@ class TextPixelFamily(UnconditionalPixelFamily):
     name = "pixel-text"
     streams = False  # its caption vocabulary is built from every caption before training
     presets = COND_UNET_PRESETS
+    dit_takes_any_shape = True  # PixArt: patches of any grid
 
     @classmethod
     def handles(cls, cfg: RunConfig) -> bool:

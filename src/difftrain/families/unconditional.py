@@ -6,22 +6,23 @@ The smallest family, and the base of the other pixel-space ones: docs/architectu
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMPipeline
+from diffusers import DDPMPipeline, UNet2DModel
 
 from difftrain.config import ConfigError, RunConfig
 from difftrain.data.batches import MicroBatch
-from difftrain.data.transforms import random_hflip, to_model_range
+from difftrain.data.transforms import random_hflip_pair, to_model_range
 from difftrain.diffusion.objective import Network, Objective
 from difftrain.families.base import Batch, Family, Models, NetworkSpec, PreviewLayout, RunSummary
 from difftrain.families.export import save_pipeline_atomically, write_model_card
 from difftrain.models.backbone import (Conditioning, component_name, network_call, plan_network,
-                                       unread_backbone_settings)
-from difftrain.models.unet import UNET_PRESETS
+                                       transformer_settings, unread_backbone_settings)
+from difftrain.models.unet import UNET_PRESETS, unet_kwargs
 from difftrain.pipeline import UnconditionalPipeline
 from difftrain.sampling.generate import ImageSampler
 
@@ -51,6 +52,24 @@ class UnconditionalPixelFamily(Family):
     def plan(self) -> None:
         self.plan_network()
 
+    dit_takes_any_shape: bool = False
+    """Whether this family's DiT backbone takes non-square inputs (PixArt does; DiTTransformer2DModel unpatchifies a
+    square)."""
+
+    def size_multiple(self) -> int:
+        """2^(downsamplings) of the UNet, or the DiT's patch size; refused for a DiT that takes squares only."""
+        m, d = self.cfg.model, self.cfg.data
+        if m.backbone == "dit":
+            if not self.dit_takes_any_shape and d.buckets != "off":
+                raise ValueError(f"data.buckets = {d.buckets!r}: the {self.name} family's DiT "
+                                 "(DiTTransformer2DModel) takes square inputs only; set data.buckets=off or use "
+                                 "model.backbone=unet")
+            return int(transformer_settings(m).get("patch_size") or 1)
+        kwargs = unet_kwargs(self.presets, m.size, m.unet, d.resolution, d.channels)
+        levels = len(kwargs.get("block_out_channels") or
+                     inspect.signature(UNet2DModel.__init__).parameters["block_out_channels"].default)
+        return 2 ** (levels - 1)
+
     def plan_network(self) -> None:
         """The network of `model.backbone` (class and kwargs from the size preset, the data and `model.unet` or the
         transformer fields), checked before anything is built or written."""
@@ -78,9 +97,11 @@ class UnconditionalPixelFamily(Family):
 
     def batch(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> Batch:
         images = micro.images.to(device, non_blocking=True)
+        masks = None if micro.masks is None else micro.masks.to(device, non_blocking=True)
         if self.cfg.data.random_flip:
-            images = random_hflip(images, generator)
-        return Batch(to_model_range(images), self.condition(micro, generator, device))
+            images, masks = random_hflip_pair(images, generator, masks)
+        mask = None if masks is None else masks.float() / 255.0
+        return Batch(to_model_range(images), self.condition(micro, generator, device), mask)
 
     def condition(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> Any:
         """The condition of these rows after condition dropout (drawn after x0's random draws); None here."""

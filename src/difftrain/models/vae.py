@@ -66,6 +66,27 @@ def load_pretrained_vae(path: str, key: str = "vae.pretrained") -> AutoencoderKL
             raise FileNotFoundError(f"{key} = {path!r}: could not load an AutoencoderKL ({exc})") from exc
 
 
+def load_vae_config(path: str, key: str = "vae.pretrained") -> dict:
+    """The config of the AutoencoderKL `load_pretrained_vae(path)` loads, without its weights."""
+    source = resolve(path)
+    if looks_local(path):
+        from pathlib import Path
+
+        local = Path(source)
+        if (local / "vae" / "config.json").is_file():
+            return dict(AutoencoderKL.load_config(source, subfolder="vae"))
+        if (local / "config.json").is_file():
+            return dict(AutoencoderKL.load_config(source))
+        raise FileNotFoundError(f"{key} = {path!r}: neither an AutoencoderKL folder (config.json) nor a pipeline with vae/")
+    try:
+        return dict(AutoencoderKL.load_config(source, subfolder="vae"))
+    except (OSError, ValueError):
+        try:
+            return dict(AutoencoderKL.load_config(source))
+        except (OSError, ValueError) as exc:
+            raise FileNotFoundError(f"{key} = {path!r}: could not read an AutoencoderKL config ({exc})") from exc
+
+
 def downsample_factor(vae: AutoencoderKL) -> int:
     """Pixels per latent cell along each side."""
     return 2 ** (len(vae.config.block_out_channels) - 1)

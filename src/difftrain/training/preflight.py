@@ -139,12 +139,20 @@ def run_check(cfg: RunConfig, with_step: bool = True, show_all: bool = False, ou
     from difftrain.families import family_for
     from difftrain.families.latent_space import VAENotTrainedYet
 
-    keep_labels, want_captions = family_for(cfg).data_wants()
-    data_cfg = cfg.data
+    family = family_for(cfg)
+    keep_labels, want_captions = family.data_wants()
+    try:
+        data_cfg = family.data_config()  # data.buckets resolved against the network (its configs only)
+    except ValueError as exc:
+        out(f"ERROR   data.buckets: {exc}")
+        out("check: FAILED (1 error(s))")
+        return 1
     if cfg.data.instance_dir is not None:  # DreamBooth: the instance images, all captioned by instance_prompt
-        data_cfg = dataclasses.replace(cfg.data, path=cfg.data.instance_dir, source="folder", max_images=None)
+        data_cfg = dataclasses.replace(data_cfg, path=cfg.data.instance_dir, source="folder", max_images=None)
         keep_labels = want_captions = False
     report: ScanReport = scan_data(data_cfg, want_labels=keep_labels, want_captions=want_captions)
+    for line in report.bucket_lines():
+        out(line)
     findings = report.findings + findings
     shown: dict[str, int] = {}
     for finding in findings:

@@ -46,7 +46,8 @@ def train_step(run: TrainingRun, step: int, guard: Optional[NonFiniteGuard] = No
         times = run.objective.sample_times(batch.x0.shape[0], generator, device)
         with accelerator.accumulate(*parts.trained):
             with (guard.autocast() if guard is not None else accelerator.autocast()):
-                per_example = run.objective.loss(family.network(batch.condition), batch.x0, noise, times)
+                per_example = run.objective.loss(family.network(batch.condition), batch.x0, noise, times,
+                                                 mask=batch.mask)
             loss = family.reduce_loss(per_example)
             if guard is not None:
                 loss = guard.poison(step, loss)
