@@ -141,3 +141,47 @@ def test_sdxl_folder_without_its_second_text_encoder_is_refused_in_one_line(tmp_
     assert "Traceback" not in result.stderr
     assert "text_encoder_2" in result.stderr and "SDXL" in result.stderr, result.stderr
     assert not run.exists(), "refused before anything was written"
+
+
+def test_bucketed_sdxl_run_takes_its_size_and_crop_ids_from_each_image_and_resumes_exactly(tiny_sdxl: Path,
+                                                                                          tmp_path: Path):
+    from PIL import Image
+
+    from difftrain.families import family_for
+
+    from .test_buckets import _mixed_folder
+
+    data = _mixed_folder(tmp_path / "mixed", classes=("cat", "dog"))
+    overrides = [f"model.pretrained={tiny_sdxl}", f"data.path={data}", "data.caption_template=a photo of a {label}",
+                 "data.buckets=auto", "data.random_flip=true", "train.prior_preservation=false",
+                 "data.instance_prompt=null", "data.class_prompt=null",
+                 "train.checkpoints_total_limit=null"]
+    cfg = load_config(PRESET, overrides, output_dir=str(tmp_path / "probe"))
+    family = family_for(cfg)
+    assert family.name == "stable-diffusion-xl"
+    family.check_files()
+    family.load_data()
+    family.plan()
+    for position in range(0, 8, 2):
+        micro = family.dataset.gather(family.rows(position, 2))
+        height, width = micro.images.shape[-2:]
+        ids = family.time_ids(micro, None, torch.device("cpu"))
+        for row, name, (h0, w0, top, left, th, tw) in zip(micro.rows, family.row_names(micro.rows.tolist()),
+                                                          ids.tolist()):
+            with Image.open(name) as image:
+                assert (w0, h0) == image.size  # the original size, from the file
+            assert (th, tw) == (height, width)  # the bucket
+            assert abs(h0 / w0 - height / width) < 0.5 * max(h0 / w0, height / width)  # the aspect ratio is kept
+        flipped = family.time_ids(micro, torch.ones(2, dtype=torch.bool), torch.device("cpu"))
+        assert torch.equal(flipped[:, [0, 1, 2, 4, 5]], ids[:, [0, 1, 2, 4, 5]])
+        assert ((flipped[:, 3] - ids[:, 3]).abs() <= 1).all()  # a centred crop mirrored moves by rounding only
+
+    straight = train(load_config(PRESET, overrides, output_dir=str(tmp_path / "straight")))
+    resumed_dir = str(tmp_path / "resumed")
+    train(load_config(PRESET, overrides, output_dir=resumed_dir), stop_at_step=2)
+    resumed = train(load_config(PRESET, overrides, output_dir=resumed_dir))
+    a = load_file(straight / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -131,7 +131,7 @@ class LatentSpace:
     # -- the step ------------------------------------------------------------------------------------------------
 
     def batch(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> Batch:
-        x0, mask = self.latents.draw_with_mask(micro, generator)  # flips and latent noise, from the generator
+        x0, mask, _ = self.latents.draw_with_mask(micro, generator)  # flips and latent noise, from the generator
         return Batch(x0, self.condition(micro, generator, device), mask)
 
     # -- sampling ------------------------------------------------------------------------------------------------

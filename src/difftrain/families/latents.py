@@ -60,9 +60,10 @@ class LatentEncoder:
         return self.draw_with_mask(micro, generator)[0]
 
     def draw_with_mask(self, micro: MicroBatch, generator: torch.Generator,
-                       ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """`draw`, and the micro-batch's loss masks flipped as its latents and area-downsampled to their size
-        ((B, 1, h, w) float in [0, 1]; None without masks)."""
+                       ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """`draw`, the micro-batch's loss masks flipped as its latents and area-downsampled to their size
+        ((B, 1, h, w) float in [0, 1]; None without masks), and which images were flipped ((B,) bool, None without
+        data.random_flip; SDXL mirrors their crop ids)."""
         device = self.vae.device
         flip = None
         if self.random_flip:
@@ -89,4 +90,4 @@ class LatentEncoder:
             if flip is not None:
                 mask = torch.where(flip[:, None, None, None], mask.flip(-1), mask)
             mask = F.interpolate(mask, size=tuple(x0.shape[-2:]), mode="area")
-        return x0, mask
+        return x0, mask, flip

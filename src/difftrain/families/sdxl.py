@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from difftrain.data.batches import MicroBatch
+from difftrain.data.transforms import covering_size
 from difftrain.diffusion.objective import Network, Objective
-from difftrain.families.base import Models, RunSummary
+from difftrain.families.base import Batch, Models, RunSummary
 from difftrain.families.export_latent import export_lora, export_stable_diffusion_xl, write_latent_model_card
 from difftrain.families.stable_diffusion import StableDiffusionFamily
 from difftrain.models.backbone import TextTimeCondition
@@ -74,13 +75,22 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
     # -- the step ------------------------------------------------------------------------------------------------
 
-    def condition(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> Any:
-        """The text family's caption condition and each image's size/crop ids, from its recorded original size and
-        crop (the image as trained is the target size)."""
-        height, width = micro.images.shape[-2:]
-        time_ids = sdxl_time_ids(getattr(micro, "original_sizes", None), getattr(micro, "crops_top_left", None),
-                                 (int(height), int(width)), micro.images.shape[0], device)
-        return super().condition(micro, generator, device), time_ids
+    def batch(self, micro: MicroBatch, generator: torch.Generator, device: torch.device) -> Batch:
+        """Latents as every latent family draws them, the caption condition, and each image's size/crop ids."""
+        x0, mask, flipped = self.latents.draw_with_mask(micro, generator)  # flips and latent noise first
+        return Batch(x0, (self.condition(micro, generator, device), self.time_ids(micro, flipped, device)), mask)
+
+    def time_ids(self, micro: MicroBatch, flipped: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """SDXL's ids from each image's recorded original size and crop; the image as trained (its bucket) is the
+        target size. A flipped image's crop is mirrored: its left edge is measured from the other side."""
+        height, width = (int(side) for side in micro.images.shape[-2:])
+        crops, original = micro.crops_top_left, micro.original_sizes
+        if flipped is not None and crops is not None and original is not None and self.cfg.data.center_crop:
+            crops = crops.clone()
+            for i in flipped.nonzero().flatten().tolist():
+                resized_width = covering_size((int(original[i, 1]), int(original[i, 0])), width, height)[0]
+                crops[i, 1] = resized_width - crops[i, 1] - width
+        return sdxl_time_ids(original, crops, (height, width), micro.images.shape[0], device)
 
     def network(self, condition: Any) -> Network:
         captions, time_ids = condition
