@@ -158,6 +158,14 @@ class LoraConfig:
     """Text-encoder modules that get adapters."""
     export_merged: bool = False
     """Also export the base pipeline with the adapters merged into its weights (OUTPUT_DIR/merged)."""
+    use_dora: bool = False
+    """DoRA (weight-decomposed LoRA, peft's use_dora): a trained magnitude per output feature on top of the LoRA direction; exported in the diffusers format only."""
+    rank_pattern: dict = field(default_factory=dict)
+    """Per-module ranks, e.g. {attn2.to_k: 8}: a module-name suffix or a regex matched against the end of the name (peft's rank_pattern), applied to the UNet and the text encoders; other modules keep `rank`."""
+    alpha_pattern: dict = field(default_factory=dict)
+    """Per-module alphas, keyed as rank_pattern (peft's alpha_pattern); other modules keep `alpha`."""
+    export_format: Literal["diffusers", "kohya", "both"] = "diffusers"
+    """LoRA file format: 'diffusers' (pytorch_lora_weights.safetensors, what `pipe.load_lora_weights(dir)` reads), 'kohya' (pytorch_lora_weights_kohya.safetensors, lora_unet_/lora_te_ keys with .alpha, for A1111, ComfyUI and kohya's scripts; diffusers reads it with weight_name=) or 'both'."""
 
 
 @dataclass

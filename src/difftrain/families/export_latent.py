@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from difftrain.config import RunConfig
-from difftrain.models.lora import LORA_WEIGHTS_NAME, save_lora_weights
+from difftrain.models.lora import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, WEIGHT_NAMES, save_lora_weights
 from difftrain.models.pretrained import stable_diffusion_pipeline_class
 from difftrain.pipeline import ADAPTER_BASE_FILE
 from difftrain.families.base import RunSummary
@@ -48,23 +48,35 @@ def pixart_call(prompt: str, max_length: int) -> str:
             "clean_caption=False)")
 
 
-def export_lora(unet, text_encoder: Optional[torch.nn.Module], cfg: RunConfig, base: str, output_dir: Path) -> Path:
-    """pytorch_lora_weights.safetensors + adapter_base.json; with lora.export_merged, OUTPUT_DIR/merged too."""
-    path = save_lora_weights(output_dir, unet, text_encoder)
+def export_formats(cfg: RunConfig) -> tuple[str, ...]:
+    """The LoRA file formats lora.export_format asks for."""
+    return ("diffusers", "kohya") if cfg.lora.export_format == "both" else (cfg.lora.export_format,)
+
+
+def export_lora(unet, text_encoders: Mapping[str, Optional[torch.nn.Module]], cfg: RunConfig, base: str,
+                output_dir: Path, pipeline_class: Optional[type] = None) -> dict[str, Path]:
+    """The LoRA files of lora.export_format (models/lora.save_lora_weights) + adapter_base.json; with
+    lora.export_merged, OUTPUT_DIR/merged too. `text_encoders`: {"text_encoder": ..., "text_encoder_2": ...} (None
+    for an encoder without adapters); `pipeline_class`: StableDiffusionPipeline unless given (SDXL passes its own)."""
+    pipeline_class = pipeline_class or stable_diffusion_pipeline_class()
+    paths = save_lora_weights(output_dir, unet, text_encoders, pipeline_class=pipeline_class,
+                              formats=export_formats(cfg))
     atomic_write_text(output_dir / ADAPTER_BASE_FILE, json.dumps({"base_model": base}, indent=2) + "\n",
                       "the LoRA base-model note")
     if cfg.lora.export_merged:
         merged = output_dir / "merged"
-        pipe = stable_diffusion_pipeline_class().from_pretrained(base, safety_checker=None,
-                                                                 requires_safety_checker=False)
-        pipe.load_lora_weights(str(output_dir))
+        pipe = pipeline_class.from_pretrained(base, **({"safety_checker": None, "requires_safety_checker": False}
+                                                        if "safety_checker" in pipeline_class._optional_components
+                                                        else {}))
+        weight_name = next(iter(WEIGHT_NAMES[f] for f in paths))
+        pipe.load_lora_weights(str(output_dir), weight_name=weight_name)
         pipe.fuse_lora()
         pipe.unload_lora_weights()
         save_folder_atomically(merged, output_dir / ".merged-tmp", "the merged pipeline",
                                state_bytes(pipeline_modules(pipe)),
                                lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True))
         logger.info("merged pipeline: %s", merged)
-    return path
+    return paths
 
 
 def write_latent_model_card(cfg: RunConfig, summary: RunSummary, output_dir: Path, base: Optional[str],
@@ -74,13 +86,19 @@ def write_latent_model_card(cfg: RunConfig, summary: RunSummary, output_dir: Pat
     m = cfg.model
     prompt = (cfg.sample.prompts[0] if cfg.sample.prompts else cfg.data.instance_prompt) or "a photo of a flower"
     if m.finetune == "lora" and base:
-        what = f"LoRA adapters (rank {cfg.lora.rank}) for `{base}`"
+        what = f"{'DoRA' if cfg.lora.use_dora else 'LoRA'} adapters (rank {cfg.lora.rank}) for `{base}`"
         load = (
             "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
             f"pipe = StableDiffusionPipeline.from_pretrained(\"{base}\")\n"
             f"pipe.load_lora_weights(\"{output_dir}\")  # reads {LORA_WEIGHTS_NAME}\n"
             f"image = pipe(\"{prompt}\").images[0]\n```"
         )
+        formats = export_formats(cfg)
+        if "diffusers" not in formats:
+            load = load.replace(f"  # reads {LORA_WEIGHTS_NAME}", f", weight_name=\"{KOHYA_WEIGHTS_NAME}\")")
+        if "kohya" in formats:
+            load += (f"\n\n`{KOHYA_WEIGHTS_NAME}` holds the same adapters with kohya's keys (`lora_unet_...`, "
+                     "`lora_te_...`), for AUTOMATIC1111, ComfyUI and kohya's scripts.")
         if cfg.lora.export_merged:
             load += f"\n\nA copy with the adapters merged in: `StableDiffusionPipeline.from_pretrained(\"{output_dir}/merged\")`."
     elif m.backbone == "dit":
