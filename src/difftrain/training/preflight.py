@@ -124,8 +124,16 @@ def run_check(cfg: RunConfig, with_step: bool = True, show_all: bool = False, ou
     from difftrain.training.resume_check import check_before_resume
     from difftrain.training.run_dir import RunDirError, check_run_dir
 
+    from difftrain.config import ConfigError
+    from difftrain.training.setup import check_mixed_precision
+
     out("config: valid")
     findings: list[Finding] = []
+    try:
+        check_mixed_precision(cfg)  # what this machine cannot run (fp16 or 8-bit AdamW without CUDA), as train refuses it
+    except ConfigError as exc:
+        findings.extend(Finding("config", "error", "not runnable on this machine", problem) for problem in exc.problems)
+        with_step = False
     try:
         check_run_dir(Path(cfg.output_dir))
     except RunDirError as exc:

@@ -35,7 +35,7 @@ UNSAFE_KEYS: dict[str, Any] = {
     "vae": {"pretrained", "scaling_factor", "block_out_channels", "layers_per_block", "latent_channels"},
     "lora": {"rank", "alpha", "unet_target_modules", "train_text_encoder", "text_encoder_target_modules", "use_dora",
              "rank_pattern", "alpha_pattern"},
-    "train": {"use_ema", "prior_preservation"},
+    "train": {"use_ema", "prior_preservation", "optimizer"},
 }
 
 
