@@ -100,3 +100,32 @@ def test_8bit_adamw_without_bitsandbytes_names_the_install(monkeypatch):
     monkeypatch.setattr(setup.importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ConfigError, match="needs bitsandbytes, which is not installed: pip install bitsandbytes"):
         setup.check_optimizer(cfg)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or torch.cuda.is_available(), reason="CPU peak from /proc")
+def test_measure_peak_on_cpu_sees_the_work_s_own_allocation():
+    from difftrain.training.memory import measure_peak, reset_resident_peak
+
+    if not reset_resident_peak():
+        pytest.skip("this kernel does not let a process reset its VmHWM")
+    size = 256 * 2 ** 20
+
+    def work() -> int:
+        block = torch.ones(size, dtype=torch.uint8)  # touched, so resident
+        return int(block[::4096].sum())
+
+    peak = measure_peak(work, "cpu")
+    assert peak.device == "cpu" and peak.result == size // 4096
+    assert peak.increase_bytes >= 0.9 * size, peak.describe()
+    small = measure_peak(lambda: None, "cpu")  # the reset: the earlier peak is not carried over
+    assert small.increase_bytes < 0.5 * size, small.describe()
+    assert "MiB before the step" in small.describe()
+
+
+def test_measure_peak_says_not_measured_where_the_reset_is_refused(monkeypatch, tmp_path: Path):
+    from difftrain.training import memory
+
+    monkeypatch.setattr(memory, "_CLEAR_REFS", tmp_path / "missing" / "clear_refs")
+    peak = memory.measure_peak(lambda: 7, "cpu")
+    assert peak.result == 7 and not peak.measured and peak.increase_bytes is None
+    assert peak.describe().startswith("peak memory not measured")
