@@ -154,7 +154,8 @@ def test_lora_export_merged_writes_a_plain_pipeline_folder(tiny_sd: Path, instan
 
 def test_dora_and_kohya_lora_runs_export_what_diffusers_loads(tiny_sd: Path, instance_dir: Path, tmp_path: Path):
     """lora.use_dora trains and its diffusers-format export loads; lora.export_format=both with per-module rank and
-    alpha writes both files, the kohya one loading to the same UNet output as the diffusers one."""
+    alpha (and gradient checkpointing on the UNet and the LoRA text encoder) writes both files, the kohya one loading
+    to the same UNet output as the diffusers one."""
     from diffusers import StableDiffusionPipeline
 
     from difftrain.models.lora import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
@@ -172,7 +173,7 @@ def test_dora_and_kohya_lora_runs_export_what_diffusers_loads(tiny_sd: Path, ins
     assert pipe("a photo of sks digit", num_inference_steps=2).images[0].size == (16, 16)
 
     both = train(load_config("tiny/dreambooth-lora", common + [
-        "lora.export_format=both", "lora.alpha=4", "lora.rank_pattern={attn2.to_k: 3}",
+        "lora.export_format=both", "lora.alpha=4", "lora.rank_pattern={attn2.to_k: 3}", "train.gradient_checkpointing=true",
         "lora.alpha_pattern={attn1.to_q: 1}"], output_dir=str(tmp_path / "both")))
     kohya = load_file(both / KOHYA_WEIGHTS_NAME)
     assert {k.split("_")[1] for k in kohya} == {"unet", "te"}
