@@ -152,6 +152,44 @@ def test_lora_export_merged_writes_a_plain_pipeline_folder(tiny_sd: Path, instan
     assert not (run / ".merged-tmp").exists()
 
 
+def test_dora_and_kohya_lora_runs_export_what_diffusers_loads(tiny_sd: Path, instance_dir: Path, tmp_path: Path):
+    """lora.use_dora trains and its diffusers-format export loads; lora.export_format=both with per-module rank and
+    alpha (and gradient checkpointing on the UNet and the LoRA text encoder) writes both files, the kohya one loading
+    to the same UNet output as the diffusers one."""
+    from diffusers import StableDiffusionPipeline
+
+    from difftrain.models.lora import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+
+    common = [f"model.pretrained={tiny_sd}", f"data.instance_dir={instance_dir}", f"data.class_dir={tmp_path / 'class'}",
+              "train.max_steps=2", "train.checkpoint_every_steps=null", "train.sample_every_steps=null",
+              "lora.train_text_encoder=true"]
+    dora = train(load_config("tiny/dreambooth-lora", common + ["lora.use_dora=true"], output_dir=str(tmp_path / "dora")))
+    weights = load_file(dora / LORA_WEIGHTS_NAME)
+    assert any("lora_magnitude_vector" in k for k in weights)
+    assert "DoRA adapters" in (dora / "README.md").read_text()
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
+    pipe.load_lora_weights(str(dora))
+    assert pipe.unet.peft_config["default_0"].use_dora
+    assert pipe("a photo of sks digit", num_inference_steps=2).images[0].size == (16, 16)
+
+    both = train(load_config("tiny/dreambooth-lora", common + [
+        "lora.export_format=both", "lora.alpha=4", "lora.rank_pattern={attn2.to_k: 3}", "train.gradient_checkpointing=true",
+        "lora.alpha_pattern={attn1.to_q: 1}"], output_dir=str(tmp_path / "both")))
+    kohya = load_file(both / KOHYA_WEIGHTS_NAME)
+    assert {k.split("_")[1] for k in kohya} == {"unet", "te"}
+    assert {v.shape[0] for k, v in kohya.items() if "attn2_to_k.lora_down" in k} == {3}
+    outputs = []
+    for name in (LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME):
+        pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
+        pipe.load_lora_weights(str(both), weight_name=name)
+        states = pipe.text_encoder(pipe.tokenizer(["a photo of sks digit"], return_tensors="pt").input_ids)[0]
+        latents = torch.randn(1, pipe.unet.config.in_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            outputs.append(pipe.unet(latents, torch.tensor([500]), encoder_hidden_states=states).sample)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    assert KOHYA_WEIGHTS_NAME in (both / "README.md").read_text()
+
+
 def test_latent_setup_errors_come_before_any_model_loads(tmp_path: Path, instance_dir: Path):
     ddpm = tmp_path / "ddpm"
     ddpm.mkdir()

@@ -195,5 +195,5 @@ def test_lora_weights_checked_and_cleaned_up(tmp_path: Path, monkeypatch):
         save_lora_weights(tmp_path / "run", unet)
     assert list((tmp_path / "run").iterdir()) == []  # no .lora-tmp, no half file
     monkeypatch.setattr(safetensors.torch, "save_file", real_save)
-    assert save_lora_weights(tmp_path / "run", unet).is_file()  # the rerun completes
+    assert save_lora_weights(tmp_path / "run", unet)["diffusers"].is_file()  # the rerun completes
     assert [p.name for p in (tmp_path / "run").iterdir()] == [LORA_WEIGHTS_NAME]

@@ -208,6 +208,7 @@ def _latent_and_finetune_problems(cfg: RunConfig, positive) -> list[str]:
     positive("lora.alpha", lora.alpha)
     if not 0.0 <= lora.dropout < 1.0:
         problems.append(f"'lora.dropout' = {lora.dropout}: must be in [0, 1)")
+    problems.extend(_lora_variant_problems(lora, m.finetune == "lora"))
 
     if d.instance_dir is not None:
         if not d.instance_prompt:
@@ -227,6 +228,34 @@ def _latent_and_finetune_problems(cfg: RunConfig, positive) -> list[str]:
         positive("data.num_class_images", d.num_class_images, allow_none=False)
         if t.prior_loss_weight < 0:
             problems.append(f"'train.prior_loss_weight' = {t.prior_loss_weight}: must be >= 0")
+    return problems
+
+
+def _lora_variant_problems(lora, is_lora: bool) -> list[str]:
+    """DoRA, per-module rank/alpha patterns and the export format."""
+    problems: list[str] = []
+    for key, patterns, integer in (("lora.rank_pattern", lora.rank_pattern, True),
+                                   ("lora.alpha_pattern", lora.alpha_pattern, False)):
+        if not isinstance(patterns, dict):
+            problems.append(f"'{key}' = {patterns!r}: need a mapping of module name (suffix or regex) to a number")
+            continue
+        for name, value in patterns.items():
+            try:
+                re.compile(str(name))
+            except re.error as exc:
+                problems.append(f"'{key}' key {name!r} is not a valid regular expression: {exc}")
+            ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(value, bool)
+            if not ok or value <= 0:
+                problems.append(f"'{key}' = {{{name!r}: {value!r}}}: need a positive {'integer' if integer else 'number'}")
+    if lora.use_dora and lora.export_format != "diffusers":
+        problems.append(f"'lora.use_dora' with 'lora.export_format' = {lora.export_format!r}: DoRA adapters export in "
+                        "the diffusers format only (diffusers' kohya converter and loaders drop DoRA's magnitudes); "
+                        "use lora.export_format = 'diffusers'")
+    if not is_lora:
+        set_keys = [k for k, on in (("use_dora", lora.use_dora), ("rank_pattern", lora.rank_pattern),
+                                    ("alpha_pattern", lora.alpha_pattern),
+                                    ("export_format", lora.export_format != "diffusers")) if on]
+        problems.extend(f"'lora.{k}' needs 'model.finetune' = 'lora'" for k in set_keys)
     return problems
 
 

@@ -164,6 +164,14 @@ class LoraConfig:
     """Text-encoder modules that get adapters."""
     export_merged: bool = False
     """Also export the base pipeline with the adapters merged into its weights (OUTPUT_DIR/merged)."""
+    use_dora: bool = False
+    """DoRA (weight-decomposed LoRA, peft's use_dora): a trained magnitude per output feature on top of the LoRA direction; exported in the diffusers format only."""
+    rank_pattern: dict = field(default_factory=dict)
+    """Per-module ranks, e.g. {attn2.to_k: 8}: a module-name suffix or a regex matched against the end of the name (peft's rank_pattern), applied to the UNet and the text encoders; other modules keep `rank`."""
+    alpha_pattern: dict = field(default_factory=dict)
+    """Per-module alphas, keyed as rank_pattern (peft's alpha_pattern); other modules keep `alpha`."""
+    export_format: Literal["diffusers", "kohya", "both"] = "diffusers"
+    """LoRA file format: 'diffusers' (pytorch_lora_weights.safetensors, what `pipe.load_lora_weights(dir)` reads), 'kohya' (pytorch_lora_weights_kohya.safetensors, lora_unet_/lora_te_ keys with .alpha, for A1111, ComfyUI and kohya's scripts; diffusers reads it with weight_name=) or 'both'."""
 
 
 @dataclass
@@ -244,6 +252,8 @@ class TrainConfig:
     """AdamW epsilon."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """'adamw' (torch's AdamW) or 'adamw_8bit' (bitsandbytes' AdamW8bit: optimizer state in 8 bits, about a quarter of AdamW's memory for the state; needs a CUDA GPU and `pip install bitsandbytes`, refused otherwise before any model loads)."""
     max_grad_norm: Optional[float] = 1.0
     """Gradient clipping norm; None disables clipping."""
     nonfinite_max_skips: int = 3
@@ -258,6 +268,8 @@ class TrainConfig:
     """'auto' (fp32 or mixed precision, whichever a short probe of this model on this device finds faster; see docs/performance.md), 'bf16' (CPU or recent GPU), 'fp16' (CUDA only) or 'no' (fp32)."""
     channels_last: bool = False
     """Keep the UNet's weights and activations in channels_last memory format. Measured slower for diffusers UNets (GroupNorm) on an H100 in bf16 (0.65x at batch 128) and on CPU; for other models and devices, measure (docs/performance.md)."""
+    gradient_checkpointing: bool = False
+    """Recompute the trained networks' activations in the backward pass instead of keeping them (the UNet or transformer and any trained text encoder): less memory for about a third more step time, same loss and gradients."""
     compile: bool = False
     """torch.compile the UNet in place: fuses the normalisation, activation and cast kernels (1.65x for the butterflies UNet on an H100), but the first step waits for compilation (~100 s there) and each new input shape compiles again."""
     seed: int = 0

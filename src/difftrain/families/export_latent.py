@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from difftrain.config import RunConfig
-from difftrain.models.lora import LORA_WEIGHTS_NAME, save_lora_weights
-from difftrain.models.pretrained import load_base_pipeline, stable_diffusion_pipeline_class
+from difftrain.models.lora import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, WEIGHT_NAMES, save_lora_weights
+from difftrain.models.pretrained import stable_diffusion_pipeline_class
 from difftrain.pipeline import ADAPTER_BASE_FILE
 from difftrain.families.base import RunSummary
 from difftrain.families.export import card_front_matter, card_loss_and_grid, pipeline_modules, save_pipeline_atomically
@@ -58,24 +58,35 @@ def pixart_call(prompt: str, max_length: int) -> str:
             "clean_caption=False)")
 
 
-def export_lora(unet, text_encoders: dict[str, torch.nn.Module], cfg: RunConfig, base: str, output_dir: Path,
-                xl: bool = False) -> Path:
-    """pytorch_lora_weights.safetensors (`text_encoders`: component name -> adapted encoder, those trained) +
-    adapter_base.json; with lora.export_merged, OUTPUT_DIR/merged too. `xl`: an SDXL base."""
-    path = save_lora_weights(output_dir, unet, text_encoders, xl=xl)
+def export_formats(cfg: RunConfig) -> tuple[str, ...]:
+    """The LoRA file formats lora.export_format asks for."""
+    return ("diffusers", "kohya") if cfg.lora.export_format == "both" else (cfg.lora.export_format,)
+
+
+def export_lora(unet, text_encoders: Mapping[str, Optional[torch.nn.Module]], cfg: RunConfig, base: str,
+                output_dir: Path, pipeline_class: Optional[type] = None) -> dict[str, Path]:
+    """The LoRA files of lora.export_format (models/lora.save_lora_weights) + adapter_base.json; with
+    lora.export_merged, OUTPUT_DIR/merged too. `text_encoders`: {"text_encoder": ..., "text_encoder_2": ...} (None
+    for an encoder without adapters); `pipeline_class`: StableDiffusionPipeline unless given (SDXL passes its own)."""
+    pipeline_class = pipeline_class or stable_diffusion_pipeline_class()
+    paths = save_lora_weights(output_dir, unet, text_encoders, pipeline_class=pipeline_class,
+                              formats=export_formats(cfg))
     atomic_write_text(output_dir / ADAPTER_BASE_FILE, json.dumps({"base_model": base}, indent=2) + "\n",
                       "the LoRA base-model note")
     if cfg.lora.export_merged:
         merged = output_dir / "merged"
-        pipe = load_base_pipeline(base)
-        pipe.load_lora_weights(str(output_dir))
+        pipe = pipeline_class.from_pretrained(base, **({"safety_checker": None, "requires_safety_checker": False}
+                                                        if "safety_checker" in pipeline_class._optional_components
+                                                        else {}))
+        weight_name = next(iter(WEIGHT_NAMES[f] for f in paths))
+        pipe.load_lora_weights(str(output_dir), weight_name=weight_name)
         pipe.fuse_lora()
         pipe.unload_lora_weights()
         save_folder_atomically(merged, output_dir / ".merged-tmp", "the merged pipeline",
                                state_bytes(pipeline_modules(pipe)),
                                lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True))
         logger.info("merged pipeline: %s", merged)
-    return path
+    return paths
 
 
 def write_latent_model_card(cfg: RunConfig, summary: RunSummary, output_dir: Path, base: Optional[str],
@@ -85,13 +96,23 @@ def write_latent_model_card(cfg: RunConfig, summary: RunSummary, output_dir: Pat
     m = cfg.model
     prompt = (cfg.sample.prompts[0] if cfg.sample.prompts else cfg.data.instance_prompt) or "a photo of a flower"
     if m.finetune == "lora" and base:
-        what = f"LoRA adapters (rank {cfg.lora.rank}) for `{base}`"
+        what = f"{'DoRA' if cfg.lora.use_dora else 'LoRA'} adapters (rank {cfg.lora.rank}) for `{base}`"
         load = (
             f"```python\nfrom diffusers import {pipeline}\n\n"
             f"pipe = {pipeline}.from_pretrained(\"{base}\")\n"
             f"pipe.load_lora_weights(\"{output_dir}\")  # reads {LORA_WEIGHTS_NAME}\n"
             f"image = pipe(\"{prompt}\").images[0]\n```"
         )
+        formats = export_formats(cfg)
+        if "diffusers" not in formats:
+            load = load.replace(f"\")  # reads {LORA_WEIGHTS_NAME}", f"\", weight_name=\"{KOHYA_WEIGHTS_NAME}\")")
+        elif "kohya" in formats:  # both files: the second loading snippet
+            load += ("\n\nThe same adapters with kohya's keys, for diffusers:\n\n```python\n"
+                     f"pipe.load_lora_weights(\"{output_dir}\", weight_name=\"{KOHYA_WEIGHTS_NAME}\")\n```")
+        if "kohya" in formats:
+            te_keys = "`lora_te1_...`, `lora_te2_...`" if "XL" in pipeline else "`lora_te_...`"
+            load += (f"\n\n`{KOHYA_WEIGHTS_NAME}` holds the adapters with kohya's keys (`lora_unet_...`, "
+                     f"{te_keys}), for AUTOMATIC1111, ComfyUI and kohya's scripts.")
         if cfg.lora.export_merged:
             load += f"\n\nA copy with the adapters merged in: `{pipeline}.from_pretrained(\"{output_dir}/merged\")`."
     elif m.backbone == "dit":

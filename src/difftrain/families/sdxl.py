@@ -19,7 +19,8 @@ from difftrain.families.base import Batch, Models, RunSummary
 from difftrain.families.export_latent import export_lora, export_stable_diffusion_xl, write_latent_model_card
 from difftrain.families.stable_diffusion import StableDiffusionFamily
 from difftrain.models.backbone import TextTimeCondition
-from difftrain.models.pretrained import SDXL_COMPONENTS, check_base_pipeline, is_sdxl_base
+from difftrain.models.pretrained import (SDXL_COMPONENTS, check_base_pipeline, is_sdxl_base,
+                                         stable_diffusion_pipeline_class)
 from difftrain.models.sdxl_text import DualTextConditioner, load_sdxl_text_encoders, sdxl_time_ids
 from difftrain.sampling.generate import ImageSampler
 
@@ -115,9 +116,10 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         encoders = {}
         if self.cfg.lora.train_text_encoder:
             encoders = {"text_encoder": self.exported_text_encoder, "text_encoder_2": self.exported_text_encoder_2}
-        path = export_lora(network, encoders, self.cfg, self.base, output_dir, xl=True)
-        logger.info("LoRA weights: %s (load with StableDiffusionXLPipeline's pipe.load_lora_weights(%r))", path,
-                    str(output_dir))
+        paths = export_lora(network, encoders, self.cfg, self.base, output_dir,
+                            pipeline_class=stable_diffusion_pipeline_class(xl=True))
+        logger.info("LoRA weights: %s (load with StableDiffusionXLPipeline's pipe.load_lora_weights(%r))",
+                    ", ".join(map(str, paths.values())), str(output_dir))
 
     def write_model_card(self, summary: RunSummary, objective: Objective, output_dir: Path) -> None:
         write_latent_model_card(self.cfg, summary, output_dir, self.base, objective.describe(),

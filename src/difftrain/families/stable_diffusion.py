@@ -21,7 +21,7 @@ from difftrain.families.class_images import class_dir_for, ensure_class_images
 from difftrain.families.export_latent import export_lora, export_stable_diffusion, write_latent_model_card
 from difftrain.families.latent import LatentTextFamily
 from difftrain.models.backbone import NetworkPlan, network_call
-from difftrain.models.lora import add_lora
+from difftrain.models.lora import add_lora, unmatched_pattern_keys
 from difftrain.models.pretrained import (check_base_pipeline, load_base_noise_scheduler, load_base_unet,
                                          load_base_unet_config, resolve, weight_dtype)
 from difftrain.models.text import load_pretrained_text_encoder
@@ -104,22 +104,37 @@ class StableDiffusionFamily(LatentTextFamily):
             dtype = weight_dtype(mixed_precision)
             if dtype != torch.float32:
                 unet.to(dtype)
-            lora = self.cfg.lora
-            count = add_lora(unet, lora.rank, lora.alpha, lora.dropout, lora.unet_target_modules,
-                             "lora.unet_target_modules")
-            logger.info("LoRA rank %d on the UNet: %d trainable parameters", lora.rank, count)
+            count = self.add_adapters(unet, self.cfg.lora.unet_target_modules, "lora.unet_target_modules")
+            logger.info("%s rank %d on the UNet: %d trainable parameters", self.adapter_kind(), self.cfg.lora.rank,
+                        count)
         models = self.text_encoder_models(unet)
         models.frozen.append(self.frozen_vae(mixed_precision))
+        if self.lora:
+            adapted = [unet] + [m for m, _ in models.trained]
+            for key in ("rank_pattern", "alpha_pattern"):
+                unmatched = unmatched_pattern_keys(adapted, getattr(self.cfg.lora, key))
+                if unmatched:
+                    logger.warning("lora.%s: %s name(s) no adapted module (kept at the default); adapted modules "
+                                   "are those of lora.unet_target_modules / lora.text_encoder_target_modules",
+                                   key, unmatched)
         return models
+
+    def adapter_kind(self) -> str:
+        return "DoRA" if self.cfg.lora.use_dora else "LoRA"
+
+    def add_adapters(self, model: torch.nn.Module, targets: list, key: str) -> int:
+        lora = self.cfg.lora
+        return add_lora(model, lora.rank, lora.alpha, lora.dropout, targets, key, use_dora=lora.use_dora,
+                        rank_pattern=lora.rank_pattern, alpha_pattern=lora.alpha_pattern)
 
     def text_adapters_wanted(self) -> bool:
         return self.lora and self.cfg.lora.train_text_encoder
 
     def add_text_adapters(self, encoder: torch.nn.Module) -> None:
-        lora = self.cfg.lora
-        count = add_lora(encoder, lora.rank, lora.alpha, lora.dropout, lora.text_encoder_target_modules,
-                         "lora.text_encoder_target_modules")
-        logger.info("LoRA rank %d on %s: %d trainable parameters", lora.rank, type(encoder).__name__, count)
+        count = self.add_adapters(encoder, self.cfg.lora.text_encoder_target_modules,
+                                  "lora.text_encoder_target_modules")
+        logger.info("%s rank %d on %s: %d trainable parameters", self.adapter_kind(), self.cfg.lora.rank,
+                    type(encoder).__name__, count)
 
     # -- the step ------------------------------------------------------------------------------------------------
 
@@ -143,9 +158,10 @@ class StableDiffusionFamily(LatentTextFamily):
             export_stable_diffusion(network, self.export_vae(), self.exported_text_encoder, self.text.tokenizer,
                                     objective.inference_scheduler(self.cfg.sample.scheduler), output_dir)
             return
-        encoders = {"text_encoder": self.exported_text_encoder} if self.cfg.lora.train_text_encoder else {}
-        path = export_lora(network, encoders, self.cfg, self.base, output_dir)
-        logger.info("LoRA weights: %s (load with pipe.load_lora_weights(%r))", path, str(output_dir))
+        text_encoder = self.exported_text_encoder if self.cfg.lora.train_text_encoder else None
+        paths = export_lora(network, {"text_encoder": text_encoder}, self.cfg, self.base, output_dir)
+        logger.info("LoRA weights: %s (load with pipe.load_lora_weights(%r))", ", ".join(map(str, paths.values())),
+                    str(output_dir))
 
     def write_model_card(self, summary: RunSummary, objective: Objective, output_dir: Path) -> None:
         write_latent_model_card(self.cfg, summary, output_dir, self.base, objective.describe())

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from difftrain.config import RunConfig
 from difftrain.data.check import Finding, ScanReport, scan_data
+from difftrain.training.memory import PeakMemory, measure_peak
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +24,8 @@ logger = logging.getLogger(__name__)
 class StepReport:
     seconds: float
     images_per_s: float
-    peak_memory_bytes: int
-    memory_kind: str
+    memory: PeakMemory
+    """The timed step's peak memory (training/memory.py)."""
     loss: float
     device: str
     loader_images_per_s: float = 0.0
@@ -76,22 +73,18 @@ def _time_steps(run, accelerator) -> StepReport:
     """One warm-up step, one timed step, then the loader alone over the next micro-batches."""
     from difftrain.training.step import train_step
 
-    cuda = accelerator.device.type == "cuda"
     train_step(run, 0).item()  # warm-up: allocator, kernels, lazy init, the loader's workers
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    loss = train_step(run, 1).item()  # .item() waits for the device
-    seconds = time.perf_counter() - start
-    if cuda:
-        peak, kind = torch.cuda.max_memory_allocated(), "GPU memory allocated"
-    else:
-        # ru_maxrss is KiB on Linux and bytes on macOS; it is the whole process's high-water mark.
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak, kind = rss if sys.platform == "darwin" else rss * 1024, "process resident memory"
+
+    def timed_step() -> tuple[float, float]:
+        start = time.perf_counter()
+        loss = train_step(run, 1).item()  # .item() waits for the device
+        return loss, time.perf_counter() - start
+
+    memory = measure_peak(timed_step, accelerator.device)
+    loss, seconds = memory.result
+    memory.result = None
     global_batch = run.plan.global_batch_size
-    return StepReport(seconds, global_batch / max(seconds, 1e-9), int(peak), kind, loss, str(accelerator.device),
+    return StepReport(seconds, global_batch / max(seconds, 1e-9), memory, loss, str(accelerator.device),
                       *_loader_throughput(run))
 
 
@@ -124,8 +117,16 @@ def run_check(cfg: RunConfig, with_step: bool = True, show_all: bool = False, ou
     from difftrain.training.resume_check import check_before_resume
     from difftrain.training.run_dir import RunDirError, check_run_dir
 
+    from difftrain.config import ConfigError
+    from difftrain.training.setup import check_mixed_precision
+
     out("config: valid")
     findings: list[Finding] = []
+    try:
+        check_mixed_precision(cfg)  # what this machine cannot run (fp16 or 8-bit AdamW without CUDA), as train refuses it
+    except ConfigError as exc:
+        findings.extend(Finding("config", "error", "not runnable on this machine", problem) for problem in exc.problems)
+        with_step = False
     try:
         check_run_dir(Path(cfg.output_dir))
     except RunDirError as exc:
@@ -171,8 +172,7 @@ def run_check(cfg: RunConfig, with_step: bool = True, show_all: bool = False, ou
         try:
             step = measure_step(cfg)
             out(f"step: one optimizer step of {step.images_per_s * step.seconds:.0f} images in {step.seconds:.3f} s "
-                f"on {step.device} = {step.images_per_s:.1f} images/s; peak {step.memory_kind} "
-                f"{step.peak_memory_bytes / 2**20:.1f} MiB; loss {step.loss:.4f}")
+                f"on {step.device} = {step.images_per_s:.1f} images/s; {step.memory.describe()}; loss {step.loss:.4f}")
             where = f"{step.loader_workers} worker process(es)" if step.loader_workers else "the training process"
             out(f"loader: {step.loader_images_per_s:.0f} images/s gathered by {where}, against the step's "
                 f"{step.images_per_s:.1f} images/s (data.loader_workers)")

@@ -33,8 +33,9 @@ UNSAFE_KEYS: dict[str, Any] = {
                   "flow_shift", "flow_shift_by_resolution"},
     "text_encoder": {"pretrained", "train", "max_length", "hidden_size", "num_layers", "num_heads"},
     "vae": {"pretrained", "scaling_factor", "block_out_channels", "layers_per_block", "latent_channels"},
-    "lora": {"rank", "alpha", "unet_target_modules", "train_text_encoder", "text_encoder_target_modules"},
-    "train": {"use_ema", "prior_preservation"},
+    "lora": {"rank", "alpha", "unet_target_modules", "train_text_encoder", "text_encoder_target_modules", "use_dora",
+             "rank_pattern", "alpha_pattern"},
+    "train": {"use_ema", "prior_preservation", "optimizer"},
 }
 
 

@@ -7,6 +7,7 @@ reported before an output directory is created.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from dataclasses import dataclass
@@ -90,9 +91,41 @@ def build_objective(cfg: RunConfig, family: Family) -> Objective:
 
 
 def check_mixed_precision(cfg: RunConfig) -> None:
-    """Refuse a precision this machine cannot run, before anything is read or written."""
+    """Refuse a precision or an optimizer this machine cannot run, before anything is read or written (training calls
+    it first, `difftrain check` too)."""
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError(["'train.mixed_precision' = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on CPU"])
+    check_optimizer(cfg)
+
+
+def check_optimizer(cfg: RunConfig) -> None:
+    """train.optimizer = 'adamw_8bit' needs bitsandbytes (not a dependency of difftrain) and a CUDA GPU."""
+    if cfg.train.optimizer != "adamw_8bit":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(["'train.optimizer' = 'adamw_8bit' needs a CUDA GPU (bitsandbytes' 8-bit optimizers run on "
+                           "CUDA only) and this machine has none; use train.optimizer = 'adamw'"])
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(["'train.optimizer' = 'adamw_8bit' needs bitsandbytes, which is not installed: "
+                           "pip install bitsandbytes (or use train.optimizer = 'adamw')"])
+
+
+def enable_gradient_checkpointing(modules: list[torch.nn.Module]) -> list[str]:
+    """Turn on activation recomputation in each trained network that has it: diffusers models
+    (`enable_gradient_checkpointing`) and transformers models (`gradient_checkpointing_enable`, non-reentrant, so
+    it also works when the inputs need no gradient, as with LoRA on a frozen embedding). Returns the class names of
+    the modules that have neither (left as they are)."""
+    without = []
+    for module in modules:
+        if getattr(module, "_supports_gradient_checkpointing", True) is False:
+            without.append(type(module).__name__)
+        elif hasattr(module, "enable_gradient_checkpointing"):
+            module.enable_gradient_checkpointing()
+        elif hasattr(module, "gradient_checkpointing_enable"):
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            without.append(type(module).__name__)
+    return without
 
 
 def make_accelerator(cfg: RunConfig, output_dir: Path) -> Accelerator:
@@ -128,6 +161,16 @@ class DeviceEMAModel(EMAModel):
         super().load_state_dict(state_dict)
         if device is not None:
             self.to(device)
+
+
+def make_optimizer(name: str, param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """train.optimizer: torch's AdamW, or bitsandbytes' AdamW8bit (checked by `check_optimizer` before any model)."""
+    if name == "adamw_8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return make_adamw(param_groups, lr, betas, eps, weight_decay)
 
 
 def make_adamw(param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
@@ -205,7 +248,8 @@ def build_loader(plan: RunPlan, family: Family, accelerator: Accelerator) -> Bat
 
 
 def build_trainables(cfg: RunConfig, family: Family, max_steps: int, accelerator: Accelerator) -> Trainables:
-    """The family's models prepared by accelerate, AdamW, the LR schedule and the EMA, registered for checkpoints."""
+    """The family's models prepared by accelerate (gradient checkpointing turned on if asked), the optimizer, the LR
+    schedule and the EMA, registered for checkpoints."""
     t = cfg.train
     # Weights are initialised from the run seed, so two runs of one config start identically.
     torch.manual_seed(t.seed)
@@ -213,12 +257,18 @@ def build_trainables(cfg: RunConfig, family: Family, max_steps: int, accelerator
     network = models.network
     if t.channels_last:
         network.to(memory_format=torch.channels_last)
+    if t.gradient_checkpointing:
+        # One place for every family: the network and the other trained modules (a LoRA text encoder, ...).
+        without = enable_gradient_checkpointing([network] + [m for m, _ in models.trained])
+        if without:
+            logger.warning("train.gradient_checkpointing: %s do(es) not support it; trained without",
+                           ", ".join(without))
     param_groups = [{"params": [p for p in network.parameters() if p.requires_grad], "lr": t.learning_rate}]
     for module, lr in models.trained:
         param_groups.append({"params": [p for p in module.parameters() if p.requires_grad],
                              "lr": lr or t.learning_rate})
-    optimizer = make_adamw(param_groups, t.learning_rate, (t.adam_beta1, t.adam_beta2), t.adam_epsilon,
-                           t.weight_decay)
+    optimizer = make_optimizer(t.optimizer, param_groups, t.learning_rate, (t.adam_beta1, t.adam_beta2),
+                               t.adam_epsilon, t.weight_decay)
     # accelerate steps a prepared LR scheduler once per process per optimizer step, so the step
     # counts are scaled by the world size (as diffusers' training scripts do).
     lr_scheduler = get_scheduler(
