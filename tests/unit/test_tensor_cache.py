@@ -26,9 +26,9 @@ def _own_cache(tmp_path, monkeypatch):
 
 def _values(rows: int = 10) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"latents.32x48": torch.randn(rows, 4, 4, 6, generator=g),
+    return {"latents/32x48": torch.randn(rows, 4, 4, 6, generator=g),
             "half": torch.randn(rows, 3, generator=g).to(torch.bfloat16),
-            "rows.32x48": torch.arange(rows, dtype=torch.int64) * 7}
+            "rows/32x48": torch.arange(rows, dtype=torch.int64) * 7}
 
 
 def _builder(values: dict[str, torch.Tensor], calls: list, chunk: int = 3, fail_at: int | None = None):
@@ -64,10 +64,10 @@ def test_store_round_trips_memory_mapped_and_is_reused(tmp_path):
     for name, tensor in values.items():
         assert store[name].dtype == tensor.dtype and torch.equal(store[name], tensor)
     if Path("/proc/self/maps").is_file():
-        assert _mapped(store["latents.32x48"], store.folder)
+        assert _mapped(store["latents/32x48"], store.folder)
     again = cached_store("latents", parts, _builder(values, calls), estimate_bytes=4096, what="test latents")
     assert calls == [1]  # reused: the build function did not run again
-    assert torch.equal(again["latents.32x48"], values["latents.32x48"])
+    assert torch.equal(again["latents/32x48"], values["latents/32x48"])
     other = cached_store("latents", {**parts, "resolution": 64}, _builder(values, calls), estimate_bytes=4096,
                          what="test latents")
     assert calls == [1, 1] and other.folder != store.folder
@@ -81,7 +81,7 @@ def test_an_interrupted_build_leaves_no_cache_and_the_next_one_completes(tmp_pat
     assert open_store("latents", store_key("latents", {"k": 1})) is None
     assert [p.name for p in kind_dir.iterdir() if not p.name.endswith(".lock")] == []  # temporary removed
     store = cached_store("latents", {"k": 1}, _builder(values, calls), estimate_bytes=4096, what="test")
-    assert calls == [1, 1] and torch.equal(store["rows.32x48"], values["rows.32x48"])
+    assert calls == [1, 1] and torch.equal(store["rows/32x48"], values["rows/32x48"])
 
 
 def test_a_killed_build_process_leaves_no_cache_and_the_next_one_cleans_up(tmp_path):
@@ -127,7 +127,7 @@ def test_a_truncated_store_is_built_again():
     del store
     file.write_bytes(file.read_bytes()[:200])
     store = cached_store("latents", {"k": 4}, _builder(_values(), calls), estimate_bytes=4096, what="test")
-    assert calls == [1, 1] and torch.equal(store["latents.32x48"], _values()["latents.32x48"])
+    assert calls == [1, 1] and torch.equal(store["latents/32x48"], _values()["latents/32x48"])
 
 
 def test_processes_that_miss_together_build_once():
@@ -164,3 +164,22 @@ def test_keys_follow_the_weights_and_the_texts():
     assert module_fingerprint(encoder.to(torch.bfloat16)) != module_fingerprint(_module(0))
     assert strings_digest(["a", "bc"]) != strings_digest(["ab", "c"]) != strings_digest(["a", "bc", ""])
     assert store_key("t", {"a": 1, "b": [1, 2]}) == store_key("t", {"b": [1, 2], "a": 1}) != store_key("u", {"a": 1, "b": [1, 2]})
+
+
+def test_a_builder_that_loses_the_rename_uses_the_winners_store():
+    """Without working locks (some network file systems) two builders may race; the second keeps the first's."""
+    from difftrain.data.tensor_cache import store_folder
+
+    key = store_key("latents", {"k": 6})
+
+    def build(writer: TensorWriter) -> None:
+        winner = store_folder("latents", key)  # another process finishes first, while this one builds
+        winner.mkdir()
+        other = TensorWriter(winner)
+        other.put("x", torch.ones(2, 2))
+        other._finish(key, "latents", {"k": 6})
+        writer.put("x", torch.ones(2, 2))
+
+    store = cached_store("latents", {"k": 6}, build, estimate_bytes=1024, what="test")
+    assert torch.equal(store["x"], torch.ones(2, 2))
+    assert not any(".tmp-" in p.name for p in store.folder.parent.iterdir())

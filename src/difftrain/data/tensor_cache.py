@@ -308,7 +308,12 @@ def cached_store(kind: str, parts: Mapping[str, Any], build: Callable[[TensorWri
                 writer._finish(key, kind, dict(parts))
             finally:
                 writer._close()
-            tmp.rename(folder)
+            try:
+                tmp.rename(folder)
+            except OSError:  # another builder won (a file system without locks): use its store, drop ours
+                if open_store(kind, key, root) is None:
+                    raise
+                remove_path(tmp)
             fsync_dir(folder.parent)
         logger.info("tensor cache: wrote %s into %s in %.1f s", what, folder, time.perf_counter() - start)
     store = open_store(kind, key, root)
