@@ -135,7 +135,8 @@ def test_an_unknown_component_class_of_a_base_pipeline_is_named_with_the_folder(
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "scheduler": ["diffusers", "DDPMScheduler"]}
     base = tmp_path / "base"
-    base.mkdir()
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (base / name).mkdir(parents=True)
     (base / "model_index.json").write_text(json.dumps(index))
     assert check_base_pipeline(str(base))["text_encoder"] == ["transformers", "CLIPTextModel"]
     for name, entry, fragment in (

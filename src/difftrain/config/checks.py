@@ -77,6 +77,7 @@ def check_config(cfg: RunConfig) -> list[str]:
             problems.append("'text_encoder.train' = false needs 'text_encoder.pretrained' (a from-scratch encoder must be trained)")
         if te.hidden_size % te.num_heads:
             problems.append(f"'text_encoder.hidden_size' = {te.hidden_size} must divide by 'text_encoder.num_heads' = {te.num_heads}")
+    problems.extend(_text_cache_problems(cfg))
     if d.captions == "template" and not d.caption_template:
         problems.append("'data.captions' = 'template' needs 'data.caption_template' (e.g. 'a photo of a {label}')")
     if d.captions == "column" and not d.caption_column:
@@ -157,6 +158,29 @@ def _bucket_problems(cfg: RunConfig) -> list[str]:
     if buckets != "off" and cfg.train.prior_preservation:
         problems.append("'data.buckets' with 'train.prior_preservation' is not supported yet (instance and class "
                         "images share each micro-batch, which holds one size); set data.buckets=off")
+    return problems
+
+
+def _text_cache_problems(cfg: RunConfig) -> list[str]:
+    """text_encoder.cache_to_disk where nothing would be cached: no text model, a trained encoder (its outputs change
+    every step), or captions that change per step (encoded in the step)."""
+    te, m, d = cfg.text_encoder, cfg.model, cfg.data
+    if not te.cache_to_disk:
+        return []
+    key = "'text_encoder.cache_to_disk' = true"
+    if m.conditioning != "text":
+        return [f"{key} needs 'model.conditioning' = 'text'"]
+    trained = ("'text_encoder.train' = true" if te.train
+               else "'lora.train_text_encoder' = true" if m.finetune == "lora" and cfg.lora.train_text_encoder
+               else "a from-scratch encoder (no 'text_encoder.pretrained')" if te.pretrained is None and m.pretrained is None
+               else None)
+    problems = []
+    if trained:
+        problems.append(f"{key} has no effect with {trained}: a trained encoder's outputs change every step, so "
+                        "nothing is cached; remove it or use a frozen pretrained encoder")
+    if d.shuffle_tags or d.tag_dropout:
+        problems.append(f"{key} has no effect with 'data.shuffle_tags' or 'data.tag_dropout': captions that change "
+                        "per step are encoded in the step; remove one or the other")
     return problems
 
 

@@ -190,6 +190,8 @@ class TextEncoderConfig:
     """Transformer layers of a from-scratch encoder."""
     num_heads: int = 4
     """Attention heads of a from-scratch encoder."""
+    cache_to_disk: bool = False
+    """Write a frozen encoder's outputs for every distinct caption to a disk cache under $DIFFTRAIN_CACHE (keyed by the encoder's weights, tokenizer, max_length and captions; reused by later runs) and memory-map them while training, instead of holding them in RAM (up to 2 GiB) or encoding per step above that: for caption sets too large for memory. Needs a frozen encoder and captions fixed per image."""
 
 
 @dataclass

@@ -128,7 +128,10 @@ class TextPixelFamily(UnconditionalPixelFamily):
         self.exported_text_encoder = accelerator.unwrap_model(self.text_encoder)
         self.conditioner = self.text_conditioner(trained, accelerator).to(accelerator.device)
         if not self.captions_vary:  # varying captions are encoded in the step, never from the cache
-            self.conditioner.precompute()
+            self.conditioner.precompute(disk=self.cfg.text_encoder.cache_to_disk)
+        elif self.cfg.text_encoder.cache_to_disk:
+            logger.warning("text_encoder.cache_to_disk: images with several captions make the captions vary per "
+                           "step, so they are encoded in the step and nothing is cached")
 
     def text_conditioner(self, trained: list[torch.nn.Module], accelerator: Any) -> Any:
         """What turns a batch's captions into the network's text input (`self.text_encoder` is set)."""

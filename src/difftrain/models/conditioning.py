@@ -1,24 +1,78 @@
 """Text conditioning during training: captions as ids into a vocabulary of distinct captions, or (captions that
 vary per step: data/caption_recipe.py) as texts tokenized in the step.
 
-A frozen encoder's states are computed once per distinct caption and cached; a trained encoder runs
-once per distinct caption in each batch (MNIST batches hold 10 distinct captions, not 512). The
-empty prompt is the last vocabulary entry, so caption dropout is an index swap.
+A frozen encoder's states are computed once per distinct caption and cached: in RAM while they fit (MAX_CACHE_BYTES),
+or with `precompute(disk=True)` (text_encoder.cache_to_disk) in a memory-mapped store on disk
+(data/tensor_cache.py), keyed by the encoder's weights, the tokenizer, the token ids and the captions, and reused by
+later runs; both give the step the same values. A trained encoder runs once per distinct caption in each batch
+(MNIST batches hold 10 distinct captions, not 512). The empty prompt is the last vocabulary entry, so caption
+dropout is an index swap.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from difftrain.data.tensor_cache import (TensorStore, TensorWriter, cached_store, module_fingerprint, strings_digest,
+                                         tensor_digest)
 from difftrain.models.text import text_hidden_size, tokenize_with_mask
 
 logger = logging.getLogger(__name__)
 
 # Cache frozen-encoder states only while they fit comfortably in memory.
 MAX_CACHE_BYTES = 2 * 1024**3
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A digest of what makes a tokenizer's ids: a fast tokenizer's whole serialised pipeline (vocabulary, merges,
+    normaliser, templates), else its vocabulary, with its class and padding/truncation sides."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return strings_digest([type(tokenizer).__name__, body, str(getattr(tokenizer, "padding_side", "")),
+                           str(getattr(tokenizer, "truncation_side", ""))])
+
+
+def encoding_parts(encoders: Sequence[torch.nn.Module], tokenizers: Sequence[Any], texts: Sequence[str],
+                   inputs: Sequence[Optional[torch.Tensor]], batch_size: int) -> dict[str, Any]:
+    """The key parts of frozen encoders' outputs for `texts`: each encoder's weights, each tokenizer, the texts,
+    the exact inputs (token ids, masks), and how they ran (batch size, device type, autocast), since a kernel
+    choice changes the last bits."""
+    device = next(encoders[0].parameters()).device
+    autocast = torch.is_autocast_enabled(device.type)
+    return {
+        "encoders": [module_fingerprint(e) for e in encoders],
+        "tokenizers": [tokenizer_fingerprint(t) for t in tokenizers],
+        "texts": strings_digest(texts), "count": len(texts),
+        "inputs": [None if t is None else tensor_digest(t) for t in inputs],
+        "batch_size": batch_size, "device": device.type,
+        "autocast": str(torch.get_autocast_dtype(device.type)) if autocast else None,
+    }
+
+
+def disk_text_cache(kind: str, parts: dict[str, Any], count: int, batch_size: int,
+                    encode: Callable[[slice], dict[str, torch.Tensor]], estimate_bytes: int) -> TensorStore:
+    """The frozen encoders' outputs for `count` texts from the disk cache: built once (`encode(rows)` -> named float
+    tensors of those rows, batch_size rows at a time, written as they come), reused while `parts` match."""
+    def build(writer: TensorWriter) -> None:
+        for start in range(0, count, batch_size):
+            outputs = encode(slice(start, start + batch_size))
+            for name, values in outputs.items():
+                if start == 0:
+                    writer.create(name, (count, *values.shape[1:]), torch.float32)
+                writer.write(name, start, values.float())
+
+    return cached_store(kind, parts, build, estimate_bytes=estimate_bytes,
+                        what=f"frozen text-encoder outputs of {count} distinct captions")
+
+
+def cached_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`table[ids]` on ids' device; a disk cache's table stays memory-mapped on the CPU, so only the rows move."""
+    if table.device == ids.device:
+        return table[ids]
+    return table[ids.to(table.device)].to(ids.device)
 
 
 def caption_vocabulary(captions: Sequence[str]) -> tuple[list[str], torch.Tensor]:
@@ -59,11 +113,23 @@ class TextConditioner:
         return self._run_encoder(self.token_ids[rows], None if self.mask is None else self.mask[rows])
 
     @torch.no_grad()
-    def precompute(self, batch_size: int = 256) -> None:
-        """Encode every distinct caption once (frozen encoders only)."""
+    def precompute(self, batch_size: int = 256, disk: bool = False) -> None:
+        """Encode every distinct caption once (frozen encoders only): into RAM while under MAX_CACHE_BYTES, or with
+        `disk` into the memory-mapped disk cache (any size; reused by later runs with the same encoder, tokenizer
+        and captions)."""
         if self.trainable:
             return
         size = len(self.vocab) * self.token_ids.shape[1] * text_hidden_size(self.text_encoder) * 4
+        if disk:
+            parts = encoding_parts([self.text_encoder], [self.tokenizer], self.vocab, [self.token_ids, self.mask],
+                                   batch_size)
+            parts["max_length"] = self.max_length
+            store = disk_text_cache("text-states", parts, len(self.vocab), batch_size,
+                                    lambda rows: {"states": self._encode(rows)}, size)
+            self.cache = store["states"]
+            logger.info("frozen text-encoder states of %d distinct captions memory-mapped from %s (%.1f GiB)",
+                        len(self.vocab), store.folder, size / 2**30)
+            return
         if size > MAX_CACHE_BYTES:
             logger.info("not caching text states: %d distinct captions would take %.1f GiB", len(self.vocab), size / 2**30)
             return
@@ -89,7 +155,7 @@ class TextConditioner:
 
     def _states(self, caption_ids: torch.Tensor) -> torch.Tensor:
         if self.cache is not None:
-            return self.cache[caption_ids]
+            return cached_rows(self.cache, caption_ids)
         unique, inverse = torch.unique(caption_ids, return_inverse=True)
         if self.trainable:
             states = self._encode(unique)

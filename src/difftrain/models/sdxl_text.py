@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from difftrain.models.conditioning import cached_rows, disk_text_cache, encoding_parts
 from difftrain.models.pretrained import resolve
 from difftrain.models.text import tokenize
 
@@ -73,12 +74,25 @@ class DualTextConditioner:
         return self
 
     @torch.no_grad()
-    def precompute(self, batch_size: int = 64) -> None:
-        """Encode every distinct caption once (frozen encoders only)."""
+    def precompute(self, batch_size: int = 64, disk: bool = False) -> None:
+        """Encode every distinct caption once (frozen encoders only): into RAM while under MAX_CACHE_BYTES, or with
+        `disk` into the memory-mapped disk cache (models/conditioning.py, TextConditioner.precompute)."""
         if self.trainable:
             return
         states, pooled = encode_sdxl(self.encoders, [i[:1] for i in self.ids])
         size = len(self.vocab) * (states[0].numel() + pooled[0].numel()) * 4
+        if disk:
+            parts = encoding_parts(self.encoders, self.tokenizers, self.vocab, self.ids, batch_size)
+
+            def encode(rows: slice) -> dict[str, torch.Tensor]:
+                states, pooled = encode_sdxl(self.encoders, [i[rows] for i in self.ids])
+                return {"states": states, "pooled": pooled}
+
+            store = disk_text_cache("sdxl-text", parts, len(self.vocab), batch_size, encode, size)
+            self.cache = (store["states"], store["pooled"])
+            logger.info("frozen SDXL text states of %d distinct captions memory-mapped from %s (%.1f GiB)",
+                        len(self.vocab), store.folder, size / 2**30)
+            return
         if size > MAX_CACHE_BYTES:
             logger.info("not caching text states: %d distinct captions would take %.1f GiB", len(self.vocab),
                         size / 2**30)
@@ -94,7 +108,7 @@ class DualTextConditioner:
             with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
                 return encode_sdxl(self.encoders, ids)
         if self.cache is not None:
-            return self.cache[0][condition], self.cache[1][condition]
+            return cached_rows(self.cache[0], condition), cached_rows(self.cache[1], condition)
         unique, inverse = torch.unique(condition, return_inverse=True)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             states, pooled = encode_sdxl(self.encoders, [i[unique] for i in self.ids])
