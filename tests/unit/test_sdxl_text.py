@@ -37,6 +37,11 @@ def test_states_and_pooled_match_the_pipelines_encode_prompt(tiny_sdxl: Path):
     by_id = conditioner(torch.tensor([1, 0, 1]))
     by_text = conditioner(["a red flower", "a photo of sks dog", "a red flower"])
     assert torch.equal(by_id[0], by_text[0]) and torch.equal(by_id[1], by_text[1])
+    # The empty prompt (a dropped caption) is zeros, as the pipeline's force_zeros_for_empty_prompt feeds guidance.
+    dropped = conditioner(torch.tensor([2, 0]))
+    assert not dropped[0][0].any() and not dropped[1][0].any()
+    assert torch.equal(dropped[0][1], by_id[0][1]) and torch.equal(dropped[1][1], by_id[1][1])
+    assert not conditioner(["", "a red flower"])[0][0].any()
 
 
 def test_time_ids_are_original_size_crop_and_target():

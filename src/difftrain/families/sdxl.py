@@ -21,7 +21,8 @@ from difftrain.families.stable_diffusion import StableDiffusionFamily
 from difftrain.models.backbone import TextTimeCondition
 from difftrain.models.pretrained import (SDXL_COMPONENTS, check_base_pipeline, is_sdxl_base,
                                          stable_diffusion_pipeline_class)
-from difftrain.models.sdxl_text import DualTextConditioner, load_sdxl_text_encoders, sdxl_time_ids
+from difftrain.models.sdxl_text import (DualTextConditioner, load_sdxl_text_encoders, sdxl_time_ids,
+                                        zeros_for_empty_prompt)
 from difftrain.sampling.generate import ImageSampler
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
             self.text_encoder_2 = trained[1]
         self.exported_text_encoder_2 = accelerator.unwrap_model(self.text_encoder_2)
         return DualTextConditioner([self.text.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2],
-                                   self.text.vocab, self.text.trainable)
+                                   self.text.vocab, self.text.trainable, zero_empty=zeros_for_empty_prompt(self.base))
 
     # -- the step ------------------------------------------------------------------------------------------------
 

@@ -32,6 +32,13 @@ def load_sdxl_text_encoders(path: str) -> tuple[list, list[torch.nn.Module]]:
     return tokenizers, encoders
 
 
+def zeros_for_empty_prompt(path: str) -> bool:
+    """The base pipeline's `force_zeros_for_empty_prompt` (model_index.json; True, as SDXL-base, when not said)."""
+    from diffusers import DiffusionPipeline
+
+    return bool(DiffusionPipeline.load_config(resolve(path)).get("force_zeros_for_empty_prompt", True))
+
+
 def token_ids(tokenizers: Sequence, prompts: Sequence[str], warn: bool = True) -> list[torch.Tensor]:
     """Each tokenizer's ids (B, its model_max_length) for `prompts`."""
     return [tokenize(tok, prompts, int(tok.model_max_length), warn=warn) for tok in tokenizers]
@@ -61,10 +68,16 @@ def sdxl_time_ids(original_sizes: Optional[torch.Tensor], crops_top_left: Option
 class DualTextConditioner:
     """Caption ids (B,) into a vocabulary of distinct captions, or caption texts made by the step, to (states,
     pooled). Frozen encoders run once per distinct caption and are cached; trained ones (LoRA on the encoders) run
-    on the distinct captions of each batch."""
+    on the distinct captions of each batch.
 
-    def __init__(self, tokenizers: Sequence, encoders: Sequence[torch.nn.Module], vocab: list[str], trainable: bool):
+    With `zero_empty` the empty prompt (a dropped caption) is zeros, not the encoders' output for "": what SDXL's
+    pipelines feed as the empty negative prompt (`force_zeros_for_empty_prompt`) and how its base model dropped
+    captions, so the unconditional branch trained here is the one guidance uses."""
+
+    def __init__(self, tokenizers: Sequence, encoders: Sequence[torch.nn.Module], vocab: list[str], trainable: bool,
+                 zero_empty: bool = True):
         self.tokenizers, self.encoders, self.vocab, self.trainable = list(tokenizers), list(encoders), vocab, trainable
+        self.zero_empty = zero_empty
         self.null_index = len(vocab) - 1
         self.ids = token_ids(self.tokenizers, vocab)
         self.cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -103,13 +116,23 @@ class DualTextConditioner:
         logger.info("cached frozen SDXL text states for %d distinct captions", len(self.vocab))
 
     def __call__(self, condition: torch.Tensor | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        states, pooled, empty = self._encode(condition)
+        if not self.zero_empty:
+            return states, pooled
+        keep = ~empty.to(states.device)
+        return states * keep[:, None, None].to(states.dtype), pooled * keep[:, None].to(pooled.dtype)
+
+    def _encode(self, condition: torch.Tensor | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(states, pooled, which rows are the empty prompt)."""
         if not isinstance(condition, torch.Tensor):  # texts made by the step
-            ids = token_ids(self.tokenizers, list(condition), warn=False)
+            texts = list(condition)
+            ids = token_ids(self.tokenizers, texts, warn=False)
             with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-                return encode_sdxl(self.encoders, ids)
+                return (*encode_sdxl(self.encoders, ids), torch.tensor([t == "" for t in texts]))
+        empty = condition == self.null_index
         if self.cache is not None:
-            return cached_rows(self.cache[0], condition), cached_rows(self.cache[1], condition)
+            return cached_rows(self.cache[0], condition), cached_rows(self.cache[1], condition), empty
         unique, inverse = torch.unique(condition, return_inverse=True)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             states, pooled = encode_sdxl(self.encoders, [i[unique] for i in self.ids])
-        return states[inverse], pooled[inverse]
+        return states[inverse], pooled[inverse], empty
