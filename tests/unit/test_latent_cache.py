@@ -50,7 +50,7 @@ def test_disk_latent_cache_draws_the_ram_cache_bits_and_is_reused(tmp_path, flip
         micro = MicroBatch(rows, images[rows])
         a = ram.draw_with_mask(micro, torch.Generator().manual_seed(step))
         b = disk.draw_with_mask(micro, torch.Generator().manual_seed(step))
-        assert torch.equal(a[0], b[0])
+        assert torch.equal(a[0], b[0]) and a[0].stride() == b[0].stride()  # strides too: see LatentEncoder.layouts
         assert (a[2] is None and b[2] is None) or torch.equal(a[2], b[2])
 
     calls, hook = _encoder_calls(vae)
@@ -75,7 +75,7 @@ def test_bucketed_disk_latent_cache_draws_the_ram_cache_bits(tmp_path):
         micro = MicroBatch(rows, buckets[bucket][slots])
         a, _, fa = ram.draw_with_mask(micro, torch.Generator().manual_seed(int(rows[0])))
         b, _, fb = disk.draw_with_mask(micro, torch.Generator().manual_seed(int(rows[0])))
-        assert torch.equal(a, b) and torch.equal(fa, fb)
+        assert torch.equal(a, b) and a.stride() == b.stride() and torch.equal(fa, fb)
     calls, hook = _encoder_calls(vae)
     LatentEncoder(vae, 0.5, buckets, True, True, (row_bucket, row_slot), disk=True)
     hook.remove()
@@ -104,7 +104,6 @@ def test_a_vae_in_another_dtype_gets_its_own_store():
     a = LatentEncoder(vae, 0.5, images, False, True, disk=True)
     b = LatentEncoder(vae.to(torch.bfloat16), 0.5, images, False, True, disk=True)
     assert a.store_folder != b.store_folder and not b.reused
-
 
 
 @pytest.mark.parametrize("preset, overrides, fragment", [

@@ -81,6 +81,11 @@ class LatentEncoder:
         """The disk cache's folder (vae.cache_latents_to_disk), else None."""
         self.reused: Optional[bool] = None
         """With the disk cache: whether it was found built (the VAE encoder did not run)."""
+        self.layouts: list[torch.Tensor] = []
+        """With the disk cache: each bucket's tensor as the RAM cache would lay it out, on the meta device (no memory).
+        The encoder's output may come in channels_last strides (CPU convolutions do), which the RAM cache, its rows
+        and the drawn latents keep, and the network's convolutions round differently on other strides; the disk
+        cache's rows are given the same strides, so the run trains to the same bits."""
         if cache and disk:
             self.bucket_params = self.disk_cache(buckets)
         elif cache:
@@ -112,20 +117,28 @@ class LatentEncoder:
 
         def build(writer: TensorWriter) -> None:
             built.append(True)
+            writer.meta["strides"] = {}
             for name, images, shape in zip(names, buckets, shapes):
                 writer.create(name, shape, torch.float32)
-                n = int(images.shape[0])
+                n, passes = int(images.shape[0]), []
                 for flip in ([False, True] if flips else [False]):
+                    chunks = []
                     for start in range(0, n, ENCODE_BATCH):
                         params = encode_distribution_params(vae, images[start:start + ENCODE_BATCH], flip=flip,
                                                             batch_size=ENCODE_BATCH)
                         writer.write(name, start + (n if flip else 0), params)
+                        chunks.append(torch.empty_strided(params.shape, params.stride(), device="meta"))
+                    passes.append(torch.cat(chunks) if chunks else torch.empty((0, *shape[1:]), device="meta"))
+                writer.meta["strides"][name] = list(torch.cat(passes).stride())
 
         what = (f"latent distributions of {self.num_images} images{' x 2 flips' if flips else ''}"
                 f"{'' if self.bucket_index is None else f' in {len(buckets)} buckets'}")
         store = cached_store("latents", latent_cache_parts(vae, buckets, flips), build, estimate_bytes=size,
                              what=what)
         self.store_folder, self.reused = store.folder, not built
+        strides = store.meta.get("strides", {})
+        self.layouts = [torch.empty_strided(shape, strides.get(name, torch.empty(shape, device="meta").stride()),
+                                            device="meta") for name, shape in zip(names, shapes)]
         logger.info("%s memory-mapped from %s (%.1f MiB on disk; %s)", what, store.folder, size / 2**20,
                     "written: the VAE encoder ran once" if built else "reused: the VAE encoder did not run")
         return [store[name] for name in names]
@@ -156,11 +169,13 @@ class LatentEncoder:
             rows = rows.to(device)
             if flip is not None:
                 rows = rows + flip.long() * self.bucket_sizes[bucket]
-            table = self.bucket_params[bucket]
-            if table.device == rows.device:
-                params = table[rows]
-            else:  # the disk cache stays memory-mapped on the CPU: its rows are read there, and only they move
-                params = table[rows.to(table.device)].to(device)
+            table = self.bucket_params[bucket]  # the disk cache's stays memory-mapped on the CPU: rows read there
+            params = table[rows.to(table.device)].to(device)
+            if self.layouts:  # the disk cache's rows, in the strides the RAM cache's rows would have
+                layout = self.layouts[bucket][rows.to("meta")]
+                if params.stride() != layout.stride():
+                    params = torch.empty_strided(layout.shape, layout.stride(), dtype=params.dtype,
+                                                 device=device).copy_(params)
         else:
             x = to_model_range(micro.images.to(device))
             if flip is not None:
