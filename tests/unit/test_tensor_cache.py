@@ -183,3 +183,17 @@ def test_a_builder_that_loses_the_rename_uses_the_winners_store():
     store = cached_store("latents", {"k": 6}, build, estimate_bytes=1024, what="test")
     assert torch.equal(store["x"], torch.ones(2, 2))
     assert not any(".tmp-" in p.name for p in store.folder.parent.iterdir())
+
+
+def test_rows_digest_follows_every_byte_the_shape_and_the_order():
+    from difftrain.data.tensor_cache import rows_digest
+
+    images = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    small = 3 * 48  # three rows a chunk: several chunks, the last one short
+    assert rows_digest(images, small) == rows_digest(images.clone(), small)
+    changed = images.clone()
+    changed[9, 2, 3, 3] ^= 1
+    assert rows_digest(changed, small) != rows_digest(images, small)
+    assert rows_digest(images[[1, 0, *range(2, 10)]], small) != rows_digest(images, small)
+    assert rows_digest(images.reshape(10, 3, 2, 8), small) != rows_digest(images, small)
+    assert rows_digest(images[:9], small) != rows_digest(images, small)

@@ -228,6 +228,12 @@ def _latent_and_finetune_problems(cfg: RunConfig, positive) -> list[str]:
             problems.append(f"'vae.kl_weight' = {v.kl_weight}: must be >= 0")
         if not v.block_out_channels or not all(isinstance(c, int) and c > 0 for c in v.block_out_channels):
             problems.append(f"'vae.block_out_channels' = {v.block_out_channels!r}: need a list of positive ints")
+    if v.cache_latents_to_disk and not latent:
+        problems.append("'vae.cache_latents_to_disk' = true has no effect without latents: it needs "
+                        "'model.space' = 'latent' or 'model.pretrained'; remove it")
+    elif v.cache_latents_to_disk and not v.cache_latents:
+        problems.append("'vae.cache_latents_to_disk' = true needs 'vae.cache_latents' = true: with it false every "
+                        "step encodes its own batch and nothing is cached")
     positive("lora.rank", lora.rank, allow_none=False)
     positive("lora.alpha", lora.alpha)
     if not 0.0 <= lora.dropout < 1.0:

@@ -146,6 +146,8 @@ class VaeConfig:
     """Weight of the KL term of VAE training."""
     cache_latents: bool = True
     """Encode the data once (both flips with data.random_flip) and sample latents from the cached distributions; False encodes every step."""
+    cache_latents_to_disk: bool = False
+    """Write the cached latent distributions (per bucket, both flips) to a disk cache under $DIFFTRAIN_CACHE/latents and memory-map them while training, instead of holding them in memory: for data sets whose latents do not fit. Keyed by the VAE's weights (a VAE trained in the run too), config and dtype, the decoded images (every pixel, so the resolution and buckets) and data.random_flip; a later run where they match reuses it without running the VAE encoder. The same values as the in-memory cache. Needs vae.cache_latents and a latent run."""
 
 
 @dataclass

@@ -79,6 +79,28 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def rows_digest(tensor: torch.Tensor, chunk_bytes: int = 16 * 2**20) -> str:
+    """`tensor_digest` for a large tensor (a data set's images, perhaps memory-mapped): chunks of whole rows (about
+    `chunk_bytes` each) hashed on a few threads (hashlib releases the GIL), then their digests in order, with the
+    dtype and shape. Another value than tensor_digest's for the same tensor."""
+    rows = int(tensor.shape[0]) if tensor.dim() else 0
+    row_bytes = max(1, tensor[:1].numel() * tensor.element_size())
+    step = max(1, chunk_bytes // row_bytes)
+
+    def one(start: int) -> bytes:
+        h = _hasher()
+        h.update(_tensor_bytes(tensor[start:start + step]))
+        return h.digest()
+
+    with ThreadPoolExecutor(max_workers=_hash_threads()) as pool:
+        digests = list(pool.map(one, range(0, rows, step)))
+    h = _hasher()
+    h.update(f"rows{step}|{tensor.dtype}{tuple(tensor.shape)}".encode())
+    for d in digests:
+        h.update(d)
+    return h.hexdigest()
+
+
 def strings_digest(texts: Iterable[str]) -> str:
     """blake2b of a sequence of strings, in order (each length-prefixed, so no two sequences collide by joining)."""
     h = _hasher()

@@ -126,7 +126,8 @@ class LatentSpace:
         images = self.dataset.images if buckets is None else buckets
         index = None if buckets is None else (self.dataset.row_bucket, self.dataset.row_slot)
         self.latents = LatentEncoder(self.vae, float(self.vae.config.scaling_factor), images,
-                                     self.cfg.data.random_flip, self.cfg.vae.cache_latents, index)
+                                     self.cfg.data.random_flip, self.cfg.vae.cache_latents, index,
+                                     disk=self.cfg.vae.cache_latents_to_disk)
 
     # -- the step ------------------------------------------------------------------------------------------------
 
