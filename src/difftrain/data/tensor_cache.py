@@ -145,8 +145,10 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 
 def store_key(kind: str, parts: Mapping[str, Any]) -> str:
     """The folder name for `kind` with these key parts: blake2b of their canonical JSON (sorted keys). Parts must be
-    JSON values; pass large inputs as digests (`tensor_digest`, `strings_digest`, `module_fingerprint`)."""
-    text = json.dumps({"format": STORE_FORMAT, "kind": kind, "parts": parts}, sort_keys=True, allow_nan=False)
+    JSON values; pass large inputs as digests (`tensor_digest`, `strings_digest`, `module_fingerprint`). The torch
+    version is part of every key: another version's kernels may round the stored outputs differently."""
+    text = json.dumps({"format": STORE_FORMAT, "kind": kind, "torch": torch.__version__, "parts": parts},
+                      sort_keys=True, allow_nan=False)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
