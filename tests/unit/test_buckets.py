@@ -12,7 +12,9 @@ from PIL import Image
 
 from difftrain.config import DataConfig, DiffusionConfig
 from difftrain.data.buckets import BucketOrder, auto_buckets, nearest_bucket, resolve_buckets
-from difftrain.data.dataset import BucketedImageDataset, MaskSizeError, check_mask_sizes, load_image_dataset
+from difftrain.data.bucketed import BucketedImageDataset
+from difftrain.data.dataset import load_image_dataset
+from difftrain.data.masks import MaskSizeError, check_mask_sizes
 from difftrain.data.order import stream_position
 from difftrain.data.sources import folder_source
 from difftrain.diffusion.flow import FlowMatchingObjective

@@ -18,7 +18,8 @@ from PIL.Image import DecompressionBombError, UnidentifiedImageError
 from difftrain.config import DataConfig
 from difftrain.data.captions import resolve_captions
 from difftrain.data.buckets import format_bucket
-from difftrain.data.dataset import ImageFacts, MaskSizeError, bucket_sizes_of, decode_item, mask_paths
+from difftrain.data.dataset import ImageFacts, bucket_sizes_of, decode_item
+from difftrain.data.masks import MaskSizeError, mask_paths
 from difftrain.data.sources import IMAGE_EXTENSIONS, ImageSource, dangling_link_message, open_source, streamed_kind
 from difftrain.data.transforms import ImageTooLarge
 

@@ -15,17 +15,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from difftrain.config import DataConfig
 from difftrain.data.batches import MicroBatch
 from difftrain.data.captions import resolve_captions
+from difftrain.data.masks import MaskSizeError, mask_paths, read_mask
 from difftrain.data.disk_cache import DiskCache, decode_to_disk, folder_cache_key, memory_budget_bytes, open_cache
 from difftrain.data.folder_summary import summarize_folder
 from difftrain.data.order import sample_indices
 from difftrain.data.sources import (
-    MASK_SUFFIX,
     ImageSource,
     dangling_link_message,
     folder_source,
@@ -33,9 +31,9 @@ from difftrain.data.sources import (
     is_saved_datasets_dir,
     open_source,
 )
-from difftrain.data.buckets import BucketOrder, format_bucket, nearest_bucket, resolve_buckets
-from difftrain.data.transforms import (check_pixel_limit, convert_mode, covering_size, draft_for_resolution,
-                                       prepare_image_at, to_channels_first)
+from difftrain.data.buckets import nearest_bucket, resolve_buckets
+from difftrain.data.transforms import (check_pixel_limit, covering_size, draft_for_resolution,
+                                       prepare_image_at)
 
 logger = logging.getLogger(__name__)
 
@@ -111,91 +109,6 @@ class CachedImageDataset(ImageDataset):
         return MicroBatch(rows, images, None if self.labels is None else self.labels[rows])
 
 
-class BucketedImageDataset(ImageDataset):
-    """An ImageDataset of aspect-ratio buckets (data.buckets; data/buckets.py): images of each bucket in their own
-    (n, C, H, W) tensor, every micro-batch from one bucket. `images` is a square view at data.resolution (each image
-    center-cropped to its short side and resized), made when first asked for: the reference set of evaluations and
-    the VAE stage read it; training reads the buckets."""
-
-    def __init__(self, base: ImageDataset, bucket_sizes: list[tuple[int, int]], bucket_images: list[torch.Tensor],
-                 row_bucket: torch.Tensor, row_slot: torch.Tensor, resolution: int,
-                 bucket_masks: Optional[list[torch.Tensor]] = None):
-        self._square: Optional[torch.Tensor] = None
-        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(ImageDataset)}
-        fields.update(images=None, masks=None)
-        super().__init__(**fields)
-        self.bucket_sizes, self.bucket_images, self.bucket_masks = bucket_sizes, bucket_images, bucket_masks
-        self.row_bucket, self.row_slot, self.resolution = row_bucket, row_slot, resolution
-        self.order = BucketOrder(row_bucket, len(bucket_sizes))
-
-    @classmethod
-    def from_arrays(cls, base: ImageDataset, arrays: list[np.ndarray], buckets: list[tuple[int, int]],
-                    resolution: int, masks: Optional[list[np.ndarray]] = None) -> "BucketedImageDataset":
-        """Group decoded arrays (each at its bucket's size) by bucket; buckets no image went to are dropped."""
-        index = {size: b for b, size in enumerate(buckets)}
-        row_bucket_all = [index[(a.shape[2], a.shape[1])] for a in arrays]
-        used = sorted(set(row_bucket_all))
-        renumber = {b: j for j, b in enumerate(used)}
-        row_bucket = torch.tensor([renumber[b] for b in row_bucket_all], dtype=torch.long)
-        row_slot = torch.zeros(len(arrays), dtype=torch.long)
-        images, bucket_masks = [], [] if masks is not None else None
-        for j, b in enumerate(used):
-            rows = [r for r, rb in enumerate(row_bucket_all) if rb == b]
-            row_slot[rows] = torch.arange(len(rows))
-            images.append(torch.from_numpy(np.stack([arrays[r] for r in rows])))
-            if masks is not None:
-                bucket_masks.append(torch.from_numpy(np.stack([masks[r] for r in rows])))
-        return cls(base, [buckets[b] for b in used], images, row_bucket, row_slot, resolution, bucket_masks)
-
-    @property
-    def images(self) -> torch.Tensor:  # type: ignore[override]
-        if self._square is None:
-            self._square = self._square_view()
-        return self._square
-
-    @images.setter
-    def images(self, value: Optional[torch.Tensor]) -> None:
-        self._square = value
-
-    def _square_view(self) -> torch.Tensor:
-        first = self.bucket_images[0]
-        out = torch.empty((len(self), first.shape[1], self.resolution, self.resolution), dtype=torch.uint8)
-        for b, images in enumerate(self.bucket_images):
-            height, width = images.shape[-2:]
-            side = min(height, width)
-            top, left = (height - side) // 2, (width - side) // 2
-            rows = torch.nonzero(self.row_bucket == b).flatten()  # ascending: row k of the bucket has slot k
-            for at in range(0, len(images), 256):
-                part = images[at:at + 256, :, top:top + side, left:left + side].float()
-                if side != self.resolution:
-                    part = F.interpolate(part, size=(self.resolution, self.resolution), mode="bilinear",
-                                         antialias=True, align_corners=False)
-                out[rows[at:at + len(part)]] = part.round().clamp(0, 255).to(torch.uint8)
-        return out
-
-    def __len__(self) -> int:
-        return int(self.row_bucket.shape[0])
-
-    def histogram(self) -> list[tuple[str, int]]:
-        """('WxH', images) of each bucket."""
-        return [(format_bucket(size), int((self.row_bucket == b).sum())) for b, size in enumerate(self.bucket_sizes)]
-
-    def rows(self, num_items: int, seed: int, position: int, count: int) -> torch.Tensor:
-        if num_items != len(self):
-            raise ValueError(f"bucketed data reads all its {len(self)} rows, not the first {num_items}")
-        return self.order.rows(seed, position, count)
-
-    def gather(self, rows: torch.Tensor) -> MicroBatch:
-        buckets = self.row_bucket[rows]
-        bucket = int(buckets[0])
-        if bool((buckets != bucket).any()):
-            raise ValueError(f"rows {rows.tolist()} come from several buckets; a micro-batch holds one")
-        slots = self.row_slot[rows]
-        return MicroBatch(rows, self.bucket_images[bucket][slots], None if self.labels is None else self.labels[rows],
-                          *self.geometry(rows),
-                          None if self.bucket_masks is None else self.bucket_masks[bucket][slots])
-
-
 @dataclass
 class ImageFacts:
     """What an image was before conversion (for `difftrain check`)."""
@@ -213,10 +126,6 @@ class ImageFacts:
     def original_size(self) -> tuple[int, int]:
         """(height, width) from the header."""
         return self.size[1], self.size[0]
-
-
-class MaskSizeError(ValueError):
-    """A loss mask whose size is not its image's: refused (not skipped), naming both files."""
 
 
 def bucket_sizes_of(cfg: DataConfig) -> Optional[list[tuple[int, int]]]:
@@ -251,68 +160,6 @@ def decode_item(source: ImageSource, index: int, cfg: DataConfig, mask_path: Opt
     if mask_path is not None:
         facts.mask = read_mask(mask_path, source.names[index], size, resized, crop, (width, height))
     return array, facts
-
-
-def read_mask(path: str, image_name: str, image_size: tuple[int, int], resized: tuple[int, int],
-              crop: tuple[int, int], target: tuple[int, int]) -> np.ndarray:
-    """The loss mask at `path` as (1, H, W) uint8, resized and cropped as its image was (bilinear)."""
-    with Image.open(path) as mask:
-        if mask.size != image_size:
-            raise MaskSizeError(mask_size_message(path, mask.size, image_name, image_size))
-        mask.load()
-        mask = convert_mode(mask, 1)
-        mask.load()
-    if mask.size != resized:
-        mask = mask.resize(resized, Image.Resampling.BILINEAR)
-    (top, left), (width, height) = crop, target
-    return to_channels_first(mask.crop((left, top, left + width, top + height)))
-
-
-def mask_size_message(path: str, mask_size: tuple[int, int], image_name: str, image_size: tuple[int, int]) -> str:
-    return (f"loss mask {path} is {mask_size[0]}x{mask_size[1]} px, but its image {image_name} is "
-            f"{image_size[0]}x{image_size[1]} px; a mask must have its image's size")
-
-
-def mask_paths(source: ImageSource, cfg: DataConfig, count: int) -> Optional[list[Optional[str]]]:
-    """The loss mask of each of the first `count` items (data.mask_dir/REL.png, else NAME.mask.png beside the file),
-    None for items without one; None when no item has one (or the source has no files)."""
-    root = getattr(source, "root", None)
-    if root is None or not Path(root).is_dir():
-        return None
-    root = Path(root)
-    paths: list[Optional[str]] = []
-    for name in source.names[:count]:
-        image = Path(name)
-        try:
-            if cfg.mask_dir is not None:
-                candidate = Path(cfg.mask_dir).expanduser() / image.relative_to(root).with_suffix(".png")
-            else:
-                candidate = image.with_name(image.stem + MASK_SUFFIX)
-        except ValueError:  # not under the folder (not a file of it)
-            candidate = None
-        paths.append(str(candidate) if candidate is not None and candidate.is_file() else None)
-    if not any(paths):
-        if cfg.mask_dir is not None:
-            logger.warning("data.mask_dir = %r holds no mask of any image of %s (expected REL/NAME.png); training "
-                           "without masks", cfg.mask_dir, source.description)
-        return None
-    return paths
-
-
-def check_mask_sizes(source: ImageSource, cfg: DataConfig) -> None:
-    """Refuse, from the headers alone, the first loss mask whose size is not its image's (before any model loads)."""
-    count = len(source) if cfg.max_images is None else min(len(source), cfg.max_images)
-    masks = mask_paths(source, cfg, count)
-    for i, path in enumerate(masks or []):
-        if path is None:
-            continue
-        try:
-            with Image.open(path) as mask, source.open(i) as image:
-                mask_size, image_size = mask.size, image.size
-        except Exception:  # an unreadable image or mask is found (and named) when it is decoded
-            continue
-        if mask_size != image_size:
-            raise MaskSizeError(mask_size_message(path, mask_size, source.names[i], image_size))
 
 
 def _decode(source: ImageSource, index: int, cfg: DataConfig) -> np.ndarray:
@@ -369,6 +216,8 @@ def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[
     if masks is not None and stack:
         dataset.masks = torch.from_numpy(np.stack([mask_arrays[i] for i in keep]))
     if not stack:
+        from difftrain.data.bucketed import BucketedImageDataset  # it subclasses ImageDataset, defined here
+
         dataset = BucketedImageDataset.from_arrays(dataset, [arrays[i] for i in keep], buckets, cfg.resolution,
                                                    None if masks is None else [mask_arrays[i] for i in keep])
     return dataset

@@ -146,7 +146,7 @@ class Family(ABC):
     def check_data_settings(self) -> None:
         """Before any model loads: data.buckets against the network, each loss mask's size against its image's
         (headers only), and no buckets or masks on streamed data."""
-        from difftrain.data.dataset import check_mask_sizes
+        from difftrain.data.masks import check_mask_sizes
         from difftrain.data.sources import folder_source, is_mnist_folder, is_saved_datasets_dir, streamed_kind
 
         d = self.data_config()
