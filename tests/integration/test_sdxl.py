@@ -36,6 +36,20 @@ def instance_dir(tmp_path_factory) -> Path:
     return write_instance_images(tmp_path_factory.mktemp("instance"))
 
 
+def _straight_and_resumed_lora_weights(overrides: list[str], tmp_path: Path) -> dict[str, torch.Tensor]:
+    """Train 4 steps straight, and 2 steps then a resume to 4; assert the LoRA weights are equal; return them."""
+    straight = train(load_config(PRESET, overrides, output_dir=str(tmp_path / "straight")))
+    resumed_dir = str(tmp_path / "resumed")
+    train(load_config(PRESET, overrides, output_dir=resumed_dir), stop_at_step=2)
+    resumed = train(load_config(PRESET, overrides, output_dir=resumed_dir))
+    a = load_file(straight / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    return a
+
+
 def _xl_pipeline(path: Path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -124,15 +138,8 @@ def test_sdxl_lora_run_resumes_exactly(tiny_sdxl: Path, instance_dir: Path, tmp_
     overrides = [f"model.pretrained={tiny_sdxl}", f"data.instance_dir={instance_dir}", "lora.train_text_encoder=true",
                  f"data.class_dir={tmp_path / 'class'}", "train.checkpoints_total_limit=null",
                  "train.condition_dropout=0.3"]
-    straight = train(load_config(PRESET, overrides, output_dir=str(tmp_path / "straight")))
-    resumed_dir = str(tmp_path / "resumed")
-    train(load_config(PRESET, overrides, output_dir=resumed_dir), stop_at_step=2)
-    resumed = train(load_config(PRESET, overrides, output_dir=resumed_dir))
-    a = load_file(straight / "pytorch_lora_weights.safetensors")
-    b = load_file(resumed / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and any(k.startswith("text_encoder_2.") for k in a)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    weights = _straight_and_resumed_lora_weights(overrides, tmp_path)
+    assert any(k.startswith("text_encoder_2.") for k in weights)
 
 
 @pytest.mark.parametrize("damage", ["not-in-index", "folder-deleted"])
@@ -186,12 +193,4 @@ def test_bucketed_sdxl_run_takes_its_size_and_crop_ids_from_each_image_and_resum
         assert torch.equal(flipped[:, [0, 1, 2, 4, 5]], ids[:, [0, 1, 2, 4, 5]])
         assert ((flipped[:, 3] - ids[:, 3]).abs() <= 1).all()  # a centred crop mirrored moves by rounding only
 
-    straight = train(load_config(PRESET, overrides, output_dir=str(tmp_path / "straight")))
-    resumed_dir = str(tmp_path / "resumed")
-    train(load_config(PRESET, overrides, output_dir=resumed_dir), stop_at_step=2)
-    resumed = train(load_config(PRESET, overrides, output_dir=resumed_dir))
-    a = load_file(straight / "pytorch_lora_weights.safetensors")
-    b = load_file(resumed / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    _straight_and_resumed_lora_weights(overrides, tmp_path)

@@ -54,17 +54,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         """Both encoders, trained (adapters, or fully with text_encoder.train) or frozen, the second after the
         first in `trained` / `frozen`."""
         models = super().text_encoder_models(network)
-        encoder = self.text_encoder_2
-        adapters = self.text_adapters_wanted()
-        encoder.requires_grad_(self.text.trainable and not adapters)
-        if adapters:
-            self.add_text_adapters(encoder)
-        if self.text.trainable:
-            encoder.train()
-            models.trained.append((encoder, self.cfg.text_encoder.learning_rate))
-        else:
-            encoder.eval()
-            models.frozen.append(encoder)
+        self.add_text_encoder(models, self.text_encoder_2)
         return models
 
     def text_conditioner(self, trained: list[torch.nn.Module], accelerator: Any) -> DualTextConditioner:

@@ -100,16 +100,22 @@ class TextPixelFamily(UnconditionalPixelFamily):
 
     def text_encoder_models(self, network: torch.nn.Module) -> Models:
         """`network` with the text encoder: trained (own learning rate) or frozen."""
-        encoder = self.text.text_encoder
+        models = Models(network)
+        self.add_text_encoder(models, self.text.text_encoder)
+        return models
+
+    def add_text_encoder(self, models: Models, encoder: torch.nn.Module) -> None:
+        """Add `encoder` to `models`: trained (its adapters, or all of it, at text_encoder.learning_rate) or frozen."""
         adapters = self.text_adapters_wanted()
         encoder.requires_grad_(self.text.trainable and not adapters)
         if adapters:
             self.add_text_adapters(encoder)
         if self.text.trainable:
             encoder.train()
-            return Models(network, trained=[(encoder, self.cfg.text_encoder.learning_rate)])
-        encoder.eval()
-        return Models(network, frozen=[encoder])
+            models.trained.append((encoder, self.cfg.text_encoder.learning_rate))
+        else:
+            encoder.eval()
+            models.frozen.append(encoder)
 
     def text_adapters_wanted(self) -> bool:
         """Train adapters on the encoder instead of the encoder itself (LoRA fine-tuning); not here."""
