@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from difftrain.data.batches import MicroBatch
 from difftrain.data.buckets import BucketOrder, format_bucket
-from difftrain.data.dataset import ImageDataset
+from difftrain.data.image_dataset import ImageDataset
 
 
 class BucketedImageDataset(ImageDataset):

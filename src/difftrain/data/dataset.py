@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,10 +19,11 @@ import torch
 from difftrain.config import DataConfig
 from difftrain.data.batches import MicroBatch
 from difftrain.data.captions import resolve_captions
+from difftrain.data.bucketed import BucketedImageDataset
+from difftrain.data.image_dataset import ImageDataset, log_skipped
 from difftrain.data.masks import MaskSizeError, mask_paths, read_mask
 from difftrain.data.disk_cache import DiskCache, decode_to_disk, folder_cache_key, memory_budget_bytes, open_cache
 from difftrain.data.folder_summary import summarize_folder
-from difftrain.data.order import sample_indices
 from difftrain.data.sources import (
     ImageSource,
     dangling_link_message,
@@ -36,61 +37,6 @@ from difftrain.data.transforms import (check_pixel_limit, covering_size, draft_f
                                        prepare_image_at)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ImageDataset:
-    images: torch.Tensor
-    """(N, C, H, W) uint8."""
-    labels: Optional[torch.Tensor]
-    """(N,) int64, or None for unlabelled data."""
-    class_names: list[str]
-    description: str
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    """(name, reason) of every item that could not be read or had no caption."""
-    captions: Optional[list[str]] = None
-    """One caption per image for text-conditioned models."""
-    names: Optional[Sequence[str]] = None
-    """One name per image: its file path, or 'source[index]' for sources without files."""
-    in_memory: bool = True
-    """False when `images` is memory-mapped from the disk cache (the loader then reads in worker processes)."""
-    original_sizes: Optional[torch.Tensor] = None
-    """(N, 2) int64: (height, width) of each source image from its header, before any resize (None: not recorded,
-    as in the disk cache)."""
-    crops_top_left: Optional[torch.Tensor] = None
-    """(N, 2) int64: (top, left) of each image's crop in its resized image (SDXL's crops_coords_top_left)."""
-    masks: Optional[torch.Tensor] = None
-    """(N, 1, H, W) uint8 loss masks (255: trained), or None when no image has one."""
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    # -- TrainingData (data/batches.py) ----------------------------------------------------------------------------
-
-    def rows(self, num_items: int, seed: int, position: int, count: int) -> torch.Tensor:
-        return sample_indices(num_items, seed, position, count)
-
-    def gather(self, rows: torch.Tensor) -> MicroBatch:
-        return MicroBatch(rows, self.images[rows], None if self.labels is None else self.labels[rows],
-                          *self.geometry(rows), None if self.masks is None else self.masks[rows])
-
-    def geometry(self, rows: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """(original_sizes, crops_top_left) of `rows`, each None where not recorded."""
-        return (None if self.original_sizes is None else self.original_sizes[rows],
-                None if self.crops_top_left is None else self.crops_top_left[rows])
-
-    def row_names(self, rows: Sequence[int]) -> list[str]:
-        names = self.names
-        return [names[r] if names else f"data set row {r}" for r in rows]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def write_skipped_to(self, handler: Optional[logging.Handler]) -> None:
-        """Replay the `skipped PATH (reason)` lines into `handler` alone (train.log, attached after decoding)."""
-        if handler is not None:
-            log_skipped(self.skipped, len(self) + len(self.skipped), handler)
 
 
 @dataclass
@@ -216,8 +162,6 @@ def decode_source(source: ImageSource, cfg: DataConfig, captions: Optional[list[
     if masks is not None and stack:
         dataset.masks = torch.from_numpy(np.stack([mask_arrays[i] for i in keep]))
     if not stack:
-        from difftrain.data.bucketed import BucketedImageDataset  # it subclasses ImageDataset, defined here
-
         dataset = BucketedImageDataset.from_arrays(dataset, [arrays[i] for i in keep], buckets, cfg.resolution,
                                                    None if masks is None else [mask_arrays[i] for i in keep])
     return dataset
@@ -245,23 +189,6 @@ def _report_skipped(description: str, skipped: list[tuple[str, str]], total: int
     if not usable:
         raise ValueError(f"data set {description} has no usable images (of {total} items; "
                          f"first problem: {skipped[0][0]}: {skipped[0][1]})")
-
-
-def log_skipped(skipped: list[tuple[str, str]], total: int, handler: Optional[logging.Handler] = None) -> None:
-    """Warn `skipped PATH (reason)` for each skipped file, then the count; only to `handler` when given.
-
-    Training decodes its data before train.log exists; it replays the lines into train.log's handler
-    alone, so they reach the file without being printed twice.
-    """
-    lines = [("skipped %s (%s)", (name, reason)) for name, reason in skipped]
-    if skipped:
-        lines.append(("skipped %d of %d images (unreadable, too large, dangling links or without a caption)",
-                      (len(skipped), total)))
-    for message, args in lines:
-        if handler is None:
-            logger.warning(message, *args)
-        else:
-            handler.handle(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, args, None))
 
 
 class _FolderDecoder:
