@@ -13,7 +13,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from difftrain.config import RunConfig
 from difftrain.models.lora import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, WEIGHT_NAMES, save_lora_weights
-from difftrain.models.pretrained import stable_diffusion_pipeline_class
+from difftrain.models.pretrained import load_base_pipeline, stable_diffusion_pipeline_class
 from difftrain.pipeline import ADAPTER_BASE_FILE
 from difftrain.families.base import RunSummary
 from difftrain.families.export import card_front_matter, card_loss_and_grid, pipeline_modules, save_pipeline_atomically
@@ -75,9 +75,7 @@ def export_lora(unet, text_encoders: Mapping[str, Optional[torch.nn.Module]], cf
                       "the LoRA base-model note")
     if cfg.lora.export_merged:
         merged = output_dir / "merged"
-        pipe = pipeline_class.from_pretrained(base, **({"safety_checker": None, "requires_safety_checker": False}
-                                                        if "safety_checker" in pipeline_class._optional_components
-                                                        else {}))
+        pipe = load_base_pipeline(base)
         weight_name = next(iter(WEIGHT_NAMES[f] for f in paths))
         pipe.load_lora_weights(str(output_dir), weight_name=weight_name)
         pipe.fuse_lora()
