@@ -58,18 +58,15 @@ class LatentSpace:
         return self.latent_size, self.latent_channels
 
     def size_multiple(self) -> int:
-        """The VAE's downsampling x the network's (a base model's UNet: from its config.json), from configs alone."""
-        base = self.cfg.model.pretrained
-        if base is not None:
-            from difftrain.models.pretrained import load_base_unet_config
+        """The VAE's downsampling x the network's, from configs alone."""
+        return self.vae_downsampling() * super().size_multiple()
 
-            network = 2 ** (len(load_base_unet_config(base)["block_out_channels"]) - 1)
-        else:
-            network = super().size_multiple()
+    def vae_downsampling(self) -> int:
+        """Pixels per latent cell of the VAE the run will use, from its config (no weights): vae.pretrained's, else
+        the from-scratch VAE's vae.block_out_channels."""
         v = self.cfg.vae
-        path, key = (v.pretrained, "vae.pretrained") if v.pretrained is not None else (base, "model.pretrained")
-        channels = v.block_out_channels if path is None else load_vae_config(path, key)["block_out_channels"]
-        return 2 ** (len(channels) - 1) * network
+        channels = v.block_out_channels if v.pretrained is None else load_vae_config(v.pretrained)["block_out_channels"]
+        return 2 ** (len(channels) - 1)
 
     def prepare_after_data(self, run_folder: Any, processes: Any) -> None:
         """The VAE stage of a run without a pretrained VAE: train it, or reuse the one this run saved before."""

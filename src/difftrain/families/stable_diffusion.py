@@ -25,7 +25,7 @@ from difftrain.models.lora import add_lora, unmatched_pattern_keys
 from difftrain.models.pretrained import (check_base_pipeline, load_base_noise_scheduler, load_base_unet,
                                          load_base_unet_config, resolve, weight_dtype)
 from difftrain.models.text import load_pretrained_text_encoder
-from difftrain.models.vae import load_pretrained_vae
+from difftrain.models.vae import load_pretrained_vae, load_vae_config
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,17 @@ class StableDiffusionFamily(LatentTextFamily):
         if self.cfg.vae.pretrained is not None:
             return load_pretrained_vae(self.cfg.vae.pretrained)
         return load_pretrained_vae(self.cfg.model.pretrained, key="model.pretrained")
+
+    def size_multiple(self) -> int:
+        """The VAE's downsampling x the base UNet's (from its config.json)."""
+        return self.vae_downsampling() * 2 ** (len(load_base_unet_config(self.base)["block_out_channels"]) - 1)
+
+    def vae_downsampling(self) -> int:
+        """vae.pretrained's, else the base pipeline's VAE's (its config)."""
+        if self.cfg.vae.pretrained is not None:
+            return super().vae_downsampling()
+        config = load_vae_config(self.cfg.model.pretrained, key="model.pretrained")
+        return 2 ** (len(config["block_out_channels"]) - 1)
 
     def plan(self) -> None:
         super().plan()
