@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from diffusers import AutoencoderKL
@@ -44,8 +44,9 @@ def build_scratch_vae(cfg: VaeConfig, channels: int, resolution: int) -> Autoenc
     )
 
 
-def load_pretrained_vae(path: str, key: str = "vae.pretrained") -> AutoencoderKL:
-    """An AutoencoderKL folder, or a pipeline folder / hub pipeline holding one in vae/."""
+def _from_vae_location(load: Callable, path: str, key: str, what: str):
+    """`load(source, subfolder=...)` (weights or config) of the AutoencoderKL at `path`: a local AutoencoderKL folder
+    or pipeline folder with vae/ (its layout checked first), or a hub id tried as a pipeline's vae/, then as a VAE."""
     source = resolve(path)
     if looks_local(path):
         from pathlib import Path
@@ -56,35 +57,24 @@ def load_pretrained_vae(path: str, key: str = "vae.pretrained") -> AutoencoderKL
         subfolder = "vae" if (local / "vae" / "config.json").is_file() else None
         if subfolder is None and not (local / "config.json").is_file():
             raise FileNotFoundError(f"{key} = {path!r}: neither an AutoencoderKL folder (config.json) nor a pipeline with vae/")
-        return AutoencoderKL.from_pretrained(source, subfolder=subfolder)
+        return load(source, subfolder=subfolder)
     try:
-        return AutoencoderKL.from_pretrained(source, subfolder="vae")
+        return load(source, subfolder="vae")
     except (OSError, ValueError):
         try:
-            return AutoencoderKL.from_pretrained(source)
+            return load(source, subfolder=None)
         except (OSError, ValueError) as exc:
-            raise FileNotFoundError(f"{key} = {path!r}: could not load an AutoencoderKL ({exc})") from exc
+            raise FileNotFoundError(f"{key} = {path!r}: could not {what} ({exc})") from exc
+
+
+def load_pretrained_vae(path: str, key: str = "vae.pretrained") -> AutoencoderKL:
+    """An AutoencoderKL folder, or a pipeline folder / hub pipeline holding one in vae/."""
+    return _from_vae_location(AutoencoderKL.from_pretrained, path, key, "load an AutoencoderKL")
 
 
 def load_vae_config(path: str, key: str = "vae.pretrained") -> dict:
     """The config of the AutoencoderKL `load_pretrained_vae(path)` loads, without its weights."""
-    source = resolve(path)
-    if looks_local(path):
-        from pathlib import Path
-
-        local = Path(source)
-        if (local / "vae" / "config.json").is_file():
-            return dict(AutoencoderKL.load_config(source, subfolder="vae"))
-        if (local / "config.json").is_file():
-            return dict(AutoencoderKL.load_config(source))
-        raise FileNotFoundError(f"{key} = {path!r}: neither an AutoencoderKL folder (config.json) nor a pipeline with vae/")
-    try:
-        return dict(AutoencoderKL.load_config(source, subfolder="vae"))
-    except (OSError, ValueError):
-        try:
-            return dict(AutoencoderKL.load_config(source))
-        except (OSError, ValueError) as exc:
-            raise FileNotFoundError(f"{key} = {path!r}: could not read an AutoencoderKL config ({exc})") from exc
+    return dict(_from_vae_location(AutoencoderKL.load_config, path, key, "read an AutoencoderKL config"))
 
 
 def downsample_factor(vae: AutoencoderKL) -> int:
