@@ -14,6 +14,7 @@ Life of a family in a run, in call order:
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from difftrain.config import RunConfig
 from difftrain.data.batches import MicroBatch, TrainingData
 from difftrain.diffusion.objective import Network, Objective
 from difftrain.sampling.generate import ImageSampler
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -210,9 +213,7 @@ class Family(ABC):
     def _log_buckets(self) -> None:
         histogram = getattr(self.dataset, "histogram", None)
         if histogram is not None:
-            import logging
-
-            logging.getLogger(__name__).info("data.buckets: %s", ", ".join(f"{size}: {n}" for size, n in histogram()))
+            logger.info("data.buckets: %s", ", ".join(f"{size}: {n}" for size, n in histogram()))
 
     def _refuse_a_stream(self) -> None:
         from difftrain.data.sources import streamed_kind
