@@ -7,12 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from difftrain.config import load_config
-from difftrain.training.loop import train
 
+from ..caches import assert_disk_runs_trained_as_ram, train_ram_then_disk
 from .test_buckets import _mixed_folder
 
 pytestmark = pytest.mark.integration
@@ -25,23 +22,15 @@ def test_disk_latent_cache_trains_as_the_ram_cache_and_is_reused(tmp_path: Path,
     if buckets:
         data = _mixed_folder(tmp_path / "mixed", classes=("cat", "dog"))
         base += [f"data.path={data}", "data.max_images=null", "data.buckets=auto", "data.random_flip=true"]
-    weights = {}
-    for name, disk in (("ram", False), ("disk", True), ("disk-again", True)):
-        caplog.clear()
-        with caplog.at_level("INFO", logger="difftrain"):
-            run = train(load_config("tiny/mini-sd", [*base, f"vae.cache_latents_to_disk={str(disk).lower()}"],
-                                    output_dir=str(tmp_path / name)))
-        weights[name] = load_file(str(run / "checkpoints" / "step-000002" / "model.safetensors"))
-        if name == "disk":
-            assert "written: the VAE encoder ran once" in caplog.text, caplog.text
-        if name == "disk-again":
-            assert "reused: the VAE encoder did not run" in caplog.text and "tensor cache: wrote" not in caplog.text
-        if buckets and disk:
-            assert " buckets memory-mapped from " in caplog.text
+    runs = train_ram_then_disk("tiny/mini-sd", base, ["vae.cache_latents_to_disk"],
+                               "checkpoints/step-000002/model.safetensors", tmp_path, caplog)
+    assert "written: the VAE encoder ran once" in runs["disk"][1], runs["disk"][1]
+    log = runs["disk-again"][1]
+    assert "reused: the VAE encoder did not run" in log and "tensor cache: wrote" not in log
+    if buckets:
+        assert all(" buckets memory-mapped from " in runs[name][1] for name in ("disk", "disk-again"))
     assert len(list((tmp_path / "cache" / "latents").glob("[0-9a-f]*"))) == 1
-    for name in ("disk", "disk-again"):
-        assert weights[name].keys() == weights["ram"].keys()
-        assert all(torch.equal(weights[name][k], weights["ram"][k]) for k in weights["ram"]), name
+    assert_disk_runs_trained_as_ram(runs)
 
 
 def test_sdxl_dreambooth_with_both_disk_caches_trains_as_with_the_ram_caches(tmp_path: Path, monkeypatch, caplog):
@@ -54,19 +43,11 @@ def test_sdxl_dreambooth_with_both_disk_caches_trains_as_with_the_ram_caches(tmp
     base = [f"model.pretrained={build_tiny_sdxl(tmp_path / 'sdxl')}",
             f"data.instance_dir={write_instance_images(tmp_path / 'instance')}", f"data.class_dir={tmp_path / 'class'}",
             "data.random_flip=true", "train.sample_every_steps=null"]
-    weights = {}
-    for name, disk in (("ram", False), ("disk", True), ("disk-again", True)):
-        caplog.clear()
-        flag = str(disk).lower()
-        with caplog.at_level("INFO", logger="difftrain"):
-            run = train(load_config("tiny/dreambooth-sdxl-lora",
-                                    [*base, f"vae.cache_latents_to_disk={flag}", f"text_encoder.cache_to_disk={flag}"],
-                                    output_dir=str(tmp_path / name)))
-        weights[name] = load_file(str(run / "pytorch_lora_weights.safetensors"))
-        if name == "disk-again":
-            assert "reused: the VAE encoder did not run" in caplog.text and "tensor cache: wrote" not in caplog.text
+    runs = train_ram_then_disk("tiny/dreambooth-sdxl-lora", base,
+                               ["vae.cache_latents_to_disk", "text_encoder.cache_to_disk"],
+                               "pytorch_lora_weights.safetensors", tmp_path, caplog)
+    log = runs["disk-again"][1]
+    assert "reused: the VAE encoder did not run" in log and "tensor cache: wrote" not in log
     assert len(list((tmp_path / "cache" / "latents").glob("[0-9a-f]*"))) == 1
     assert len(list((tmp_path / "cache" / "sdxl-text").glob("[0-9a-f]*"))) == 1
-    for name in ("disk", "disk-again"):
-        assert weights[name].keys() == weights["ram"].keys()
-        assert all(torch.equal(weights[name][k], weights["ram"][k]) for k in weights["ram"]), name
+    assert_disk_runs_trained_as_ram(runs)
