@@ -75,9 +75,12 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
             parts = build_trainables(cfg, family, plan.max_steps, accelerator)
             run = TrainingRun(plan, family, objective, accelerator, parts)
             try:
-                return _train(run, output_dir, stop_at_step, stop)
+                result = _train(run, output_dir, stop_at_step, stop)
             finally:
                 run.close()
+            if processes.num_processes > 1:
+                distributed.exit_if_teardown_hangs()
+            return result
     except StopRequested as exc:
         if not exc.logged:
             logger.warning("%s before training completed; nothing was left half-written, and the same command "
