@@ -1,4 +1,4 @@
-"""Command line: `difftrain train|check|train-vae|sample|evaluate|show-config|presets`. Thin: parse, validate, call the library."""
+"""Command line: `difftrain train|check|train-vae|sample|evaluate|show-config|presets|ui`. Thin: parse, validate, call the library."""
 
 from __future__ import annotations
 
@@ -78,6 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     sample.add_argument("--out", default=None, help="PNG grid path (default: RUN_DIR/samples/sample.png)")
     sample.add_argument("--out-dir", default=None, help="also write each image as its own PNG here")
+
+    ui = sub.add_parser("ui", help="serve the web UI over the runs in a folder (docs/ui.md)")
+    ui.add_argument("runs_dir", nargs="?", default=".", help="the folder holding the run folders (default: .)")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1); any other needs a token, printed at start")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--token", help="the access token for a non-loopback --host (default: a new random one)")
+    ui.add_argument("--max-running", type=int, default=1, metavar="N",
+                    help="trainings the launch queue runs at once (default 1)")
 
     ev = sub.add_parser("evaluate", help="FID/KID and conditional accuracy of samples from a trained run")
     ev.add_argument("run_dir", help="an exported run directory")
@@ -190,6 +199,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from difftrain.commands.ui import serve
+
+    return serve(Path(args.runs_dir), host=args.host, port=args.port, token=args.token, max_running=args.max_running)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from difftrain.commands.evaluate import evaluate_run
 
@@ -203,7 +218,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": cmd_evaluate, "check": cmd_check, "train": cmd_train, "train-vae": cmd_train_vae, "show-config": cmd_show_config, "presets": cmd_presets, "sample": cmd_sample}
+COMMANDS = {"evaluate": cmd_evaluate, "check": cmd_check, "train": cmd_train, "train-vae": cmd_train_vae, "show-config": cmd_show_config, "presets": cmd_presets, "sample": cmd_sample, "ui": cmd_ui}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
