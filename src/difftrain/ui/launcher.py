@@ -123,8 +123,6 @@ class TrainingQueue:
         `difftrain train` on that folder (trainers.find_trainer). ValueError: nothing to stop, or not allowed.
         """
         folder = run_folder(self.runs_dir, run_id)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"no run {run_id!r} under RUNS_DIR ({folder})")
         with self._cond:  # held throughout, so two requests never send two signals (a second one stops at once)
             job = self._active_job(folder)
             if job is not None:
@@ -135,6 +133,8 @@ class TrainingQueue:
                     job.state = "stopping"
                 self._cond.notify_all()
                 return job.to_json(self.runs_dir)
+            if not folder.is_dir():
+                raise FileNotFoundError(f"no run {run_id!r} under RUNS_DIR ({folder})")
             trainer = find_trainer(folder, run_id)
             try:
                 os.kill(trainer.pid, signal.SIGINT)
