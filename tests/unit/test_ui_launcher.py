@@ -9,14 +9,23 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
 from difftrain.training.run_dir import acquire_lock, check_run_dir
 from difftrain.ui import launcher
 from difftrain.ui.launch_request import LaunchError, LaunchRequest, plan_launch, shipped_presets, validate
-from difftrain.ui.trainers import find_trainer, holds_flock, is_alive, process_start_time, train_invocation
+from difftrain.ui.trainers import (
+    find_trainer,
+    holds_flock,
+    is_alive,
+    lock_held,
+    process_start_time,
+    train_invocation,
+)
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -228,3 +237,96 @@ def test_queue_refuses_what_it_cannot_do_without_starting_anything(runs: Path):
         launcher.TrainingQueue(runs, max_running=0)
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         launcher.TrainingQueue(runs / "missing")
+
+
+# A stand-in for `difftrain train` (named `difftrain`, so its command line reads as one): it holds the folder's
+# lock as the trainer does, and on SIGINT writes who received it. With --num-processes it is the launcher and
+# starts "rank 0" (itself without the option) as its child, which takes the lock, as torchrun's ranks do.
+FAKE_TRAINER = '''
+import os, signal, subprocess, sys, time
+from pathlib import Path
+from difftrain.training.run_dir import acquire_lock
+
+args = sys.argv[1:]
+role = "launcher" if "--num-processes" in args else "trainer"
+child = None
+def on_sigint(signum, frame):
+    with open(os.environ["SIGNALLED"], "a") as out:
+        out.write(role + "\\n")
+    if child is None:
+        sys.exit(130)
+    child.send_signal(signal.SIGINT)  # the launcher's wait below returns the rank's exit code
+signal.signal(signal.SIGINT, on_sigint)
+if role == "launcher":
+    i = args.index("--num-processes")
+    child = subprocess.Popen([sys.executable, __file__, *args[:i], *args[i + 2:]])
+    sys.exit(child.wait())
+folder = os.environ.get("LOCK_DIR") or args[args.index("--output-dir") + 1]
+lock = acquire_lock(Path(folder))
+while True:
+    time.sleep(0.05)
+'''
+
+
+@pytest.fixture
+def fake_trainer(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
+    script = tmp_path / "bin" / "difftrain"
+    script.parent.mkdir()
+    script.write_text(FAKE_TRAINER)
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str, lock_dir: Path | None = None) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(SRC), "SIGNALLED": str(tmp_path / "signalled.txt")}
+        if lock_dir is not None:
+            env["LOCK_DIR"] = str(lock_dir)
+        proc = subprocess.Popen([sys.executable, str(script), "train", "digits", *args], env=env, cwd=tmp_path,
+                                start_new_session=True)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the fake launcher and its rank
+            proc.wait()
+
+
+def _wait_locked(folder: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while not lock_held(folder):
+        assert proc.poll() is None and time.monotonic() < deadline, "the stand-in trainer did not take the lock"
+        time.sleep(0.05)
+
+
+def test_the_trainer_signalled_is_the_lock_holder_or_its_launcher(runs: Path, tmp_path: Path, fake_trainer):
+    signalled = tmp_path / "signalled.txt"
+    single = fake_trainer("--output-dir", "runs/one")  # relative to the trainer's own working folder
+    _wait_locked(runs / "one", single)
+    assert find_trainer(runs / "one", "one").pid == single.pid
+
+    launched = fake_trainer("--num-processes", "2", "--output-dir", str(runs / "two"))
+    _wait_locked(runs / "two", launched)
+    found = find_trainer(runs / "two", "two")
+    assert found.pid == launched.pid and "--num-processes 2" in found.command  # not rank 0, which holds the lock
+
+    with launcher.TrainingQueue(runs) as queue:
+        job = queue.stop("two")
+        assert job["pid"] == launched.pid and job["state"] == "stopping" and job["console_log"] is None
+        assert launched.wait(timeout=30) == 130
+        assert signalled.read_text().split() == ["launcher", "trainer"]  # the launcher passed it on, once
+        deadline = time.monotonic() + 10
+        while next(j for j in queue.jobs() if j["id"] == job["id"])["state"] != "stopped":
+            assert time.monotonic() < deadline, "the queue did not see the stopped trainer end"
+            time.sleep(0.05)
+
+
+def test_a_difftrain_train_on_another_folder_is_not_signalled(runs: Path, tmp_path: Path, fake_trainer):
+    other = fake_trainer("--output-dir", str(runs / "other"), lock_dir=runs / "mine")
+    _wait_locked(runs / "mine", other)
+    with pytest.raises(ValueError, match=f"pid {other.pid} is a `difftrain train` on another folder"):
+        find_trainer(runs / "mine", "mine")
+    # Without --output-dir the folder comes from its config: holding this folder's lock is the proof.
+    config_only = fake_trainer(lock_dir=runs / "from-config")
+    _wait_locked(runs / "from-config", config_only)
+    assert find_trainer(runs / "from-config", "from-config").pid == config_only.pid
+    assert not (tmp_path / "signalled.txt").exists() and other.poll() is None
