@@ -330,3 +330,20 @@ def test_a_difftrain_train_on_another_folder_is_not_signalled(runs: Path, tmp_pa
     _wait_locked(runs / "from-config", config_only)
     assert find_trainer(runs / "from-config", "from-config").pid == config_only.pid
     assert not (tmp_path / "signalled.txt").exists() and other.poll() is None
+
+
+def test_resume_without_config_yaml_uses_the_recorded_config_under_the_same_rules(runs: Path, tmp_path: Path):
+    from difftrain.training.run_dir import write_marker
+
+    run = runs / "early"  # a run stopped before its first step: marked, but no config.yaml yet
+    write_marker(run)
+    with launcher.TrainingQueue(runs) as queue:
+        with pytest.raises(LaunchError, match="run 'early' has no config.yaml and no recorded config"):
+            queue.resume("early")
+        # The recorded config passes the launch rules like any other: one outside RUNS_DIR is refused, naming it.
+        outside = tmp_path / "outside.yaml"
+        (run / ".difftrain" / "status.json").write_text(json.dumps(
+            {"status": "interrupted", "config": str(outside), "overrides": ["train.max_steps=3"]}))
+        with pytest.raises(LaunchError, match=f"config '{outside}' refused: it resolves to {outside}, outside"):
+            queue.resume("early")
+        assert queue.jobs() == []
