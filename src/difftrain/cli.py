@@ -231,17 +231,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(options or extra)}")
     # A word that is neither an option nor key=value is an override missing its value (argparse would
     # call it an unrecognized argument, or take it as the config); one line names it.
-    bad = [word for word in [*getattr(args, "overrides", []), *extra] if "=" not in word]
-    if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        print(f"difftrain {args.command}: error: expected key=value, got {bad[0]!r}{more}", file=sys.stderr)
+    from difftrain.errors import override_words_problem
+
+    problem = override_words_problem([*getattr(args, "overrides", []), *extra])
+    if problem:
+        print(f"difftrain {args.command}: error: {problem}", file=sys.stderr)
         return 2
     if extra:
         args.overrides = list(args.overrides) + extra
     args.argv = list(argv) if argv is not None else None
     _setup_logging()
     from difftrain.config import ConfigError
-    from difftrain.errors import HubUploadError, StopRequested
+    from difftrain.errors import HubUploadError, StopRequested, describe_error
     from safetensors import SafetensorError  # how safetensors reports a failed write (disk full, ...)
 
     # Under a launcher each rank prints its own error; the rank says which one failed.
@@ -257,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, OSError, SafetensorError, HubUploadError) as exc:
         # OSError: a read-only folder, a full disk or a missing permission outside difftrain's own checks
         # (which raise difftrain.errors.WriteError, both an OSError and a ValueError, naming the path).
-        _report(f"difftrain {args.command}{rank}: error: {_describe(exc)}", debug)
+        _report(f"difftrain {args.command}{rank}: error: {describe_error(exc)}", debug)
         return 1
     except StopRequested as exc:
         # SIGTERM / Ctrl-C during training: the loop has already kept what it could (see training/stop.py).
@@ -266,14 +267,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is kept and the same command resumes", file=sys.stderr)
         return 130
-
-
-def _describe(exc: BaseException) -> str:
-    """The one-line text of a user-facing error; a library's I/O error gets its kind named."""
-    if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)) or type(exc).__module__.startswith("difftrain"):
-        return str(exc)
-    # e.g. "PermissionError: [Errno 13] Permission denied: 'runs/x/train.log'", "SafetensorError: Error while ..."
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _report(line: str, debug: bool) -> None:
