@@ -30,7 +30,7 @@ BEST = "best"
 """The folder of a run's best export (train.keep_best_by): a pipeline folder like the run's own."""
 
 
-def _run_sample_defaults(run_dir: Path) -> dict:
+def run_sample_defaults(run_dir: Path) -> dict:
     """The run's own `sample` section (scheduler, steps, guidance, prompts) from its config.yaml, if present; a run's
     `best/` export (train.keep_best_by) has none and takes its run's."""
     candidates = [run_dir, run_dir.parent] if run_dir.name == BEST else [run_dir]
@@ -129,7 +129,7 @@ def sample_run(
     requested_scales = parse_guidance_scales(guidance_scale)
     if on_image is not None and out_dir is None:
         raise ValueError("on_image is called with each image written to out_dir; pass out_dir too")
-    defaults = _run_sample_defaults(run_dir)
+    defaults = run_sample_defaults(run_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     source, grid_tag = sample_source(run_dir, checkpoint)
     pipe = load(source, device=device)
