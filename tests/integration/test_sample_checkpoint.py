@@ -67,7 +67,15 @@ def test_the_last_checkpoint_samples_as_the_export_and_an_earlier_one_differentl
 
 
 def test_the_export_is_reused_while_fresh_and_made_again_for_a_rewritten_checkpoint(digits_run: Path):
+    # Left by earlier exports: one of a checkpoint rotated away since, a temporary of an exporter killed long ago.
+    rotated, killed = exports_dir(digits_run) / "step-000001", exports_dir(digits_run) / ".tmp-step-000002-1-dead"
+    for leftover in (rotated, killed):
+        leftover.mkdir(parents=True)
+        (leftover / "model_index.json").write_text("{}")
+    os.utime(killed, (0, 0))
+    shutil.rmtree(exports_dir(digits_run) / "step-000002", ignore_errors=True)
     folder = export_checkpoint(digits_run, "step-000002")
+    assert not rotated.exists() and not killed.exists()
     stamp = (folder / SOURCE_FILE).stat().st_mtime_ns
     assert export_checkpoint(digits_run, "2") == folder and (folder / SOURCE_FILE).stat().st_mtime_ns == stamp
     progress = digits_run / "checkpoints" / "step-000002" / "progress.json"
