@@ -133,6 +133,21 @@ def test_a_checkpoint_rotated_away_while_it_is_read_is_one_clear_error(digits_ru
     assert not (run / "samples" / "sample-step-000002.png").exists()
 
 
+def test_a_run_whose_data_moved_away_cannot_export_and_says_why_in_one_line(digits_run: Path, tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run, ignore=shutil.ignore_patterns("exports"))
+    progress = run / "checkpoints" / "step-000004" / "progress.json"
+    record = json.loads(progress.read_text())
+    record["config"]["data"]["path"] = str(tmp_path / "moved")  # as a run trained on a folder since moved
+    progress.write_text(json.dumps(record))
+    assert main(["sample", str(run), "--checkpoint", "latest", *SAMPLE]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"difftrain sample: error: cannot export step-000004 of {run}: rebuilding its training setup from the "
+        "checkpoint's config failed (") and str(tmp_path / "moved") in err[0], err
+    assert not exports_dir(run).exists() or list(exports_dir(run).iterdir()) == []
+
+
 def test_the_best_export_samples_as_its_checkpoint_with_the_runs_defaults(digits_run: Path, tmp_path: Path):
     best = json.loads((digits_run / "best" / "best.json").read_text())["step"]
     args = ["--num-images", "1", "--seed", "5", "--device", "cpu"]  # scheduler, steps, guidance: config.yaml's

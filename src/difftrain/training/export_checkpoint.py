@@ -134,8 +134,9 @@ def _export(run_dir: Path, checkpoint: Path, checkpoint_time: Optional[int], tar
             reason = _gone(run_dir, checkpoint, checkpoint_time)
             if reason is not None:
                 raise FileNotFoundError(reason) from exc
+            why = " ".join(str(exc).split())  # one line, as the CLI prints it (a ConfigError lists one per line)
             raise ValueError(f"cannot export {checkpoint.name} of {run_dir}: rebuilding its training setup from the "
-                             f"checkpoint's config failed ({type(exc).__name__}: {exc})") from exc
+                             f"checkpoint's config failed ({type(exc).__name__}: {why})") from exc
         try:
             reason = _gone(run_dir, checkpoint, checkpoint_time)
             if reason is not None:
