@@ -65,7 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the presets shipped with difftrain")
 
     sample = sub.add_parser("sample", help="generate images from a trained run")
-    sample.add_argument("run_dir", help="an exported run directory (a diffusers pipeline folder)")
+    sample.add_argument("run_dir", help="an exported run directory (a diffusers pipeline folder, or a run's best/)")
+    sample.add_argument("--checkpoint", metavar="NAME",
+                        help="sample a kept checkpoint of RUN_DIR (step-000200, or latest) instead of its export: "
+                             "exported once into RUN_DIR/.difftrain/exports/ (EMA weights when the run keeps them)")
     sample.add_argument("--scheduler", help="ddpm, ddim, dpm++, unipc, euler, euler-a, heun (default: the run's)")
     sample.add_argument("--num-inference-steps", type=int)
     sample.add_argument("--seed", default="0", help="first seed, or an explicit list/range like '0-15' or '3,7'")
@@ -76,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance-scale", help="classifier-free guidance scale (1 = none), or a sweep like 0,5,10,20")
     sample.add_argument("--batch-size", type=int, default=64)
     sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    sample.add_argument("--out", default=None, help="PNG grid path (default: RUN_DIR/samples/sample.png)")
+    sample.add_argument("--out", default=None, help="PNG grid path (default: RUN_DIR/samples/sample.png; "
+                        "sample-step-000200.png for a checkpoint)")
     sample.add_argument("--out-dir", default=None, help="also write each image as its own PNG here")
 
     ui = sub.add_parser("ui", help="serve the web UI over the runs in a folder (docs/ui.md)")
@@ -190,7 +194,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from difftrain.commands.sample import sample_run
 
     path = sample_run(
-        Path(args.run_dir), scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
+        Path(args.run_dir), checkpoint=args.checkpoint, scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
         seed=args.seed, num_images=args.num_images, class_label=args.class_label, prompts=args.prompt,
         negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, batch_size=args.batch_size, device=args.device,
         out=Path(args.out) if args.out else None, out_dir=Path(args.out_dir) if args.out_dir else None,
