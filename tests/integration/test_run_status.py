@@ -118,8 +118,9 @@ sys.stdin.read()  # until the test closes stdin
 
 def test_training_only_while_the_lock_is_held_and_a_killed_trainer_is_interrupted(tmp_path: Path):
     run = _train(tmp_path / "run")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this checkout's difftrain
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                              stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert _listed(tmp_path)["run"].status == "training"
@@ -166,8 +167,9 @@ def test_skipped_files_are_counted_on_the_run_page(tmp_path: Path, caplog):
     (data / "fake.jpg").write_text("not an image\n")
 
     def run(steps: int) -> dict:
-        train(load_config("tiny/folder-uncond", [f"data.path={data}", f"train.max_steps={steps}", "sample.num_images=1",
-                                                 "sample.num_inference_steps=1"], output_dir=str(tmp_path / "runs" / "f")))
+        overrides = [f"data.path={data}", f"train.max_steps={steps}", "sample.num_images=1",
+                     "sample.num_inference_steps=1"]
+        train(load_config("tiny/folder-uncond", overrides, output_dir=str(tmp_path / "runs" / "f")))
         return run_details(tmp_path / "runs", "f")
 
     caplog.set_level("WARNING", logger="difftrain")  # train.log then holds the warnings naming each file only

@@ -215,7 +215,8 @@ class MetricsCache:
         """`{"version", "num_rows", "series": {NAME: {"x": [step], "y": [value]}}}` of the metrics file at `path`,
         each series thinned to at most `max_points` (`thin_indices`), or `{"unchanged": true, "version"}` when
         `version` is the current one. NAME: loss, lr, images_per_s, eval/METRIC for every numeric eval value.
-        A missing file answers no series (a run that has not logged yet)."""
+        A missing file answers no series (a run that has not logged yet). The answer is shared with later callers
+        until the file changes: read it, do not modify it."""
         if max_points < 2:
             raise ValueError(f"max_points = {max_points}: at least 2 (the first and the last point)")
         path = Path(path)
@@ -229,11 +230,6 @@ class MetricsCache:
             if version is not None and version == current:
                 return {"unchanged": True, "version": current}
             return entry.answer(max_points)
-
-    def forget(self, path: Path) -> None:
-        """Drop what was read of `path` (a run deleted from RUNS_DIR)."""
-        with self._lock:
-            self._files.pop(Path(path), None)
 
 
 def last_train_row(path: Path) -> Optional[dict]:

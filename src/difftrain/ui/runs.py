@@ -64,7 +64,9 @@ class RunInfo:
 
 
 def _is_run(folder: Path) -> bool:
-    return marker_path(folder).is_file() or ((folder / "checkpoints").is_dir() and legacy_run_version(folder) is not None)
+    if marker_path(folder).is_file():
+        return True
+    return (folder / "checkpoints").is_dir() and legacy_run_version(folder) is not None
 
 
 def resolve_run(runs_dir: Path, run_id: str) -> Path:
@@ -126,9 +128,10 @@ def _walk(root: Path) -> list[tuple[str, Path]]:
 # -- reading a run's files -----------------------------------------------------------------------------------------
 
 
-def _stat_key(path: Path) -> Optional[tuple[int, int, int]]:
+def _stat_key(path: Path, follow: bool = True) -> Optional[tuple[int, int, int]]:
+    """(inode, size, mtime_ns) of `path`, None when it cannot be read."""
     try:
-        st = os.stat(path)
+        st = os.stat(path, follow_symlinks=follow)
     except OSError:
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns
@@ -363,14 +366,8 @@ def _text(path: Path) -> Optional[str]:
 
 
 def _folder_bytes(folder: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(dirpath, name), follow_symlinks=False).st_size
-            except OSError:
-                continue
-    return total
+    keys = (_stat_key(Path(top, name), follow=False) for top, _, files in os.walk(folder) for name in files)
+    return sum(key[1] for key in keys if key is not None)
 
 
 def run_details(runs_dir: Path, run_id: str, cache: Optional[RunsCache] = None) -> dict[str, Any]:
@@ -408,18 +405,13 @@ def run_details(runs_dir: Path, run_id: str, cache: Optional[RunsCache] = None) 
 
 def _sources(folder: Path, info: RunInfo, checkpoints: list[tuple[int, Path]]) -> list[dict[str, str]]:
     """What `difftrain sample` can load from this run: its export, its best export, each kept checkpoint."""
-    def what(path: Path) -> str:
-        return "LoRA weights" if path.name == LORA_WEIGHTS else "pipeline"
-
-    sources = []
-    export = _exported(folder)
+    export, best, sources = _exported(folder), _exported(folder / "best"), []
     if export is not None:
-        sources.append({"name": "export", "label": f"export ({what(export)})"})
-    best = _exported(folder / "best")
+        what = "LoRA weights" if export.name == LORA_WEIGHTS else "pipeline"
+        sources.append({"name": "export", "label": f"export ({what})"})
     if best is not None:
-        label = f"best ({what(best)})"
-        if info.best is not None:
-            label = f"best by {info.best['metric']}: {info.best['value']:.4g} at step {info.best['step']}"
+        label = f"best by {info.best['metric']}: {info.best['value']:.4g} at step {info.best['step']}" \
+            if info.best is not None else "best"
         sources.append({"name": "best", "label": label})
     sources.extend({"name": f"checkpoint:{path.name}", "label": f"checkpoint at step {step}"}
                    for step, path in checkpoints)
