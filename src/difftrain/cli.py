@@ -137,7 +137,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launch_local(args.num_processes, _without_num_processes(sys.argv[1:] if args.argv is None else args.argv))
     from difftrain.training.loop import train
 
-    output_dir = train(cfg)
+    # Recorded in the run's status (a YAML path made absolute: the run may be shown from another folder).
+    source = str(Path(args.config).resolve()) if Path(args.config).is_file() else args.config
+    output_dir = train(cfg, config_source=source, overrides=list(args.overrides))
     if os.environ.get("RANK", "0") != "0":
         return 0  # the main process reports the run
     print(f"done: {output_dir} (samples in {output_dir / 'samples'}, model card {output_dir / 'README.md'})")

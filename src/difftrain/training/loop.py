@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +31,7 @@ from difftrain.training.run_files import MetricsLog, RunFolder
 from difftrain.training.setup import (TrainingRun, build_objective, build_trainables, check_mixed_precision,
                                       make_accelerator, plan_run)
 from difftrain.training.state import resume, save_training_state, stop_on_signal
+from difftrain.training.status import RunStatus
 from difftrain.training.step import batch_files, train_step
 from difftrain.training.stop import StopRequested, StopSignals
 from difftrain.writes import atomic_write_text
@@ -38,13 +39,16 @@ from difftrain.writes import atomic_write_text
 logger = logging.getLogger(__name__)
 
 
-def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
+def train(cfg: RunConfig, stop_at_step: Optional[int] = None, config_source: Optional[str] = None,
+          overrides: Sequence[str] = ()) -> Path:
     """Train (or resume) the run described by `cfg`; returns the output directory.
 
     Raises StopRequested after a clean stop on SIGTERM/Ctrl-C (see training/stop.py).
 
     Args:
         stop_at_step: stop after this step without exporting, as if interrupted (used by resume tests).
+        config_source, overrides: the preset name or YAML path and the overrides `cfg` was made from, recorded in
+            .difftrain/status.json (training/status.py) so the run can be shown and started again as it was.
     """
     output_dir = Path(cfg.output_dir)
     check_mixed_precision(cfg)
@@ -52,6 +56,7 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
     quiet_other_ranks(processes)
     # Before anything is read or written: a folder that is not difftrain's is refused, an existing one locked.
     folder = RunFolder(output_dir, processes, is_launch_main=launched_rank() == 0)
+    status = RunStatus(output_dir, processes.is_main_process, config_source, overrides)
     accelerator = None
     try:
         with StopSignals() as stop:
@@ -63,6 +68,7 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
             started_before = folder.started
             plan = plan_run(cfg, family, world_size=processes.num_processes)
             folder.start()
+            status.start(family.name, plan.max_steps)
             if not started_before:
                 plan.dataset.write_skipped_to(folder.handler)  # decoded before train.log existed
             family.prepare_after_data(folder, processes)  # e.g. a latent run's VAE stage
@@ -75,16 +81,21 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
             parts = build_trainables(cfg, family, plan.max_steps, accelerator)
             run = TrainingRun(plan, family, objective, accelerator, parts)
             try:
-                result = _train(run, output_dir, stop_at_step, stop)
+                result = _train(run, output_dir, stop_at_step, stop, status)
             finally:
                 run.close()
+            status.end("finished" if stop_at_step is None or stop_at_step >= plan.max_steps else "interrupted")
             if processes.num_processes > 1:
                 distributed.exit_if_teardown_hangs()
             return result
     except StopRequested as exc:
+        status.end_by(exc)
         if not exc.logged:
             logger.warning("%s before training completed; nothing was left half-written, and the same command "
                            "resumes from the last complete checkpoint", exc)
+        raise
+    except BaseException as exc:
+        status.end_by(exc)  # best effort, then the error itself
         raise
     finally:
         if accelerator is not None:
@@ -92,7 +103,8 @@ def train(cfg: RunConfig, stop_at_step: Optional[int] = None) -> Path:
         folder.close()
 
 
-def _train(run: TrainingRun, output_dir: Path, stop_at_step: Optional[int], stop: StopSignals) -> Path:
+def _train(run: TrainingRun, output_dir: Path, stop_at_step: Optional[int], stop: StopSignals,
+           status: RunStatus) -> Path:
     cfg, plan, accelerator, parts = run.cfg, run.plan, run.accelerator, run.parts
     t, main = cfg.train, accelerator.is_main_process
     if main:
@@ -104,6 +116,7 @@ def _train(run: TrainingRun, output_dir: Path, stop_at_step: Optional[int], stop
     accelerator.init_trackers("tensorboard")
     guard = NonFiniteGuard(t, accelerator, parts.trained, lambda step: batch_files(run, step))
     start = resume(run, output_dir, guard)
+    status.step = start
     logger.info("%s", guard.describe())
     num_params = sum(p.numel() for p in accelerator.unwrap_model(parts.network).parameters())
     num_trained = sum(p.numel() for p in parts.ema_parameters(accelerator))
@@ -154,6 +167,7 @@ def _train(run: TrainingRun, output_dir: Path, stop_at_step: Optional[int], stop
             losses_since_log += 1
             step += 1
             done = step
+            status.step = done
             progress.update(1)
             if done % t.log_every_steps == 0 or done == end:
                 # The only host sync of the loop: reading the loss at log intervals.
