@@ -98,7 +98,7 @@ export function startLaunch(view) {
     const stop = el('button', {type: 'button', testid: 'queue-stop', onclick: () => act('stop', row.dataset.runId)}, 'Stop');
     const resume = el('button', {type: 'button', testid: 'queue-resume', onclick: () => act('resume', row.dataset.runId)}, 'Resume');
     const row = el('tr', {testid: 'queue-row', dataset: {jobId: job.id}}, cells, el('td', {class: 'actions'}, stop, resume));
-    cells[3].dataset.testid = 'queue-state';
+    cells[3].append(el('span', {testid: 'queue-state'}), el('div', {class: 'reason small', testid: 'queue-job-error'}));
     row.cells_ = cells;
     row.stop = stop;
     row.resume = resume;
@@ -116,8 +116,9 @@ export function startLaunch(view) {
     setText(config, job.config);
     setText(overrideCell, (job.overrides || []).join(' '));
     overrideCell.className = 'small';
-    setText(stateCell, job.state);
-    stateCell.className = `state-${job.state}`;
+    setText(stateCell.firstChild, job.state);
+    stateCell.firstChild.className = `state-${job.state}`;
+    setText(stateCell.lastChild, job.error || '');
     setText(pid, job.pid ?? '');
     setText(exit, job.returncode ?? '');
     if (log.dataset.key !== String(job.console_log)) {

@@ -91,8 +91,10 @@ export function startRun(view, runId) {
     checkpoints.tbody.replaceChildren(...(d.checkpoints || []).map((c) => el('tr', {},
       el('td', {}, c.name), el('td', {class: 'num'}, String(c.step)), el('td', {class: 'num'}, fmt.bytes(c.bytes)))));
     if (!(d.checkpoints || []).length) checkpoints.tbody.append(emptyRow(3, 'none'));
-    const s = d.skipped || {count: 0};
-    if (s.count) {
+    const s = d.skipped || {count: null};
+    if (s.count === null || s.count === undefined) {
+      skipped.replaceChildren('Not known yet (train.log names them when the data is loaded).');
+    } else if (s.count) {
       skipped.replaceChildren(`${s.count} file${s.count === 1 ? '' : 's'} skipped while loading the data`,
         ...(s.path ? [': ', el('a', {href: fileUrl(s.path), target: '_blank', rel: 'noopener'}, 'the list')] : []), '.');
     } else {
