@@ -30,6 +30,7 @@ function route() {
   if (stopView) stopView();
   stopView = null;
   view.replaceChildren();
+  window.scrollTo(0, 0); // a new page starts at its top, not where the last one was scrolled to
   document.title = 'difftrain';
   const {path, params} = parseHash();
   let active = 'runs';

@@ -94,6 +94,8 @@ export function startCompare(view, ids) {
 
   const poll = poller(async () => {
     let moved = false;
+    // plotly.js loads while the runs are fetched (see charts.js); a failure is reported when drawing.
+    whenPlotly().catch(() => {});
     await Promise.all(runs.map(async (r) => {
       try {
         const details = await getJSON('/api/run', {id: r.id});

@@ -48,7 +48,8 @@ export function bytes(n) {
 }
 
 export function steps(step, maxSteps) {
-  return `${step ?? 0} / ${maxSteps ?? '?'}`;
+  if (step === null || step === undefined) return maxSteps ? `${DASH} / ${maxSteps}` : DASH;
+  return `${step} / ${maxSteps ?? '?'}`;
 }
 
 /** "fid 12.3 @ 400" for RunInfo.best. */

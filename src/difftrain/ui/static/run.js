@@ -83,6 +83,7 @@ export function startRun(view, runId) {
 
     grids.update(d.grids);
     sampler.setSources(d.sources);
+    sampler.setKind(run.kind);
 
     evaluations.tbody.replaceChildren(...(d.evaluations || []).map((e) => el('tr', {},
       el('td', {}, e.path ? el('a', {href: fileUrl(e.path), target: '_blank', rel: 'noopener'}, e.name) : e.name),
@@ -105,9 +106,12 @@ export function startRun(view, runId) {
   }
 
   async function refreshMetrics() {
+    // plotly.js loads while the metrics are fetched; the details above are on screen already.
+    const plotly = whenPlotly();
+    plotly.catch(() => {}); // reported below when it is awaited
     const answer = await getJSON('/api/metrics', {id: runId, max_points: MAX_POINTS, version});
     if (answer.unchanged) return;
-    const Plotly = await whenPlotly();
+    const Plotly = await plotly;
     if (closed) return;
     const series = answer.series || {};
     const names = orderSeries(Object.keys(series));

@@ -35,6 +35,9 @@ export function samplePanel(runId) {
   const guidance = el('input', {type: 'text', testid: 'sample-guidance', placeholder: 'e.g. 3, or 1,3,5 (a sweep)'});
   const seeds = el('input', {type: 'text', testid: 'sample-seeds', placeholder: 'e.g. 0'});
   const count = el('input', {type: 'number', min: '1', testid: 'sample-count', placeholder: 'default'});
+  const labelsField = field('Class labels', labels, 'comma-separated');
+  const promptsField = field('Prompts', prompts, 'one per line');
+  const negativeField = field('Negative prompt', negative);
   const submit = el('button', {type: 'submit', testid: 'sample-submit'}, 'Sample');
   const error = el('p', {class: 'error', testid: 'sample-error', hidden: true});
   const stateLine = el('p', {class: 'muted', testid: 'sample-state'});
@@ -48,9 +51,9 @@ export function samplePanel(runId) {
   }},
   el('div', {class: 'fields'},
     field('Source', source),
-    field('Class labels', labels, 'comma-separated'),
-    field('Prompts', prompts, 'one per line'),
-    field('Negative prompt', negative),
+    labelsField,
+    promptsField,
+    negativeField,
     field('Scheduler', scheduler),
     field('Steps', steps),
     field('Guidance scale', guidance, 'a comma list is a sweep'),
@@ -169,6 +172,23 @@ export function samplePanel(runId) {
       if ((sources || []).some((s) => s.name === chosen)) source.value = chosen;
       submit.disabled = !(sources || []).length;
       submit.title = submit.disabled ? 'nothing to sample from yet: no export or checkpoint' : '';
+    },
+    /**
+     * Show the fields the run's kind takes (RunInfo.kind is its model family: pixel-class, latent-text,
+     * stable-diffusion, ...); an unknown kind shows them all. Hidden fields are sent as null.
+     */
+    setKind(kind) {
+      const known = typeof kind === 'string' && kind !== '';
+      const classes = !known || kind.includes('class');
+      const text = !known || kind.includes('text') || kind.includes('stable-diffusion');
+      labelsField.hidden = !classes;
+      promptsField.hidden = !text;
+      negativeField.hidden = !text;
+      if (!classes) labels.value = '';
+      if (!text) {
+        prompts.value = '';
+        negative.value = '';
+      }
     },
     destroy() {
       closed = true;
