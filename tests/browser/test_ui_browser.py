@@ -44,13 +44,16 @@ def test_runs_list_follows_the_training_run_and_keeps_sort_and_picks(ui, page, s
     for name in ("digits-a", "digits-b"):
         expect(page.locator(f'[data-testid=run-row][data-run-id="{name}"] [data-col=status] .badge')).to_have_text("finished")
     expect(page.locator('[data-testid=run-row][data-run-id="digits-a"] [data-col=step]')).to_have_text("4 / 4")
+    broken = page.locator('[data-testid=run-row][data-run-id="broken"]')
+    expect(broken.locator("[data-col=status] .badge")).to_have_text("broken")
+    expect(broken.locator("[data-testid=run-reason]")).not_to_be_empty()
 
     # Sort by name, ascending; the order must survive the refreshes below.
-    names = ["digits-a", "digits-b", "live", "perf"]
+    names = ["broken", "digits-a", "digits-b", "live", "perf"]
     rows = page.locator("[data-testid=run-row]")
     page.locator("th[data-sort-key=name]").click()
     expect(page.locator("th[data-sort-key=name]")).to_have_attribute("aria-sort", "ascending")
-    assert [rows.nth(i).get_attribute("data-run-id") for i in range(4)] == names
+    assert [rows.nth(i).get_attribute("data-run-id") for i in range(len(names))] == names
     page.locator('[data-testid=run-row][data-run-id="digits-a"] [data-testid=run-select]').check()
 
     # The list refreshes every 2 s: the step advances while the sort and the pick stay.
@@ -58,22 +61,25 @@ def test_runs_list_follows_the_training_run_and_keeps_sort_and_picks(ui, page, s
     first = step_of(step_cell)
     wait_for("the live run's step to advance in the runs list", lambda: step_of(step_cell) > first, 60,
              logs=tuple(ui.logs))
-    assert [rows.nth(i).get_attribute("data-run-id") for i in range(4)] == names
+    assert [rows.nth(i).get_attribute("data-run-id") for i in range(len(names))] == names
     expect(page.locator('[data-testid=run-row][data-run-id="digits-a"] [data-testid=run-select]')).to_be_checked()
     expect(page.locator("[data-testid=compare-button]")).to_be_disabled()
     page.locator('[data-testid=run-row][data-run-id="digits-b"] [data-testid=run-select]').check()
     expect(page.locator("[data-testid=compare-button]")).to_be_enabled()
     page.screenshot(path=screenshots / "ui-runs.png")
 
-    # A second click sorts descending; sorting by step puts the 100k-step synthetic run last.
+    # A second click sorts descending; sorting by step puts the 100k-step synthetic run last of those with a step.
     page.locator("th[data-sort-key=name]").click()
     expect(rows.first).to_have_attribute("data-run-id", "perf")
     page.locator("th[data-sort-key=step]").click()
     expect(page.locator("th[data-sort-key=step]")).to_have_attribute("aria-sort", "ascending")
-    expect(rows.last).to_have_attribute("data-run-id", "perf")
+    ids = [rows.nth(i).get_attribute("data-run-id") for i in range(len(names))]
+    assert ids[-2:] == ["perf", "broken"], ids  # a run without a step goes last in either direction
 
 
 def test_run_page_draws_charts_and_moves_the_grid_slider(ui, page, screenshots):
+    metrics_requests = []
+    page.on("request", lambda r: "/api/metrics?" in r.url and metrics_requests.append(r.url))
     page.goto(ui.url + "/#/run/digits-a")
     expect(page.locator("[data-testid=run-title]")).to_have_text("digits-a")
     expect(page.locator("[data-testid=charts]")).to_have_attribute("data-drawn", "1", timeout=30_000)
@@ -97,12 +103,18 @@ def test_run_page_draws_charts_and_moves_the_grid_slider(ui, page, screenshots):
     expect(page.locator("[data-testid=config-yaml]")).to_contain_text("max_steps: 4")
     expect(page.locator("[data-testid=checkpoints-table]")).to_contain_text("step-000004")
     expect(page.locator("[data-testid=stop-button]")).to_be_disabled()
+    # Refreshes pass the version they have, so a finished run's charts are never fetched again.
+    with page.expect_request(lambda r: "/api/metrics?" in r.url, timeout=10_000) as refresh:
+        pass
+    assert "version=" not in metrics_requests[0] and "version=" in refresh.value.url, metrics_requests
 
     # The live run's page is the one shown in the docs: status, charts with a few hundred steps, grids.
     page.goto(ui.url + "/#/run/live")
     expect(page.locator("[data-testid=run-status]")).to_have_text("training", timeout=30_000)
     expect(page.locator("[data-testid=charts]")).to_have_attribute("data-drawn", "1", timeout=30_000)
     expect(page.locator("[data-testid=stop-button]")).to_be_enabled()
+    first = page.locator("[data-testid=run-step]").inner_text()
+    expect(page.locator("[data-testid=run-step]")).not_to_have_text(first, timeout=30_000)
     page.screenshot(path=screenshots / "ui-run.png")
 
 
@@ -202,6 +214,7 @@ def test_run_page_performance_with_200_grids_and_100k_rows(ui, browser):
             fcp: performance.getEntriesByType('paint').find((e) => e.name === 'first-contentful-paint').startTime,
             charts: performance.getEntriesByName('difftrain:charts-drawn')[0].startTime,
             grids: performance.getEntriesByName('difftrain:grids-drawn')[0].startTime,
+            plotly: performance.getEntriesByName('difftrain:plotly-ready')[0].startTime,
         })""")
         expect(page.locator("[data-testid=thumb]")).to_have_count(PERF_GRIDS)
         expect(page.locator('[data-testid="chart-eval/classifier_fid"] svg.main-svg').first).to_be_visible()
@@ -210,7 +223,8 @@ def test_run_page_performance_with_200_grids_and_100k_rows(ui, browser):
         loaded = page.evaluate("() => performance.getEntriesByType('resource')"
                                ".filter((e) => /\\/samples\\/step-\\d+\\.png/.test(e.name)).length")
         print(f"\nrun page, {PERF_GRIDS} grids and 100k metrics rows: first contentful paint {times['fcp']:.0f} ms, "
-              f"grid slider drawn {times['grids']:.0f} ms, charts drawn {times['charts']:.0f} ms, "
+              f"grid slider drawn {times['grids']:.0f} ms, plotly.js ready {times['plotly']:.0f} ms, "
+              f"charts drawn {times['charts']:.0f} ms, "
               f"grid images loaded {loaded}")
         assert times["fcp"] < 2000, times
         assert loaded < 50, f"{loaded} of {PERF_GRIDS} grids loaded at once"
