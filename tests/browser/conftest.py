@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser.support import (
+    BROKEN,
     CHROMIUM_ARGS,
     FINISHED_A,
     FINISHED_B,
@@ -90,8 +91,8 @@ def ui(chromium_path, tmp_path_factory) -> UiServer:
             assert returncode == 0, f"{name} did not train: {logs[name].read_text(errors='replace')[-3000:]}"
         make_perf_run(runs_dir / "digits-a", runs_dir / "perf")
         # A folder whose run record cannot be read: listed as broken, with the reason.
-        (runs_dir / "broken" / ".difftrain").mkdir(parents=True)
-        (runs_dir / "broken" / ".difftrain" / "run.json").write_text("{not json")
+        (runs_dir / BROKEN / ".difftrain").mkdir(parents=True)
+        (runs_dir / BROKEN / ".difftrain" / "run.json").write_text("{not json")
         wait_for("the UI server", lambda: get_json(url + "/api/runs"), 60, logs=(logs["server"],))
         yield UiServer(url, runs_dir, live, list(logs.values()))
     finally:

@@ -32,6 +32,8 @@ FINISHED_B = ["train.max_steps=4", "train.learning_rate=3.0e-3"]  # a different 
 # Runs for as long as the module needs it; rare checkpoints and grids keep its disk and CPU use small.
 LIVE = ["train.max_steps=100000", "train.checkpoint_every_steps=200", "train.sample_every_steps=25"]
 
+# A folder name full of markup: the page must show it as text (it is user data) and link it correctly.
+BROKEN = 'broken <img src=x onerror="window.injected=1"> & #?%'
 PERF_GRIDS = 200
 PERF_ROWS = 100_000
 

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from tests.browser.support import PERF_GRIDS, VIEWPORT, wait_for
+from tests.browser.support import BROKEN, PERF_GRIDS, VIEWPORT, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
@@ -44,12 +44,16 @@ def test_runs_list_follows_the_training_run_and_keeps_sort_and_picks(ui, page, s
     for name in ("digits-a", "digits-b"):
         expect(page.locator(f'[data-testid=run-row][data-run-id="{name}"] [data-col=status] .badge')).to_have_text("finished")
     expect(page.locator('[data-testid=run-row][data-run-id="digits-a"] [data-col=step]')).to_have_text("4 / 4")
-    broken = page.locator('[data-testid=run-row][data-run-id="broken"]')
-    expect(broken.locator("[data-col=status] .badge")).to_have_text("broken")
+    broken = page.locator("[data-testid=run-row][data-status=broken]")
+    expect(broken).to_have_count(1)
+    assert broken.get_attribute("data-run-id") == BROKEN
+    expect(broken.locator("[data-testid=run-link]")).to_have_text(BROKEN)
     expect(broken.locator("[data-testid=run-reason]")).not_to_be_empty()
+    assert page.locator("[data-testid=runs-table] img").count() == 0
+    assert page.evaluate("window.injected") is None
 
     # Sort by name, ascending; the order must survive the refreshes below.
-    names = ["broken", "digits-a", "digits-b", "live", "perf"]
+    names = [BROKEN, "digits-a", "digits-b", "live", "perf"]
     rows = page.locator("[data-testid=run-row]")
     page.locator("th[data-sort-key=name]").click()
     expect(page.locator("th[data-sort-key=name]")).to_have_attribute("aria-sort", "ascending")
@@ -68,13 +72,21 @@ def test_runs_list_follows_the_training_run_and_keeps_sort_and_picks(ui, page, s
     expect(page.locator("[data-testid=compare-button]")).to_be_enabled()
     page.screenshot(path=screenshots / "ui-runs.png")
 
+    # The broken run's page, reached by its link: its name and reason as text.
+    broken.locator("[data-testid=run-link]").click()
+    expect(page.locator("[data-testid=run-title]")).to_have_text(BROKEN)
+    expect(page.locator("[data-testid=run-status]")).to_have_text("broken")
+    expect(page.locator("[data-testid=run-error]")).not_to_be_empty()
+    assert page.evaluate("window.injected") is None
+    page.go_back()
+
     # A second click sorts descending; sorting by step puts the 100k-step synthetic run last of those with a step.
     page.locator("th[data-sort-key=name]").click()
     expect(rows.first).to_have_attribute("data-run-id", "perf")
     page.locator("th[data-sort-key=step]").click()
     expect(page.locator("th[data-sort-key=step]")).to_have_attribute("aria-sort", "ascending")
     ids = [rows.nth(i).get_attribute("data-run-id") for i in range(len(names))]
-    assert ids[-2:] == ["perf", "broken"], ids  # a run without a step goes last in either direction
+    assert ids[-2:] == ["perf", BROKEN], ids  # a run without a step goes last in either direction
 
 
 def test_run_page_draws_charts_and_moves_the_grid_slider(ui, page, screenshots):
