@@ -65,7 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the presets shipped with difftrain")
 
     sample = sub.add_parser("sample", help="generate images from a trained run")
-    sample.add_argument("run_dir", help="an exported run directory (a diffusers pipeline folder)")
+    sample.add_argument("run_dir", help="an exported run directory (a diffusers pipeline folder, or a run's best/)")
+    sample.add_argument("--checkpoint", metavar="NAME",
+                        help="sample a kept checkpoint of RUN_DIR (step-000200, or latest) instead of its export: "
+                             "exported once into RUN_DIR/.difftrain/exports/ (EMA weights when the run keeps them)")
     sample.add_argument("--scheduler", help="ddpm, ddim, dpm++, unipc, euler, euler-a, heun (default: the run's)")
     sample.add_argument("--num-inference-steps", type=int)
     sample.add_argument("--seed", default="0", help="first seed, or an explicit list/range like '0-15' or '3,7'")
@@ -76,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance-scale", help="classifier-free guidance scale (1 = none), or a sweep like 0,5,10,20")
     sample.add_argument("--batch-size", type=int, default=64)
     sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    sample.add_argument("--out", default=None, help="PNG grid path (default: RUN_DIR/samples/sample.png)")
+    sample.add_argument("--out", default=None, help="PNG grid path (default: RUN_DIR/samples/sample.png; "
+                        "sample-step-000200.png for a checkpoint)")
     sample.add_argument("--out-dir", default=None, help="also write each image as its own PNG here")
 
     ui = sub.add_parser("ui", help="serve the web UI over the runs in a folder (docs/ui.md)")
@@ -190,7 +194,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from difftrain.commands.sample import sample_run
 
     path = sample_run(
-        Path(args.run_dir), scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
+        Path(args.run_dir), checkpoint=args.checkpoint, scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
         seed=args.seed, num_images=args.num_images, class_label=args.class_label, prompts=args.prompt,
         negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, batch_size=args.batch_size, device=args.device,
         out=Path(args.out) if args.out else None, out_dir=Path(args.out_dir) if args.out_dir else None,
@@ -231,17 +235,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(options or extra)}")
     # A word that is neither an option nor key=value is an override missing its value (argparse would
     # call it an unrecognized argument, or take it as the config); one line names it.
-    bad = [word for word in [*getattr(args, "overrides", []), *extra] if "=" not in word]
-    if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        print(f"difftrain {args.command}: error: expected key=value, got {bad[0]!r}{more}", file=sys.stderr)
+    from difftrain.errors import override_words_problem
+
+    problem = override_words_problem([*getattr(args, "overrides", []), *extra])
+    if problem:
+        print(f"difftrain {args.command}: error: {problem}", file=sys.stderr)
         return 2
     if extra:
         args.overrides = list(args.overrides) + extra
     args.argv = list(argv) if argv is not None else None
     _setup_logging()
     from difftrain.config import ConfigError
-    from difftrain.errors import HubUploadError, StopRequested
+    from difftrain.errors import HubUploadError, StopRequested, describe_error
     from safetensors import SafetensorError  # how safetensors reports a failed write (disk full, ...)
 
     # Under a launcher each rank prints its own error; the rank says which one failed.
@@ -257,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, OSError, SafetensorError, HubUploadError) as exc:
         # OSError: a read-only folder, a full disk or a missing permission outside difftrain's own checks
         # (which raise difftrain.errors.WriteError, both an OSError and a ValueError, naming the path).
-        _report(f"difftrain {args.command}{rank}: error: {_describe(exc)}", debug)
+        _report(f"difftrain {args.command}{rank}: error: {describe_error(exc)}", debug)
         return 1
     except StopRequested as exc:
         # SIGTERM / Ctrl-C during training: the loop has already kept what it could (see training/stop.py).
@@ -266,14 +271,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is kept and the same command resumes", file=sys.stderr)
         return 130
-
-
-def _describe(exc: BaseException) -> str:
-    """The one-line text of a user-facing error; a library's I/O error gets its kind named."""
-    if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)) or type(exc).__module__.startswith("difftrain"):
-        return str(exc)
-    # e.g. "PermissionError: [Errno 13] Permission denied: 'runs/x/train.log'", "SafetensorError: Error while ..."
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _report(line: str, debug: bool) -> None:

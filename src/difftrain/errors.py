@@ -1,5 +1,7 @@
 """Exceptions shown to users as one clear message (no traceback) by the CLI."""
 
+from __future__ import annotations
+
 
 class HubUploadError(RuntimeError):
     """Uploading to the Hugging Face hub failed; the local export is complete."""
@@ -42,3 +44,20 @@ class StopRequested(BaseException):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+def describe_error(exc: BaseException) -> str:
+    """The one-line text of a user-facing error (the CLI's and the UI's); a library's I/O error gets its kind named."""
+    if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)) or type(exc).__module__.startswith("difftrain"):
+        return str(exc)
+    # e.g. "PermissionError: [Errno 13] Permission denied: 'runs/x/train.log'", "SafetensorError: Error while ..."
+    return f"{type(exc).__name__}: {exc}"
+
+
+def override_words_problem(words: list[str]) -> str | None:
+    """"expected key=value, got 'foo'" for command-line words that are not overrides; None when all are."""
+    bad = [word for word in words if "=" not in word]
+    if not bad:
+        return None
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return f"expected key=value, got {bad[0]!r}{more}"

@@ -153,14 +153,14 @@ def create_app(runs_dir: Path, token: Optional[str] = None, max_running: int = 1
     async def launch_validate(request: Request) -> dict:
         body = _json_body(await _read_json(request), "the launch request")
         launch = launcher.LaunchRequest.from_json(body)
-        problems = launcher.validate(runs_dir, launch)
+        problems = state.queue.validate(launch)  # the CLI's checks, and a run already queued or training
         return {"ok": not problems, "problems": problems, "run_id": launch.name}
 
     @app.post("/api/launch")
     async def launch(request: Request) -> Response:
         body = _json_body(await _read_json(request), "the launch request")
         launch = launcher.LaunchRequest.from_json(body)
-        problems = launcher.validate(runs_dir, launch)
+        problems = state.queue.validate(launch)
         if problems:
             return JSONResponse({"error": problems[0], "problems": problems}, status_code=400)
         return JSONResponse({"job": state.queue.submit(launch)})

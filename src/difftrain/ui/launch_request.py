@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Optional, Sequence
 
 from difftrain.config import ConfigError, load_config, presets_dir
+from difftrain.errors import describe_error, override_words_problem
 from difftrain.training.run_dir import check_before_claim, check_run_dir
 
 PREFIX = "difftrain train"  # how the CLI starts every error line of `train` (cli.main)
@@ -170,14 +171,13 @@ def cli_problems(config_arg: str, overrides: Sequence[str], output_dir: Optional
     """The stderr lines of `difftrain train CONFIG_ARG OVERRIDES --output-dir OUTPUT_DIR` when it stops before
     training (a malformed override, a config error, a run folder refused or in use); empty when it would start.
 
-    Reuses the CLI's steps in its order (cli.main, cli.cmd_train); only the line format is repeated here, since
-    the UI must not import the CLI (the CLI imports the UI) and tests compare the two. Without `output_dir`
-    the folder checks are skipped.
+    Reuses the CLI's steps in its order (cli.main, cli.cmd_train) and its line texts (difftrain.errors); the UI
+    does not import the CLI (the CLI imports the UI), and tests compare the two. Without `output_dir` the
+    folder checks are skipped.
     """
-    bad = [word for word in overrides if "=" not in word]
-    if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        return [f"{PREFIX}: error: expected key=value, got {bad[0]!r}{more}"]
+    problem = override_words_problem(list(overrides))
+    if problem:
+        return [f"{PREFIX}: error: {problem}"]
     try:
         cfg = load_config(config_arg, list(overrides), output_dir=None if output_dir is None else str(output_dir))
         if output_dir is not None:
@@ -185,15 +185,8 @@ def cli_problems(config_arg: str, overrides: Sequence[str], output_dir: Optional
     except ConfigError as exc:
         return f"{PREFIX}: {exc}".splitlines()
     except (ValueError, OSError) as exc:
-        return f"{PREFIX}: error: {_describe(exc)}".splitlines()
+        return f"{PREFIX}: error: {describe_error(exc)}".splitlines()
     return []
-
-
-def _describe(exc: BaseException) -> str:
-    """The CLI's one-line text of an error (cli._describe): a library's I/O error gets its kind named."""
-    if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)) or type(exc).__module__.startswith("difftrain"):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
 
 
 def plan_launch(runs_dir: Path, request: LaunchRequest, resume: bool = False,
