@@ -79,8 +79,9 @@ export function draw(Plotly, box, title, traces) {
     height: 240,
     showlegend: many,
     legend: {orientation: 'h', y: -0.2},
-    xaxis: {title: {text: ''}, zeroline: false},
-    yaxis: {zeroline: false, exponentformat: 'e'},
+    // automargin: long tick labels (a learning rate of 0.0009999995) widen the margin instead of being cut off
+    xaxis: {zeroline: false, automargin: true},
+    yaxis: {zeroline: false, exponentformat: 'e', automargin: true},
     uirevision: 'keep', // keep the user's zoom across live updates
     paper_bgcolor: 'rgba(0,0,0,0)',
     plot_bgcolor: 'rgba(0,0,0,0)',
