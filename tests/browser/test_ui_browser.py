@@ -22,10 +22,10 @@ expect = pytest.importorskip("playwright.sync_api", reason="playwright is not in
 STEP = re.compile(r"^(\d+) / (\d+|\?)$")
 
 
-def step_of(cell) -> int:
+def step_of(cell) -> int | None:
+    """The step a "12 / 100" cell shows; None before the run's first logged step ("— / 100")."""
     match = STEP.match(cell.inner_text().strip())
-    assert match, cell.inner_text()
-    return int(match.group(1))
+    return int(match.group(1)) if match else None
 
 
 def post_json(url: str, body: dict) -> dict:
@@ -62,7 +62,7 @@ def test_runs_list_follows_the_training_run_and_keeps_sort_and_picks(ui, page, s
 
     # The list refreshes every 2 s: the step advances while the sort and the pick stay.
     step_cell = live.locator("[data-col=step]")
-    first = step_of(step_cell)
+    first = wait_for("the live run's first step in the runs list", lambda: step_of(step_cell), 60, logs=tuple(ui.logs))
     wait_for("the live run's step to advance in the runs list", lambda: step_of(step_cell) > first, 60,
              logs=tuple(ui.logs))
     assert [rows.nth(i).get_attribute("data-run-id") for i in range(len(names))] == names
