@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import urllib.error
 import urllib.request
 
 import pytest
@@ -69,8 +71,7 @@ def test_runs_list_follows_the_training_run_and_keeps_sort_and_picks(ui, page, s
     expect(page.locator('[data-testid=run-row][data-run-id="digits-a"] [data-testid=run-select]')).to_be_checked()
     expect(page.locator("[data-testid=compare-button]")).to_be_disabled()
     page.locator('[data-testid=run-row][data-run-id="digits-b"] [data-testid=run-select]').check()
-    expect(page.locator("[data-testid=compare-button]")).to_be_enabled()
-    page.screenshot(path=screenshots / "ui-runs.png")
+    expect(page.locator("[data-testid=compare-button]")).to_have_text("Compare (2)")
 
     # The broken run's page, reached by its link: its name and reason as text.
     broken.locator("[data-testid=run-link]").click()
@@ -87,6 +88,13 @@ def test_runs_list_follows_the_training_run_and_keeps_sort_and_picks(ui, page, s
     expect(page.locator("th[data-sort-key=step]")).to_have_attribute("aria-sort", "ascending")
     ids = [rows.nth(i).get_attribute("data-run-id") for i in range(len(names))]
     assert ids[-2:] == ["perf", BROKEN], ids  # a run without a step goes last in either direction
+
+    # A folder that goes away leaves the list at the next refresh; the picks stay.
+    shutil.rmtree(ui.runs_dir / BROKEN)
+    expect(rows).to_have_count(len(names) - 1)
+    page.locator("th[data-sort-key=name]").click()
+    expect(page.locator("[data-testid=compare-button]")).to_be_enabled()
+    page.screenshot(path=screenshots / "ui-runs.png")
 
 
 def test_run_page_draws_charts_and_moves_the_grid_slider(ui, page, screenshots):
