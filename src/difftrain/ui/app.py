@@ -162,7 +162,7 @@ def create_app(runs_dir: Path, token: Optional[str] = None, max_running: int = 1
         launch = launcher.LaunchRequest.from_json(body)
         problems = state.queue.validate(launch)
         if problems:
-            return JSONResponse({"error": problems[0], "problems": problems}, status_code=400)
+            return JSONResponse({"error": "\n".join(problems), "problems": problems}, status_code=400)
         return JSONResponse({"job": state.queue.submit(launch)})
 
     @app.get("/api/queue")
