@@ -7,6 +7,7 @@ with 200 preview grids and 100k metrics rows for the performance check. Everythi
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,10 @@ def ui(chromium_path, tmp_path_factory) -> UiServer:
 
 
 @pytest.fixture(scope="module")
-def screenshots() -> Path:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    return SCREENSHOTS
+def screenshots(tmp_path_factory) -> Path:
+    """Where the test's screenshots go: a temporary folder, or docs/images with DIFFTRAIN_UPDATE_SCREENSHOTS=1
+    (each run's steps and times differ, so a plain test run must not rewrite the tracked images)."""
+    if os.environ.get("DIFFTRAIN_UPDATE_SCREENSHOTS", "") not in ("", "0"):
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        return SCREENSHOTS
+    return tmp_path_factory.mktemp("screenshots")

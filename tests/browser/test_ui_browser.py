@@ -1,7 +1,8 @@
 """`difftrain ui` in a real browser: the page against the real server over real tiny runs (docs/ui.md).
 
 Skipped only where playwright or a Chromium is missing (conftest.py says which). The tests share one RUNS_DIR
-and server (module scope) and run in file order; each saves its screenshot to docs/images/ui-*.png.
+and server (module scope) and run in file order; each saves a screenshot, into docs/images/ui-*.png when
+DIFFTRAIN_UPDATE_SCREENSHOTS=1 (how the docs' images are made).
 """
 
 from __future__ import annotations

@@ -176,7 +176,7 @@ class _Series:
             report = row.get("eval")
             if report.__class__ is dict:
                 for key, value in report.items():
-                    if value.__class__ in _NUMBER_TYPES:
+                    if value.__class__ in _NUMBER_TYPES and not _is_count(key):
                         name = EVAL_PREFIX + key
                         pair = points.get(name)
                         if pair is None:
@@ -300,3 +300,8 @@ class BestEval:
                 value, step = self.best[metric]
                 return {"metric": metric, "value": value, "step": step}
         return None
+
+
+def _is_count(key: str) -> bool:
+    """Report fields that count samples (num_samples, classifier_num_test): settings, not curves worth a chart."""
+    return key.startswith("num_") or "_num_" in key
