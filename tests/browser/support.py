@@ -147,6 +147,11 @@ def make_perf_run(source: Path, target: Path) -> None:
             lines.append(json.dumps({"step": step, "eval": {"num_samples": 100, "classifier_fid": 80 / (1 + step / 20000),
                                                             "accuracy": min(1.0, step / PERF_ROWS)}}))
     (target / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    # The copied status says 4 steps; the rows say PERF_ROWS (the runs list shows step / max_steps).
+    status_path = target / ".difftrain" / "status.json"
+    status = json.loads(status_path.read_text())
+    status.update(max_steps=PERF_ROWS, step=PERF_ROWS)
+    status_path.write_text(json.dumps(status))
 
 
 @dataclass
