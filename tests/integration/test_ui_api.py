@@ -178,6 +178,8 @@ def test_sample_job_makes_an_image_and_reports_the_command(client: TestClient, r
     bad = client.post("/api/sample", json={"run": "digits", "source": "export", "prompts": ["a cat"]})
     assert bad.status_code == 400 and "prompt" in bad.json()["error"]
     assert client.get("/api/sample/no-such-job").status_code == 404
+    outside = client.post("/api/sample", json={"run": "../secret.txt", "source": "export"})
+    assert outside.status_code == 403 and "RUNS_DIR" in outside.json()["error"]
 
 
 def test_queue_launch_stop_and_resume(client: TestClient, runs_dir: Path):
@@ -214,3 +216,24 @@ def test_queue_launch_stop_and_resume(client: TestClient, runs_dir: Path):
             break
         time.sleep(0.5)
     assert jobs["queued-run"]["state"] in ("stopped", "finished"), jobs
+
+
+def test_the_ui_command_refuses_a_missing_folder_and_a_busy_port_in_one_line(tmp_path: Path):
+    import socket
+    import subprocess
+    import sys
+
+    missing = subprocess.run([sys.executable, "-m", "difftrain", "ui", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines() == [
+        f"difftrain ui: error: RUNS_DIR {tmp_path / 'nope'} is not a folder; give the folder that holds your runs "
+        "(it is created by `difftrain train --output-dir RUNS_DIR/NAME`)"]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = subprocess.run([sys.executable, "-m", "difftrain", "ui", str(tmp_path), "--port", str(port)],
+                               capture_output=True, text=True, timeout=120)
+    assert taken.returncode == 1 and f"--port {port}: the address is in use" in taken.stderr
+    assert len(taken.stderr.strip().splitlines()) == 1

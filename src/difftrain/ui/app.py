@@ -138,6 +138,8 @@ def create_app(runs_dir: Path, token: Optional[str] = None, max_running: int = 1
     @app.post("/api/sample")
     async def sample(request: Request) -> dict:
         body = _json_body(await _read_json(request), "the sample request")
+        if isinstance(body.get("run"), str):
+            _run_id(runs_dir, body["run"])  # 403 before anything else looks at it
         job = state.samples.submit(sampling.SampleRequest.from_json(body))
         return {"job": job}
 
