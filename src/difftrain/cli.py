@@ -206,7 +206,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from difftrain.commands.ui import serve
+    from difftrain.ui.serve import serve
 
     return serve(Path(args.runs_dir), host=args.host, port=args.port, token=args.token, max_running=args.max_running)
 

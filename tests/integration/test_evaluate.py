@@ -20,6 +20,7 @@ from .test_cli import run_cli
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # ~2 min: a quality measurement; the evaluate command itself is tested below in the default run
 def test_mnist_fid_and_kid_small_for_real_images_large_for_a_5_step_model(tmp_path: Path, mnist_dir: Path):
     """MNIST test images against MNIST train images, then samples of a model trained for 5 steps."""
     data = DataConfig(path=str(mnist_dir), resolution=28, channels=1)

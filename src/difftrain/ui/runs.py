@@ -29,6 +29,11 @@ from difftrain.training.run_dir import MARKER_DIR, RUN_FORMAT, legacy_run_versio
 from difftrain.training.status import STATES, STATUS_FILE, read_proc_locks, trainer_holds_lock
 from difftrain.ui.metrics import BestEval, GrowingFile, finite, last_train_row
 
+try:  # libyaml's safe loader: a config in 1 ms, not 15 (50 runs are polled every 2 s)
+    from yaml import CSafeLoader as SafeLoader
+except ImportError:  # PyYAML built without libyaml
+    from yaml import SafeLoader
+
 MAX_DEPTH = 3  # levels below RUNS_DIR searched for runs
 NOT_SEARCHED = {"checkpoints", "samples", "best"}  # a run's own folders (hidden ones are skipped too)
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -38,7 +43,6 @@ _START_RE = re.compile(rb", \d+ images \((\d+) skipped\); model: ")
 _NAMED_RE = re.compile(rb" WARNING difftrain\.data\.[\w.]+: (skipped .*)$")
 _TOTAL_RE = re.compile(rb"^skipped \d+ of \d+ images \(")
 _GRID_RE = re.compile(r"^step-(\d+)\.png$")
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: a config in 1 ms, not 15
 
 
 @dataclasses.dataclass
@@ -171,7 +175,7 @@ def _parsed_config(path: str, key: tuple[int, int, int]) -> dict:
     """config.yaml parsed once per version (`key`): YAML is slow enough to matter when 50 runs are polled.
     Callers must not change the dict."""
     try:
-        config = yaml.load(Path(path).read_text(), Loader=_YAML_LOADER)
+        config = yaml.load(Path(path).read_text(), Loader=SafeLoader)
     except yaml.YAMLError as exc:
         raise ValueError(f"config.yaml is not valid YAML ({' '.join(str(exc).split())})") from exc
     if not isinstance(config, dict):

@@ -1,4 +1,4 @@
-"""`difftrain ui`: check the folder, the address and the port, then serve the app until Ctrl-C."""
+"""`difftrain ui`: check the folder, the address and the port, then serve the app until Ctrl-C (cli.py calls `serve`)."""
 
 from __future__ import annotations
 
