@@ -34,14 +34,21 @@ def run_children(argvs: Sequence[Sequence[str]], log_paths: Sequence[Path], env:
         with open(log_path, "w") as log:
             proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                     env={**os.environ, **(env or {})})
-        procs[proc.pid] = (list(argv), log_path)
+        procs[proc.pid] = (proc, list(argv), log_path)
     results = {}
     while len(results) < len(procs):
-        # wait4 gives this child's own resource use (ru_maxrss folds in the children it waited for).
-        pid, status, usage = os.wait4(-1, 0)
-        if pid in procs:
-            results[pid] = (time.perf_counter() - start, os.waitstatus_to_exitcode(status), usage)
-    for pid, (argv, log_path) in procs.items():
+        # wait4 gives this child's own resource use (ru_maxrss folds in the children it waited for). Each pid is
+        # waited for by itself: wait4(-1) would also reap children this process started elsewhere (a test
+        # worker's or a server's), whose own Popen then never learns their exit code.
+        for pid in procs.keys() - results.keys():
+            done_pid, status, usage = os.wait4(pid, os.WNOHANG)
+            if done_pid == pid:
+                exit_code = os.waitstatus_to_exitcode(status)
+                procs[pid][0].returncode = exit_code  # reaped here: its Popen must not wait for the pid again
+                results[pid] = (time.perf_counter() - start, exit_code, usage)
+        if len(results) < len(procs):
+            time.sleep(0.02)
+    for pid, (_, argv, log_path) in procs.items():
         if results[pid][1] != 0:
             tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
             raise RuntimeError(f"{' '.join(argv)} exited with {results[pid][1]}; last lines of {log_path}:\n{tail}")

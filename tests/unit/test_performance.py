@@ -3,6 +3,7 @@ and the benchmark helpers that turn metrics.jsonl into images/s and training tim
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -156,6 +157,18 @@ def test_run_children_runs_side_by_side_and_names_the_one_that_failed(tmp_path: 
     bad = [sys.executable, "-c", "print('broken side'); raise SystemExit(3)"]
     with pytest.raises(RuntimeError, match="exited with 3(.|\n)*broken side"):
         run_children([ok, bad], [tmp_path / "c.log", tmp_path / "d.log"])
+
+
+def test_run_children_leaves_the_callers_other_children_alone(tmp_path: Path):
+    from common import run_children
+
+    # A child of the same process that ends first: waiting on any pid would reap it, and its own Popen would
+    # then read 0 instead of its exit code (and run_children, in a test worker, fail on children it lost).
+    other = subprocess.Popen([sys.executable, "-c", "raise SystemExit(5)"])
+    slow = [sys.executable, "-c", "import time; time.sleep(1.0)"]
+    usages = run_children([slow], [tmp_path / "slow.log"])
+    assert usages[0]["wall_seconds"] >= 1.0
+    assert other.wait(timeout=30) == 5
 
 
 def test_time_to_quality_labels_difftrain_with_the_runs_sampler(capsys):
