@@ -91,6 +91,17 @@ def process_state() -> PartialState:
     return PartialState(**accelerator_kwargs())
 
 
+def leave_process_group(state: PartialState) -> None:
+    """Every rank, once the group's last collective is done: wait for the others, then destroy the group.
+
+    For commands without an Accelerator (whose `end_training` does this). A rank that exits with its gloo group
+    alive aborts now and then ("terminate called without an active exception", pytorch/pytorch#190489): seen
+    for `difftrain evaluate`'s other ranks, which leave while the main process scores.
+    """
+    state.wait_for_everyone()
+    state.destroy_process_group()
+
+
 def generate_sharded(generate_fn: Callable[[list[int]], torch.Tensor], count: int) -> torch.Tensor:
     """Items 0..count-1 from every rank, in order: rank r makes items r, r+N, r+2N, ... with `generate_fn`.
 

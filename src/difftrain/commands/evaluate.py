@@ -21,7 +21,8 @@ from difftrain.evaluation.evaluate import (
     score_samples,
 )
 from difftrain.pipeline import load_pipeline, scheduler_for
-from difftrain.processes import generate_sharded, launched_world_size, process_state, quiet_other_ranks
+from difftrain.processes import (generate_sharded, launched_world_size, leave_process_group, process_state,
+                                 quiet_other_ranks)
 from difftrain.sampling.args import count_problem, raise_problems, scale_problem
 from difftrain.sampling.generate import ImageSampler
 from difftrain.writes import atomic_write_text, check_file_writable
@@ -114,6 +115,8 @@ def evaluate_run(
                                 guidance_scale=guidance, batch_size=batch_size, device=device)
 
     samples = generate_sharded(make, num_samples)
+    if state is not None:  # the last collective: the main process scores alone
+        leave_process_group(state)
     if not main:
         return {}
     report = {
