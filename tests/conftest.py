@@ -19,27 +19,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 _GIB_PER_WORKER = 4
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity, capped by a cgroup v2 CPU quota (a container's 2 CPUs on a
-    64-core host count as 2)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return cpus
-
-
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (the default in pyproject): one worker per usable CPU, as memory allows. Most tests are
     single-threaded work (imports, subprocess starts, tiny models), so workers beat threads on 2 cores."""
-    try:
-        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        mem_gib = _GIB_PER_WORKER
-    return max(1, min(usable_cpus(), int(mem_gib // _GIB_PER_WORKER)))
+    from difftrain.processes import total_memory_bytes, usable_cpus
+
+    memory_workers = (total_memory_bytes() or 0) // (_GIB_PER_WORKER * 2**30)
+    return max(1, min(usable_cpus(), memory_workers))
 
 
 def _share_cpus_between_workers() -> None:
@@ -48,10 +34,12 @@ def _share_cpus_between_workers() -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers <= 1 or "OMP_NUM_THREADS" in os.environ:
         return
-    threads = max(1, usable_cpus() // workers)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
+    from difftrain.processes import usable_cpus
+
+    threads = max(1, usable_cpus() // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
 
 

@@ -119,6 +119,30 @@ def generate_sharded(generate_fn: Callable[[list[int]], torch.Tensor], count: in
     return torch.stack([image for _, image in pairs])
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity (cpu_count off Linux), capped by a cgroup v2 CPU quota, so a
+    container given 2 CPUs of a 64-core host counts 2."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):  # no cgroup v2 quota file, or one this does not read
+        pass
+    return cpus
+
+
+def total_memory_bytes() -> Optional[int]:
+    """The machine's physical memory; None where sysconf cannot tell (not POSIX)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def free_loopback_port() -> int:
     """A TCP port free on 127.0.0.1 now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -55,7 +55,7 @@ from difftrain.cache import cache_root
 from difftrain.config import DataConfig
 from difftrain.data.folder_summary import FolderSummary, fingerprint_source
 from difftrain.errors import DiskSpaceError, WriteError
-from difftrain.processes import launched_local_size
+from difftrain.processes import launched_local_size, total_memory_bytes
 from difftrain.writes import atomic_write_text, check_writable
 
 logger = logging.getLogger(__name__)
@@ -79,10 +79,10 @@ def memory_budget_bytes(cfg: DataConfig) -> int:
     if cfg.max_memory_gb is not None:
         return int(cfg.max_memory_gb * 2**30)
     local_processes = max(launched_local_size(1), 1)
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 // local_processes
-    except (ValueError, OSError, AttributeError):  # no sysconf (not POSIX): a budget most machines have
+    total = total_memory_bytes()
+    if total is None:  # no sysconf (not POSIX): a budget most machines have
         return 8 * 2**30 // local_processes
+    return total // 4 // local_processes
 
 
 def cache_dir(cfg: DataConfig) -> Path:

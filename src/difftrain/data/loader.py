@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from difftrain.data.batches import MicroBatch, TrainingData
+from difftrain.processes import usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +28,6 @@ PREFETCH_MICRO_BATCHES_PER_WORKER = 2
 # Workers are forked: they inherit the family's `rows` and the data's open state (memory maps, the disk cache's
 # repair source) instead of pickling them, which spawn (macOS' and Windows' default) would have to do.
 _FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def loader_workers(requested: Optional[int], data: TrainingData, device: torch.device, local_processes: int) -> int:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from difftrain.cache import cache_root
+from difftrain.processes import usable_cpus
 from difftrain.writes import check_writable, fsync_dir, remove_path, writing
 
 logger = logging.getLogger(__name__)
@@ -112,11 +113,7 @@ def strings_digest(texts: Iterable[str]) -> str:
 
 
 def _hash_threads() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+    return max(1, min(usable_cpus(), 8))
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
