@@ -347,3 +347,34 @@ def test_resume_without_config_yaml_uses_the_recorded_config_under_the_same_rule
         with pytest.raises(LaunchError, match=f"config '{outside}' refused: it resolves to {outside}, outside"):
             queue.resume("early")
         assert queue.jobs() == []
+
+
+# Stands in for a trainer: SIGINT before it holds the run folder's lock fails it (as a signal during the new
+# interpreter's start does, exit 1); after, it is the clean stop (130).
+_STARTING_TRAINER = """
+import fcntl, os, signal, sys, time
+signal.signal(signal.SIGINT, lambda *_: os._exit(1))
+time.sleep(1.5)
+lock = open(sys.argv[1], "a")
+fcntl.flock(lock, fcntl.LOCK_EX)
+signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+time.sleep(60)
+"""
+
+
+def test_a_stop_asked_while_the_trainer_starts_is_sent_once_it_holds_its_lock(runs: Path):
+    folder = runs / "starting"
+    lock_path = folder / ".difftrain" / "lock"
+    assert lock_path.name == launcher.LOCK_FILE and lock_path.parent.name == launcher.MARKER_DIR
+    lock_path.parent.mkdir(parents=True)
+    with launcher.TrainingQueue(runs, poll_s=0.05) as queue:
+        process = subprocess.Popen([sys.executable, "-c", _STARTING_TRAINER, str(lock_path)])
+        job = launcher._Job(id="j1", run="starting", output_dir=folder.resolve(), config=None, overrides=(),
+                            command="stand-in", plan=None, state="running", pid=process.pid, process=process)
+        with queue._cond:
+            queue._jobs[job.id] = job
+        assert queue.stop("starting")["state"] == "stopping"
+        deadline = time.monotonic() + 30
+        while job.state == "stopping" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (job.state, job.returncode) == ("stopped", 130)

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from difftrain.training.run_dir import check_run_dir
+from difftrain.training.run_dir import LOCK_FILE, MARKER_DIR, check_run_dir
 from difftrain.ui.launch_request import (
     LaunchError,
     LaunchPlan,
@@ -35,7 +35,7 @@ from difftrain.ui.launch_request import (
     run_folder,
     validate,
 )
-from difftrain.ui.trainers import find_trainer, is_alive, process_start_time
+from difftrain.ui.trainers import find_trainer, flock_holders, is_alive, process_start_time
 
 __all__ = ["LaunchError", "LaunchRequest", "TrainingQueue", "preset_list", "validate"]
 
@@ -71,6 +71,7 @@ class _Job:
     started: Optional[float] = None
     ended: Optional[float] = None
     process: Optional[subprocess.Popen] = None
+    stop_pending: bool = False  # stop asked before the trainer could take it cleanly: sent once it can
 
     def to_json(self, runs_dir: Path) -> dict[str, Any]:
         log = self.output_dir / CONSOLE_LOG
@@ -129,8 +130,8 @@ class TrainingQueue:
                 if job.state == "queued":
                     job.state, job.ended = "stopped", time.time()
                 elif job.state == "running":
-                    job.process.send_signal(signal.SIGINT)
-                    job.state = "stopping"
+                    job.state, job.stop_pending = "stopping", True
+                    self._send_pending_stop_locked(job)
                 self._cond.notify_all()
                 return job.to_json(self.runs_dir)
             if not folder.is_dir():
@@ -245,6 +246,16 @@ class TrainingQueue:
                         running += job.state == "running"
                 self._cond.wait(self.poll_s)
 
+    def _send_pending_stop_locked(self, job: _Job) -> None:
+        """SIGINT once the trainer holds its run folder's lock. A signal that arrives while the new Python process
+        is still starting (before difftrain's CLI runs) kills it with exit code 1 ("Fatal Python error:
+        init_sys_streams"), which would read as failed; from the lock on, SIGINT is the clean stop (or exit 130
+        before the trainer's own handler). Where /proc/locks cannot be read it is sent at once."""
+        holders = flock_holders(job.output_dir / MARKER_DIR / LOCK_FILE)
+        if holders is None or holders:
+            job.process.send_signal(signal.SIGINT)
+            job.stop_pending = False
+
     def _reap_locked(self) -> None:
         for job in self._jobs.values():
             if job.state not in ("running", "stopping"):
@@ -252,6 +263,8 @@ class TrainingQueue:
             if job.process is not None:
                 code = job.process.poll()
                 if code is None:
+                    if job.stop_pending:
+                        self._send_pending_stop_locked(job)
                     continue
                 job.returncode, job.ended, job.state = code, time.time(), final_state(code)
                 _append(job.output_dir / CONSOLE_LOG, f"==> {_now()} difftrain ui: the trainer exited with "

@@ -143,20 +143,31 @@ def _difftrain_arguments(argv: Sequence[str]) -> Optional[list[str]]:
     return None
 
 
-def holds_flock(pid: int, path: Path) -> bool:
-    """Whether /proc/locks lists `pid` holding a lock on the file `path`."""
+def flock_holders(path: Path) -> Optional[set[int]]:
+    """The pids /proc/locks lists holding a lock on the file `path` (empty when the file does not exist); None
+    where /proc/locks cannot be read (not Linux). Only reads: probing by taking the lock could make the trainer
+    that takes it at that moment refuse its folder as busy."""
     try:
-        inode = os.stat(path).st_ino
         lines = (PROC / "locks").read_text().splitlines()
     except OSError:
-        return False
+        return None
+    try:
+        inode = str(os.stat(path).st_ino)
+    except OSError:
+        return set()
+    holders = set()
     for line in lines:
         fields = line.split()
         if "->" in fields or len(fields) < 6:
             continue  # a process waiting for a lock, not holding one
-        if fields[1] == "FLOCK" and fields[4] == str(pid) and fields[5].rsplit(":", 1)[-1] == str(inode):
-            return True
-    return False
+        if fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == inode and fields[4].isdigit():
+            holders.add(int(fields[4]))
+    return holders
+
+
+def holds_flock(pid: int, path: Path) -> bool:
+    """Whether /proc/locks lists `pid` holding a lock on the file `path`."""
+    return pid in (flock_holders(path) or set())
 
 
 def read_lock_info(output_dir: Path) -> dict:
